@@ -1,0 +1,717 @@
+"""CacheCard: one self-contained, versioned, integrity-checked file.
+
+A card is a safetensors container: the quantized K/V segments of every layer,
+the token ids they cover, and one JSON metadata entry (format, version,
+producer, model fingerprint, quantization summary, segment table, user
+metadata) plus a SHA-256 over the metadata and every tensor. The layout is
+specified in docs/cachecard-format.md; this module is its one definition.
+
+Reading treats the bytes as hostile: the safetensors header is parsed and
+every claimed size, offset, dtype and shape is checked against the file size,
+the metadata and a memory cap *before* any array is created; then the
+checksum, the token permutation and the finiteness of scales are verified.
+Every failure is a :class:`~qkvshare_mlx.errors.CardError` subclass.
+
+Only numpy is needed (no MLX, no torch): the HF side reads and writes cards
+through this module too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    CardError,
+    CardFormatError,
+    CardIntegrityError,
+    CardTooLargeError,
+    ModelMismatchError,
+)
+from .formats import (
+    ALL_BITS,
+    FLOAT_BITS,
+    GROUP_SIZES,
+    Encoded,
+    QuantConfig,
+    QuantizedKV,
+    Segment,
+)
+
+FORMAT_NAME = "qkvshare.cachecard"
+FORMAT_VERSION = 1
+DEFAULT_MAX_BYTES = 8 << 30  # refuse cards claiming more than 8 GiB
+MAX_HEADER_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32
+
+_DTYPES = {"U32": np.uint32, "F16": np.float16, "F32": np.float32, "I32": np.int32}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+FINGERPRINT_FIELDS = (
+    "model_type",
+    "n_layers",
+    "n_kv_heads",
+    "head_dim",
+    "rope_theta",
+    "rope_scaling",
+    "vocab_size",
+    "tokenizer_sha256",
+    "weights_sha256",
+)
+
+
+# ----------------------------------------------------------------------------
+# Model fingerprint
+
+
+def tokenizer_hash(tokenizer) -> str | None:
+    """SHA-256 of the tokenizer's vocabulary (token -> id), or None."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    vocab = get_vocab()
+    blob = json.dumps(sorted(vocab.items()), separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fingerprint_from_config(
+    config: dict, tokenizer=None, *, weights_sha256: str | None = None
+) -> dict:
+    """The fields that decide whether a cache fits a model.
+
+    Args:
+        config: a model's config.json as a dict (HF or mlx-lm spelling).
+        tokenizer: optional tokenizer with ``get_vocab()``.
+        weights_sha256: optional hash of the weights.
+    """
+    rope_params = dict(config.get("rope_parameters") or {})
+    theta = config.get("rope_theta", rope_params.get("rope_theta"))
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
+    n_heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim")
+    if head_dim is None and n_heads:
+        head_dim = config["hidden_size"] // n_heads
+    return {
+        "model_type": config.get("model_type"),
+        "n_layers": config.get("num_hidden_layers"),
+        "n_kv_heads": config.get("num_key_value_heads", n_heads),
+        "head_dim": head_dim,
+        "rope_theta": float(theta) if theta is not None else None,
+        "rope_scaling": scaling or None,
+        "vocab_size": config.get("vocab_size"),
+        "tokenizer_sha256": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "weights_sha256": weights_sha256,
+    }
+
+
+def fingerprint_mismatches(card_fp: dict, expected: dict) -> list[str]:
+    """Fields where a card's fingerprint differs from the expected model's."""
+    out = []
+    for key in FINGERPRINT_FIELDS:
+        a, b = card_fp.get(key), expected.get(key)
+        if key in ("tokenizer_sha256", "weights_sha256") and (a is None or b is None):
+            continue
+        if a != b:
+            out.append(f"{key}: card has {a!r}, model has {b!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The card
+
+
+@dataclass
+class CacheCard:
+    """A quantized KV cache plus everything needed to use it safely.
+
+    Attributes:
+        layers: per layer, segments with numpy arrays (see formats.Segment).
+        tokens: (T,) int32 token ids the cache covers.
+        model: model fingerprint (see :func:`fingerprint_from_config`).
+        cache: shape summary: n_layers, batch, n_kv_heads, head_dim_k,
+            head_dim_v, n_tokens, offset (RoPE position of token 0), dtype.
+        quant: controller, budget_bits, effective_bits, nominal_bits, config.
+        producer: runtime and library that wrote the card.
+        user: free-form JSON metadata (e.g. the sender's role).
+    """
+
+    layers: list[list[Segment]]
+    tokens: np.ndarray
+    model: dict
+    cache: dict
+    quant: dict
+    producer: dict = field(default_factory=dict)
+    user: dict = field(default_factory=dict)
+
+    # ---- construction ------------------------------------------------------
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qkv: QuantizedKV,
+        tokens,
+        model: dict,
+        *,
+        offset: int = 0,
+        dtype: str = "float32",
+        runtime: str = "mlx",
+        user: dict | None = None,
+    ) -> CacheCard:
+        """Wrap a :class:`QuantizedKV` (MLX or numpy arrays) as a card."""
+        from . import __version__
+
+        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        if tokens.shape[0] != qkv.n_tokens:
+            raise CardFormatError(
+                f"tokens: expected {qkv.n_tokens} ids (cache length), got {tokens.shape[0]}"
+            )
+        B, H, dk, dv = qkv.shape
+        layers = [[_segment_to_numpy(s) for s in layer] for layer in qkv.layers]
+        card = cls(
+            layers=layers,
+            tokens=tokens,
+            model=dict(model),
+            cache={
+                "n_layers": len(layers),
+                "batch": B,
+                "n_kv_heads": H,
+                "head_dim_k": dk,
+                "head_dim_v": dv,
+                "n_tokens": qkv.n_tokens,
+                "offset": int(offset),
+                "dtype": dtype,
+            },
+            quant={
+                "controller": qkv.controller,
+                "budget_bits": qkv.budget_bits,
+                "effective_bits": round(qkv.effective_bits, 6),
+                "nominal_bits": round(qkv.nominal_bits, 6),
+                "config": qkv.config.to_dict(),
+            },
+            producer={"runtime": runtime, "library": "qkvshare-mlx", "version": __version__},
+            user=dict(user or {}),
+        )
+        return card
+
+    def to_quantized(self) -> QuantizedKV:
+        """The card's segments as a :class:`QuantizedKV` (numpy arrays)."""
+        c = self.cache
+        cfg = self.quant.get("config") or {}
+        config = QuantConfig(
+            **{k: tuple(v) if k == "widths" else v for k, v in cfg.items()}
+        )
+        return QuantizedKV(
+            layers=[list(layer) for layer in self.layers],
+            n_tokens=c["n_tokens"],
+            shape=(c["batch"], c["n_kv_heads"], c["head_dim_k"], c["head_dim_v"]),
+            config=config,
+            controller=self.quant.get("controller", "uniform"),
+            budget_bits=self.quant.get("budget_bits"),
+        )
+
+    # ---- summary -------------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.cache["n_tokens"])
+
+    @property
+    def offset(self) -> int:
+        return int(self.cache.get("offset", 0))
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(s.payload_bits() for layer in self.layers for s in layer) // 8
+
+    @property
+    def n_elements(self) -> int:
+        c = self.cache
+        return (
+            c["n_layers"]
+            * c["batch"]
+            * c["n_kv_heads"]
+            * c["n_tokens"]
+            * (c["head_dim_k"] + c["head_dim_v"])
+        )
+
+    @property
+    def effective_bits(self) -> float:
+        return 8 * self.payload_bytes / max(self.n_elements, 1)
+
+    @property
+    def fp16_bytes(self) -> int:
+        """Bytes the same cache takes in float16 (mlx-lm's KVCache at fp16)."""
+        return 2 * self.n_elements
+
+    def width_histogram(self) -> dict[int, int]:
+        hist: dict[int, int] = {}
+        for layer in self.layers:
+            for s in layer:
+                hist[s.bits] = hist.get(s.bits, 0) + s.n_tokens
+        return dict(sorted(hist.items()))
+
+    def check_model(self, expect) -> None:
+        """Raise ModelMismatchError listing every field that differs from ``expect``.
+
+        Args:
+            expect: a fingerprint dict, or an object with a ``fingerprint``
+                attribute or method.
+        """
+        fp = expect
+        if not isinstance(fp, dict):
+            fp = getattr(expect, "fingerprint", None)
+            fp = fp() if callable(fp) else fp
+        if not isinstance(fp, dict):
+            raise TypeError(f"expect must be a fingerprint dict, got {type(expect)!r}")
+        bad = fingerprint_mismatches(self.model, fp)
+        if bad:
+            raise ModelMismatchError("card was made for another model: " + "; ".join(bad))
+        vocab = fp.get("vocab_size")
+        if vocab is not None and self.tokens.size and int(self.tokens.max()) >= vocab:
+            raise ModelMismatchError(
+                f"tokens: id {int(self.tokens.max())} outside the model's vocabulary "
+                f"of {vocab}"
+            )
+
+    # ---- serialisation -----------------------------------------------------
+
+    def _tensors(self) -> dict[str, np.ndarray]:
+        tensors = {"tokens": self.tokens}
+        for li, layer in enumerate(self.layers):
+            for si, seg in enumerate(layer):
+                p = f"l{li}.s{si}"
+                tensors[f"{p}.index"] = np.asarray(seg.index, dtype=np.int32)
+                for kv, enc in (("k", seg.keys), ("v", seg.values)):
+                    for name, arr in enc.arrays().items():
+                        tensors[f"{p}.{kv}.{name}"] = np.ascontiguousarray(arr)
+        return tensors
+
+    def _metadata(self) -> dict:
+        table = [
+            [
+                {
+                    "bits": s.bits,
+                    "n": s.n_tokens,
+                    "k": _enc_meta(s.keys),
+                    "v": _enc_meta(s.values),
+                }
+                for s in layer
+            ]
+            for layer in self.layers
+        ]
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "producer": self.producer,
+            "model": self.model,
+            "cache": self.cache,
+            "quant": self.quant,
+            "layers": table,
+            "user": self.user,
+        }
+
+    def checksum(self) -> str:
+        return _checksum(_canonical(self._metadata()), self._tensors())
+
+    def to_bytes(self) -> bytes:
+        """Serialise to safetensors bytes (see docs/cachecard-format.md)."""
+        meta = _canonical(self._metadata())
+        tensors = self._tensors()
+        header = {
+            "format": FORMAT_NAME,
+            "version": str(FORMAT_VERSION),
+            "card": meta.decode(),
+            "sha256": _checksum(meta, tensors),
+        }
+        return _write_safetensors(tensors, header)
+
+    def save(self, path) -> Path:
+        """Write atomically: temp file in the same folder, fsync, rename."""
+        path = Path(path)
+        data = self.to_bytes()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return path
+
+    @classmethod
+    def from_bytes(
+        cls, data, *, expect=None, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> CacheCard:
+        """Parse and fully validate card bytes; see :func:`load`."""
+        card = _read(memoryview(data), max_bytes)
+        if expect is not None:
+            card.check_model(expect)
+        return card
+
+    @classmethod
+    def load(cls, path, *, expect=None, max_bytes: int = DEFAULT_MAX_BYTES) -> CacheCard:
+        """Read a card file, validating it before use.
+
+        Args:
+            path: the card file.
+            expect: a model fingerprint (dict) to check the card against.
+            max_bytes: refuse cards claiming more than this many bytes.
+
+        Raises:
+            CardFormatError, CardIntegrityError, CardTooLargeError,
+            ModelMismatchError.
+        """
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise CardFormatError(f"{path}: cannot read card: {e.strerror}") from None
+        if size > max_bytes:
+            raise CardTooLargeError(f"{path}: file is {size} bytes, cap is {max_bytes}")
+        return cls.from_bytes(path.read_bytes(), expect=expect, max_bytes=max_bytes)
+
+
+def _enc_meta(enc: Encoded) -> dict:
+    if enc.layout == "float":
+        return {"layout": "float", "group": 0, "dtype": _DTYPE_NAMES[np.dtype(enc.data.dtype)]}
+    return {"layout": enc.layout, "group": enc.group}
+
+
+def _segment_to_numpy(seg: Segment) -> Segment:
+    def conv(enc: Encoded) -> Encoded:
+        arrs = {k: np.asarray(v) for k, v in enc.arrays().items()}
+        return Encoded(enc.layout, enc.group, **arrs)
+
+    return Segment(seg.bits, np.asarray(seg.index, dtype=np.int32), conv(seg.keys),
+                   conv(seg.values))
+
+
+# ----------------------------------------------------------------------------
+# Container: safetensors written and read with explicit checks.
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _checksum(meta: bytes, tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    h.update(f"{FORMAT_NAME}/{FORMAT_VERSION}\n".encode())
+    h.update(struct.pack("<Q", len(meta)))
+    h.update(meta)
+    for name in sorted(tensors):
+        arr = tensors[name]
+        desc = f"{name}|{_DTYPE_NAMES[arr.dtype]}|{list(arr.shape)}".encode()
+        h.update(struct.pack("<Q", len(desc)))
+        h.update(desc)
+        h.update(struct.pack("<Q", arr.nbytes))
+        h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
+    return h.hexdigest()
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        arr = tensors[name]
+        if arr.dtype not in _DTYPE_NAMES:
+            raise CardFormatError(f"{name}: unsupported dtype {arr.dtype}")
+        header[name] = {
+            "dtype": _DTYPE_NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    parts = [struct.pack("<Q", len(blob)), blob]
+    parts += [np.ascontiguousarray(tensors[n]).view(np.uint8).reshape(-1).data for n in names]
+    return b"".join(parts)
+
+
+def _depth(obj, limit: int, d: int = 0) -> int:
+    if d > limit:
+        raise CardFormatError(f"metadata JSON nests deeper than {limit} levels")
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _depth(v, limit, d + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _depth(v, limit, d + 1)
+    return d
+
+
+def _json(text, what: str, limit_depth=MAX_JSON_DEPTH):
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CardFormatError(f"{what}: not valid JSON ({type(e).__name__})") from None
+    _depth(obj, limit_depth)
+    return obj
+
+
+def _read_header(buf: memoryview, max_bytes: int):
+    size = len(buf)
+    if size < 8:
+        raise CardFormatError(f"file is {size} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", buf[:8])
+    if n > size - 8:
+        raise CardFormatError(f"header length {n} exceeds the file size {size}")
+    if n > MAX_HEADER_BYTES:
+        raise CardTooLargeError(f"header length {n} exceeds the cap {MAX_HEADER_BYTES}")
+    try:
+        text = bytes(buf[8 : 8 + n]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CardFormatError("header is not UTF-8") from None
+    header = _json(text, "safetensors header")
+    if not isinstance(header, dict):
+        raise CardFormatError("safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise CardFormatError("__metadata__ missing or not a map of strings")
+    data_len = size - 8 - n
+    spans = []
+    total = 0
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise CardFormatError(f"{name}: tensor entry is not an object")
+        dtype = info.get("dtype")
+        shape = info.get("shape")
+        offs = info.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise CardFormatError(f"{name}: dtype {dtype!r} not one of {sorted(_DTYPES)}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
+        ) or len(shape) > 8:
+            raise CardFormatError(f"{name}: shape {shape!r} is not a list of sizes")
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
+            raise CardFormatError(f"{name}: data_offsets {offs!r} is not [start, end]")
+        start, end = offs
+        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
+        total += nbytes
+        if total > max_bytes:
+            raise CardTooLargeError(f"tensors claim more than the cap of {max_bytes} bytes")
+        if not (0 <= start <= end <= data_len) or end - start != nbytes:
+            raise CardFormatError(
+                f"{name}: data_offsets {offs} do not fit shape {shape} of {dtype} "
+                f"inside {data_len} data bytes"
+            )
+        spans.append((start, end, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CardFormatError(f"tensors {n0} and {n1} overlap")
+    return meta, header, 8 + n
+
+
+def _read(buf: memoryview, max_bytes: int) -> CacheCard:
+    if len(buf) > max_bytes:
+        raise CardTooLargeError(f"card is {len(buf)} bytes, cap is {max_bytes}")
+    meta, header, base = _read_header(buf, max_bytes)
+    # 1. format and version
+    if meta.get("format") != FORMAT_NAME:
+        raise CardFormatError(f"format: expected {FORMAT_NAME!r}, got {meta.get('format')!r}")
+    version = meta.get("version")
+    if version != str(FORMAT_VERSION):
+        raise CardFormatError(
+            f"version: this reader knows version {FORMAT_VERSION}, card has {version!r}"
+        )
+    for key in ("card", "sha256"):
+        if key not in meta:
+            raise CardFormatError(f"__metadata__: missing {key!r}")
+    card_meta = _json(meta["card"], "card metadata")
+    # 2. schema and tensor table, before touching tensor bytes
+    expected = _expected_tensors(card_meta)
+    names = set(header)
+    if names != set(expected):
+        missing = sorted(set(expected) - names)[:5]
+        extra = sorted(names - set(expected))[:5]
+        raise CardFormatError(f"tensor set differs from metadata: missing {missing}, extra {extra}")
+    for name, (dtype, shape) in expected.items():
+        info = header[name]
+        if info["dtype"] != dtype or tuple(info["shape"]) != shape:
+            raise CardFormatError(
+                f"{name}: expected {dtype}{list(shape)}, got {info['dtype']}{info['shape']}"
+            )
+    tensors = {}
+    for name, info in header.items():
+        s, e = info["data_offsets"]
+        arr = np.frombuffer(buf[base + s : base + e], dtype=_DTYPES[info["dtype"]])
+        tensors[name] = arr.reshape(info["shape"])
+    # 3. integrity
+    want = meta["sha256"]
+    got = _checksum(meta["card"].encode(), tensors)
+    if got != want:
+        raise CardIntegrityError(f"checksum mismatch: metadata says {want[:16]}..., content is {got[:16]}...")
+    # 4. content checks
+    return _assemble(card_meta, tensors)
+
+
+def _req(obj, key, kind, where):
+    if not isinstance(obj, dict) or key not in obj:
+        raise CardFormatError(f"{where}: missing field {key!r}")
+    v = obj[key]
+    ok = (
+        isinstance(v, kind)
+        and not (isinstance(v, bool) and kind is not bool)
+    )
+    if not ok:
+        raise CardFormatError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {v!r:.60}")
+    return v
+
+
+def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
+    if not isinstance(m, dict):
+        raise CardFormatError("card metadata is not a JSON object")
+    if m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
+        raise CardFormatError(
+            f"card metadata: format/version {m.get('format')!r}/{m.get('version')!r} "
+            f"is not {FORMAT_NAME!r}/{FORMAT_VERSION}"
+        )
+    c = _req(m, "cache", dict, "card")
+    for k in ("n_layers", "batch", "n_kv_heads", "head_dim_k", "head_dim_v", "n_tokens", "offset"):
+        v = _req(c, k, int, "cache")
+        if v < 0 or v > 2**31:
+            raise CardFormatError(f"cache.{k}: {v} out of range")
+    for k in ("model", "quant", "producer", "user"):
+        _req(m, k, dict, "card")
+    L, B, H = c["n_layers"], c["batch"], c["n_kv_heads"]
+    dk, dv, T = c["head_dim_k"], c["head_dim_v"], c["n_tokens"]
+    table = _req(m, "layers", list, "card")
+    if len(table) != L:
+        raise CardFormatError(f"layers: expected {L} entries (cache.n_layers), got {len(table)}")
+    out = {"tokens": ("I32", (T,))}
+    for li, layer in enumerate(table):
+        if not isinstance(layer, list):
+            raise CardFormatError(f"layers[{li}]: expected a list of segments")
+        covered = 0
+        for si, seg in enumerate(layer):
+            where = f"layers[{li}][{si}]"
+            bits = _req(seg, "bits", int, where)
+            n = _req(seg, "n", int, where)
+            if bits not in ALL_BITS:
+                raise CardFormatError(f"{where}.bits: {bits} not one of {list(ALL_BITS)}")
+            if not 0 < n <= T:
+                raise CardFormatError(f"{where}.n: {n} not in 1..{T}")
+            covered += n
+            p = f"l{li}.s{si}"
+            out[f"{p}.index"] = ("I32", (n,))
+            for kv, D in (("k", dk), ("v", dv)):
+                e = _req(seg, kv, dict, where)
+                layout = _req(e, "layout", str, f"{where}.{kv}")
+                group = _req(e, "group", int, f"{where}.{kv}")
+                shapes = _encoded_shapes(f"{p}.{kv}", e, layout, group, bits, (B, H, n, D), where)
+                out.update(shapes)
+        if covered != T:
+            raise CardFormatError(f"layers[{li}]: segments cover {covered} tokens, expected {T}")
+    return out
+
+
+def _encoded_shapes(p, e, layout, group, bits, shape, where):
+    B, H, n, D = shape
+    if bits == FLOAT_BITS:
+        if layout != "float":
+            raise CardFormatError(f"{where}: 16-bit tokens must use layout 'float', got {layout!r}")
+        dtype = e.get("dtype")
+        if dtype not in ("F16", "F32"):
+            raise CardFormatError(f"{where}: float dtype {dtype!r} not one of F16/F32")
+        return {f"{p}.data": (dtype, (B, H, n, D))}
+    if layout == "token":
+        axis, other = D, n
+    elif layout == "channel":
+        axis, other = n, D
+    else:
+        raise CardFormatError(f"{where}: layout {layout!r} not one of token/channel/float")
+    if group not in GROUP_SIZES or axis % group or (axis * bits) % 32:
+        raise CardFormatError(f"{where}: group {group} does not divide {axis} (layout {layout})")
+    lead = (B, H, other)
+    return {
+        f"{p}.codes": ("U32", (*lead, axis * bits // 32)),
+        f"{p}.scales": ("F16", (*lead, axis // group)),
+        f"{p}.biases": ("F16", (*lead, axis // group)),
+    }
+
+
+def _assemble(m: dict, t: dict[str, np.ndarray]) -> CacheCard:
+    c = m["cache"]
+    T = c["n_tokens"]
+    layers = []
+    for li, layer in enumerate(m["layers"]):
+        segs = []
+        seen = np.zeros(T, dtype=np.int64)
+        for si, seg in enumerate(layer):
+            p = f"l{li}.s{si}"
+            idx = t[f"{p}.index"]
+            if idx.size and (idx.min() < 0 or idx.max() >= T):
+                raise CardFormatError(f"{p}.index: positions outside 0..{T - 1}")
+            seen += np.bincount(idx, minlength=T)
+            encs = []
+            for kv in ("k", "v"):
+                e = seg[kv]
+                if e["layout"] == "float":
+                    data = t[f"{p}.{kv}.data"]
+                    if not np.isfinite(data).all():
+                        raise CardFormatError(f"{p}.{kv}.data: NaN or Inf")
+                    encs.append(Encoded("float", data=data))
+                else:
+                    sc, bi = t[f"{p}.{kv}.scales"], t[f"{p}.{kv}.biases"]
+                    if not (np.isfinite(sc).all() and np.isfinite(bi).all()):
+                        raise CardFormatError(f"{p}.{kv}: NaN or Inf in scales or biases")
+                    encs.append(Encoded(e["layout"], e["group"], t[f"{p}.{kv}.codes"], sc, bi))
+            segs.append(Segment(seg["bits"], idx, encs[0], encs[1]))
+        if T and not (seen == 1).all():
+            raise CardFormatError(f"layer {li}: token indices are not a permutation of 0..{T - 1}")
+        layers.append(segs)
+    tokens = t["tokens"]
+    if tokens.size and tokens.min() < 0:
+        raise CardFormatError("tokens: negative token id")
+    vocab = m["model"].get("vocab_size")
+    if isinstance(vocab, int) and tokens.size and tokens.max() >= vocab:
+        raise CardFormatError(f"tokens: id {int(tokens.max())} outside vocabulary of {vocab}")
+    return CacheCard(
+        layers=layers,
+        tokens=tokens,
+        model=m["model"],
+        cache=c,
+        quant=m["quant"],
+        producer=m["producer"],
+        user=m["user"],
+    )
+
+
+__all__ = [
+    "CacheCard",
+    "CardError",
+    "fingerprint_from_config",
+    "fingerprint_mismatches",
+    "tokenizer_hash",
+]

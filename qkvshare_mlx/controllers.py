@@ -1,0 +1,293 @@
+"""Bit-allocation controllers: which format each token gets, under a budget.
+
+A controller turns token statistics into an *importance* per (layer, token);
+one allocator then solves
+
+    minimize   sum_{l,t} importance[l,t] * (err_K[l,t,f] + err_V[l,t,f])
+    subject to mean_{l,t} cost(f[l,t]) <= budget_bits
+
+over the format menu, where ``err`` is the expected squared reconstruction
+error of the token under format ``f`` (measured group ranges, see
+``quantizer.error_table``) and ``cost`` the effective bits per element,
+scales included. The solver is a Lagrangian sweep (optimal for the budget it
+reaches) followed by a greedy fill of the remaining budget by best error
+reduction per bit. ``uniform`` skips the allocator: one format for all.
+
+Everything here is numpy over plain arrays: no MLX, no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+from .formats import Format, planned_bits
+
+N_SINK = 4
+N_RECENT = 32
+PROTECT = 1e4  # importance multiplier of protected tokens
+
+
+@dataclass
+class TokenStats:
+    """Statistics a saliency controller reads, per layer and token.
+
+    Attributes:
+        attention: (L, T) attention mass each cached token receives from the
+            probe queries (the sender's last queries), summed over heads.
+        key_norms: (L, T) L2 norm of each token's keys, summed over heads.
+    """
+
+    attention: np.ndarray | None = None
+    key_norms: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class HandoffPlan:
+    """What happens to the card after this hop.
+
+    Attributes:
+        hops_remaining: how many more times the card will be handed on
+            after its receiver (0: the receiver is the last agent).
+        receivers: how many agents receive this card.
+    """
+
+    hops_remaining: int = 0
+    receivers: int = 1
+
+
+@dataclass
+class AllocationProblem:
+    """Errors and costs of the tokens to allocate.
+
+    Attributes:
+        errors: (L, 2, T', F) expected squared error of K and V per format.
+        formats: the F formats of the menu.
+        head_dims: (D_k, D_v).
+        float_bits: storage bits of float tokens.
+        start: index of the first token allocated here (earlier ones are
+            inherited); statistics are sliced from it.
+        n_tokens: T, the cache length.
+    """
+
+    errors: np.ndarray
+    formats: list[Format]
+    head_dims: tuple[int, int]
+    float_bits: int
+    start: int
+    n_tokens: int
+
+    @property
+    def costs(self) -> np.ndarray:
+        return np.array([f.nominal_cost(self.float_bits) for f in self.formats])
+
+    def effective_bits(self, assignment: np.ndarray) -> float:
+        """Exact effective bits the (L, T') assignment stores (tails included)."""
+        dk, dv = self.head_dims
+        total = 0
+        for layer in assignment:
+            counts = np.bincount(layer, minlength=len(self.formats))
+            total += planned_bits(
+                dict(zip(self.formats, counts.tolist())), dk, dv, self.float_bits
+            )
+        return total / max(assignment.size * (dk + dv), 1)
+
+
+def allocate_bits(
+    importance: np.ndarray,
+    errors: np.ndarray,
+    costs: np.ndarray,
+    budget_bits: float,
+) -> np.ndarray:
+    """Choose one format per (layer, token) minimising weighted error under a budget.
+
+    Args:
+        importance: (L, T) non-negative weights.
+        errors: (L, 2, T, F) squared errors (K and V) per format.
+        costs: (F,) bits per element of each format.
+        budget_bits: the mean cost not to exceed.
+
+    Returns:
+        (L, T) int format indices whose mean cost is <= ``budget_bits`` (when
+        the cheapest format fits) and whose weighted error is minimal among
+        assignments of at most the same cost found on the Lagrangian hull,
+        then improved greedily with the leftover budget.
+    """
+    w = (importance[:, :, None] * errors.sum(axis=1)).astype(np.float64)
+    L, T, F = w.shape
+    if T == 0:
+        return np.zeros((L, 0), dtype=np.int64)
+    flat = w.reshape(-1, F)
+    n = flat.shape[0]
+    limit = budget_bits * n
+
+    def choose(lam):
+        return np.argmin(flat + lam * costs[None, :], axis=1)
+
+    cheapest = int(np.argmin(costs))
+    if costs[cheapest] * n > limit + 1e-9:
+        return np.full((L, T), cheapest, dtype=np.int64)
+    c0 = choose(0.0)
+    if costs[c0].sum() <= limit:
+        return c0.reshape(L, T)
+    # Lagrangian sweep on log(lambda): hi is feasible, lo is not.
+    scale = max(float(flat.max()), 1e-30)
+    lo, hi = np.log(scale * 1e-16), np.log(scale * 1e6)
+    a_hi = choose(np.exp(hi))
+    if costs[a_hi].sum() > limit:
+        a_hi = np.full(n, cheapest)
+    a_lo = c0
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        a = choose(np.exp(mid))
+        if costs[a].sum() <= limit:
+            hi, a_hi = mid, a
+        else:
+            lo, a_lo = mid, a
+    # Greedy fill: upgrade tokens towards the infeasible side, best gain per bit.
+    out = a_hi.copy()
+    diff = np.nonzero(a_lo != a_hi)[0]
+    if diff.size:
+        gain = flat[diff, a_hi[diff]] - flat[diff, a_lo[diff]]
+        extra = costs[a_lo[diff]] - costs[a_hi[diff]]
+        ok = extra > 0
+        diff, gain, extra = diff[ok], gain[ok], extra[ok]
+        order = np.argsort(-gain / extra, kind="stable")
+        room = limit - costs[out].sum()
+        take = np.cumsum(extra[order]) <= room + 1e-9
+        chosen = diff[order[take]]
+        out[chosen] = a_lo[chosen]
+    return out.reshape(L, T)
+
+
+# ----------------------------------------------------------------------------
+# Importance functions, one per adaptive controller.
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.maximum(np.asarray(x, dtype=np.float64), 0.0)
+    s = x.sum(axis=1, keepdims=True)
+    return x / np.where(s > 0, s, 1.0)
+
+
+def _protect(imp: np.ndarray, start: int, n_tokens: int, sink: int, recent: int):
+    pos = np.arange(start, n_tokens)
+    mask = (pos < sink) | (pos >= n_tokens - recent)
+    out = imp.copy()
+    out[:, mask] = out[:, mask] * PROTECT + PROTECT / max(n_tokens, 1)
+    return out
+
+
+def _saliency(stats: TokenStats | None, source: str, L: int, start: int, T: int):
+    parts = []
+    if stats is not None and source in ("attention", "both") and stats.attention is not None:
+        parts.append(_normalise(stats.attention))
+    if stats is not None and source in ("keynorm", "both") and stats.key_norms is not None:
+        parts.append(_normalise(stats.key_norms))
+    if not parts:
+        raise ConfigError(
+            f"controller needs token statistics ({source}) but none were given"
+        )
+    imp = sum(parts) / len(parts)
+    if imp.shape != (L, T):
+        raise ConfigError(f"token statistics have shape {imp.shape}, expected {(L, T)}")
+    imp = imp[:, start:]
+    # A floor keeps every token's error in play: other queries will come.
+    return imp + 0.1 / T
+
+
+def importance_sink_recent(problem, stats, plan, sink=N_SINK, recent=N_RECENT):
+    L, _, Tn, _ = problem.errors.shape
+    return _protect(np.ones((L, Tn)) / problem.n_tokens, problem.start,
+                    problem.n_tokens, sink, recent)
+
+
+def importance_saliency(problem, stats, plan, source="attention"):
+    L = problem.errors.shape[0]
+    return _saliency(stats, source, L, problem.start, problem.n_tokens)
+
+
+def importance_topology(problem, stats, plan, source="attention"):
+    """Saliency tempered by the handoff plan.
+
+    The probe queries predict what the *next* agent attends to; agents further
+    down the chain (or several receivers) ask other questions. So the
+    importance is flattened (``imp ** gamma``) the more hops remain and the
+    more receivers read the card, and attention sinks, which every query
+    uses, are always protected.
+    """
+    plan = plan or HandoffPlan()
+    imp = importance_saliency(problem, stats, plan, source)
+    gamma = 1.0 / (1.0 + 0.5 * max(plan.hops_remaining, 0) + 0.25 * (plan.receivers - 1))
+    imp = _normalise(imp**gamma)
+    return _protect(imp, problem.start, problem.n_tokens, N_SINK, 0)
+
+
+CONTROLLERS = {
+    "uniform": None,
+    "sink-recent": importance_sink_recent,
+    "saliency": importance_saliency,
+    "saliency-keynorm": lambda p, s, pl: importance_saliency(p, s, pl, "keynorm"),
+    "saliency-both": lambda p, s, pl: importance_saliency(p, s, pl, "both"),
+    "topology": importance_topology,
+}
+
+
+def check_controller(name: str) -> str:
+    if name not in CONTROLLERS:
+        raise ConfigError(f"controller must be one of {sorted(CONTROLLERS)} but got {name!r}")
+    return name
+
+
+def uniform_format(problem: AllocationProblem, budget_bits: float) -> int:
+    """The single format with the largest cost within the budget (least error on ties)."""
+    L, _, Tn, F = problem.errors.shape
+    best, best_key = None, None
+    for f in range(F):
+        eff = problem.effective_bits(np.full((L, Tn), f))
+        if eff > budget_bits + 0.02:
+            continue
+        key = (round(eff, 6), -float(problem.errors[:, :, :, f].sum()))
+        if best_key is None or key > best_key:
+            best, best_key = f, key
+    if best is None:
+        raise ConfigError(f"no single format fits budget_bits={budget_bits}")
+    return best
+
+
+def run_controller(
+    name: str,
+    problem: AllocationProblem,
+    budget_bits: float,
+    *,
+    stats: TokenStats | None = None,
+    plan: HandoffPlan | None = None,
+    config=None,
+) -> tuple[np.ndarray, dict]:
+    """Assign a format to every (layer, new token).
+
+    Returns:
+        (L, T') format indices and a dict of diagnostics.
+    """
+    from .quantizer import validate_budget
+
+    check_controller(name)
+    validate_budget(budget_bits, problem.formats, problem.float_bits)
+    L, _, Tn, _ = problem.errors.shape
+    if name == "uniform":
+        f = uniform_format(problem, budget_bits)
+        return np.full((L, Tn), f, dtype=np.int64), {"format": problem.formats[f].label()}
+    imp = CONTROLLERS[name](problem, stats, plan)
+    costs = problem.costs
+    # The allocator plans with nominal costs; per-channel tails can cost a
+    # little more, so tighten the target until the exact count fits.
+    target = float(budget_bits)
+    for _ in range(8):
+        assignment = allocate_bits(imp, problem.errors, costs, target)
+        eff = problem.effective_bits(assignment)
+        if eff <= budget_bits + 0.02:
+            break
+        target -= eff - budget_bits + 0.005
+    return assignment, {"planned_effective_bits": eff, "target_bits": target}

@@ -1,0 +1,310 @@
+"""Storage formats for quantized K/V tokens, and the honest bit accounting.
+
+A *format* is how one token's keys and values are stored: a code width
+(2-8 bits, or 16 = a float copy) plus the grouping of the affine
+scale/bias pairs. Keys may be grouped per token (along head_dim, like
+``mx.quantize``) or per channel (along tokens, as in KIVI); values are
+always grouped per token.
+
+A quantized layer is a list of *segments*: each segment holds the tokens of
+one format, their positions in the sequence (``index``) and the encoded K and
+V. Segments are immutable once written; a cache handed on keeps its
+inherited segments bit for bit and only appends new ones (hop stability).
+
+This module knows nothing about MLX, torch or files: it is shared by the MLX
+quantizer, the numpy reference codec and the card container.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+CODE_BITS = (2, 3, 4, 5, 6, 8)
+FLOAT_BITS = 16
+ALL_BITS = CODE_BITS + (FLOAT_BITS,)
+GROUP_SIZES = (32, 64, 128)
+KEY_LAYOUTS = ("token", "channel")
+FLOAT_DTYPES = {"float16": 16, "float32": 32}
+SCALE_BITS = 16  # scales and biases are stored as float16
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one token's K and V are stored.
+
+    Attributes:
+        bits: code width (2, 3, 4, 5, 6, 8) or 16 for a float copy.
+        key_layout: ``"token"`` (groups along head_dim) or ``"channel"``
+            (groups of ``key_group`` tokens per channel).
+        key_group: group size for keys (elements or tokens, by layout).
+        value_group: group size for values along head_dim.
+    """
+
+    bits: int
+    key_layout: str = "token"
+    key_group: int = 64
+    value_group: int = 64
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits == FLOAT_BITS
+
+    def nominal_cost(self, float_bits: int = 16) -> float:
+        """Bits per K/V element, scales and biases included (K and V averaged)."""
+        if self.is_float:
+            return float(float_bits)
+        k = self.bits + 2 * SCALE_BITS / self.key_group
+        v = self.bits + 2 * SCALE_BITS / self.value_group
+        return (k + v) / 2
+
+    def label(self) -> str:
+        if self.is_float:
+            return "f16"
+        k = "c" if self.key_layout == "channel" else "t"
+        return f"{self.bits}b/k{k}{self.key_group}/v{self.value_group}"
+
+
+def validate_bits(bits: int) -> int:
+    if bits not in ALL_BITS:
+        raise ConfigError(f"bits must be one of {list(ALL_BITS)} but got {bits!r}")
+    return bits
+
+
+def validate_group(group: int, what: str = "group_size") -> int:
+    if group not in GROUP_SIZES:
+        raise ConfigError(f"{what} must be one of {list(GROUP_SIZES)} but got {group!r}")
+    return group
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantizer settings shared by every controller.
+
+    Attributes:
+        group_size: group size along head_dim for per-token groups (values,
+            and keys in ``token`` layout).
+        key_layout: ``"channel"`` (default, KIVI-style, see bench/quantize.py)
+            or ``"token"``.
+        key_group: token-group size for per-channel keys.
+        float_dtype: storage of width-16 tokens: ``"float16"`` or ``"float32"``
+            (a lossless copy of an fp32 cache, counted as 32 bits).
+        widths: the code widths a controller may choose from.
+        adaptive_groups: let controllers also pick the group sizes per token
+            (cheaper or finer scales), not only the width.
+    """
+
+    group_size: int = 64
+    key_layout: str = "channel"
+    key_group: int = 64
+    float_dtype: str = "float16"
+    widths: tuple[int, ...] = ALL_BITS
+    adaptive_groups: bool = True
+
+    def __post_init__(self):
+        validate_group(self.group_size)
+        validate_group(self.key_group, "key_group")
+        if self.key_layout not in KEY_LAYOUTS:
+            raise ConfigError(
+                f"key_layout must be one of {list(KEY_LAYOUTS)} "
+                f"but got {self.key_layout!r}"
+            )
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise ConfigError(
+                f"float_dtype must be one of {list(FLOAT_DTYPES)} "
+                f"but got {self.float_dtype!r}"
+            )
+        if not self.widths:
+            raise ConfigError("widths must not be empty")
+        for b in self.widths:
+            validate_bits(b)
+
+    @property
+    def float_bits(self) -> int:
+        return FLOAT_DTYPES[self.float_dtype]
+
+    def default_format(self, bits: int) -> Format:
+        return Format(bits, self.key_layout, self._key_group(), self.group_size)
+
+    def _key_group(self) -> int:
+        return self.key_group if self.key_layout == "channel" else self.group_size
+
+    def menu(self, head_dim: int) -> list[Format]:
+        """Formats a controller may assign, sorted by nominal cost.
+
+        With ``adaptive_groups`` the group sizes vary too (only sizes that
+        divide ``head_dim`` for per-token groups).
+        """
+        token_groups = [g for g in GROUP_SIZES if head_dim % g == 0]
+        if not token_groups:
+            raise ConfigError(
+                f"head_dim {head_dim} is not a multiple of any group size "
+                f"{list(GROUP_SIZES)}"
+            )
+        if self.adaptive_groups:
+            vgroups = token_groups
+            kgroups = GROUP_SIZES if self.key_layout == "channel" else token_groups
+        else:
+            vgroups, kgroups = [self.group_size], [self._key_group()]
+        out = []
+        for b in self.widths:
+            if b == FLOAT_BITS:
+                out.append(Format(FLOAT_BITS, "token", 0, 0))
+                continue
+            for kg in kgroups:
+                for vg in vgroups:
+                    out.append(Format(b, self.key_layout, kg, vg))
+        out.sort(key=lambda f: (f.nominal_cost(self.float_bits), -f.bits))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group_size": self.group_size,
+            "key_layout": self.key_layout,
+            "key_group": self.key_group,
+            "float_dtype": self.float_dtype,
+            "widths": list(self.widths),
+            "adaptive_groups": self.adaptive_groups,
+        }
+
+
+@dataclass
+class Encoded:
+    """One of K or V for the tokens of a segment.
+
+    ``layout`` is ``"float"`` (``data``: (B, H, n, D) float), ``"token"``
+    (``codes``: (B, H, n, D*bits/32) uint32, ``scales``/``biases``:
+    (B, H, n, D/group) float16) or ``"channel"`` (``codes``: (B, H, D,
+    n*bits/32), ``scales``/``biases``: (B, H, D, n/group); n is a multiple of
+    ``group``). Arrays are numpy or MLX arrays.
+    """
+
+    layout: str
+    group: int = 0
+    codes: Any = None
+    scales: Any = None
+    biases: Any = None
+    data: Any = None
+
+    def arrays(self) -> dict[str, Any]:
+        if self.layout == "float":
+            return {"data": self.data}
+        return {"codes": self.codes, "scales": self.scales, "biases": self.biases}
+
+    def payload_bits(self) -> int:
+        return sum(int(a.size) * a.itemsize * 8 for a in self.arrays().values())
+
+
+@dataclass
+class Segment:
+    """Tokens of one format in one layer.
+
+    Attributes:
+        bits: code width, or 16 for float.
+        index: (n,) int32 positions of these tokens in the sequence.
+        keys, values: the encoded K and V of these tokens.
+    """
+
+    bits: int
+    index: Any
+    keys: Encoded
+    values: Encoded
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.index.shape[0])
+
+    def payload_bits(self) -> int:
+        return self.keys.payload_bits() + self.values.payload_bits()
+
+
+def split_for_layout(n: int, fmt: Format) -> list[tuple[int, int, str, int]]:
+    """How a bucket of ``n`` tokens of ``fmt`` is cut into stored segments.
+
+    Returns (start, stop, key_layout, key_group) ranges over the bucket: for
+    per-channel keys, whole groups of ``key_group`` tokens go channel-wise and
+    the remaining tokens are stored per token (grouped like the values).
+    """
+    if fmt.is_float or fmt.key_layout == "token":
+        return [(0, n, "float" if fmt.is_float else "token", fmt.key_group)]
+    main = n // fmt.key_group * fmt.key_group
+    out = []
+    if main:
+        out.append((0, main, "channel", fmt.key_group))
+    if n > main:
+        out.append((main, n, "token", fmt.value_group))
+    return out
+
+
+def planned_bits(
+    counts: dict[Format, int], head_dim_k: int, head_dim_v: int, float_bits: int
+) -> int:
+    """Exact stored bits (per batch element and head) of buckets of given sizes."""
+    total = 0
+    for fmt, n in counts.items():
+        if n == 0:
+            continue
+        if fmt.is_float:
+            total += n * (head_dim_k + head_dim_v) * float_bits
+            continue
+        total += n * head_dim_v * (fmt.bits + 2 * SCALE_BITS / fmt.value_group)
+        for start, stop, layout, group in split_for_layout(n, fmt):
+            total += (stop - start) * head_dim_k * (fmt.bits + 2 * SCALE_BITS / group)
+    return int(round(total))
+
+
+@dataclass
+class QuantizedKV:
+    """A quantized cache: segments per layer plus its accounting.
+
+    Attributes:
+        layers: per layer, the segments covering tokens ``0..n_tokens-1``.
+        n_tokens: T, tokens covered.
+        shape: (B, H_kv, D_k, D_v).
+        config: the quantizer settings.
+        controller, budget_bits: what chose the widths.
+    """
+
+    layers: list[list[Segment]]
+    n_tokens: int
+    shape: tuple[int, int, int, int]
+    config: QuantConfig
+    controller: str = "uniform"
+    budget_bits: float | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_elements(self) -> int:
+        B, H, dk, dv = self.shape
+        return len(self.layers) * B * H * self.n_tokens * (dk + dv)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(s.payload_bits() for layer in self.layers for s in layer) // 8
+
+    @property
+    def effective_bits(self) -> float:
+        """Stored bits per K/V element, scales and biases included."""
+        return 8 * self.payload_bytes / max(self.n_elements, 1)
+
+    @property
+    def nominal_bits(self) -> float:
+        """Average code width per K/V element (float tokens count their dtype)."""
+        fb = self.config.float_bits
+        total = sum(
+            (fb if s.bits == FLOAT_BITS else s.bits) * s.n_tokens
+            for layer in self.layers
+            for s in layer
+        )
+        return total / max(len(self.layers) * self.n_tokens, 1)
+
+    def width_histogram(self) -> dict[int, int]:
+        """Token count per width, summed over layers."""
+        hist: dict[int, int] = {}
+        for layer in self.layers:
+            for s in layer:
+                hist[s.bits] = hist.get(s.bits, 0) + s.n_tokens
+        return dict(sorted(hist.items()))

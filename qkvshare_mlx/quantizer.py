@@ -1,0 +1,321 @@
+"""Token-level mixed-precision quantization of a KV cache, on MLX arrays.
+
+Per layer, keys and values of shape (B, H_kv, T, D) are cut into buckets of
+tokens that share a storage format (width + grouping); each bucket is one
+``mx.quantize`` call (keys optionally per channel, KIVI-style). The result
+is a list of :class:`~qkvshare_mlx.formats.Segment` per layer, which
+:func:`dequantize_layer` turns back into (B, H_kv, T, D) in token order.
+
+The module knows how to store tokens; *which* token gets which format is
+decided by :mod:`qkvshare_mlx.controllers`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from . import controllers
+from .errors import CacheShapeError, ConfigError
+from .formats import (
+    FLOAT_BITS,
+    Encoded,
+    Format,
+    QuantConfig,
+    QuantizedKV,
+    Segment,
+    split_for_layout,
+)
+
+_MX_FLOAT = {"float16": mx.float16, "float32": mx.float32}
+
+
+def check_kv(keys: list[mx.array], values: list[mx.array]) -> tuple[int, ...]:
+    """Validate per-layer K/V lists; return (B, H, T, D_k, D_v)."""
+    if len(keys) != len(values) or not keys:
+        raise CacheShapeError(
+            f"expected the same non-zero number of key and value layers, "
+            f"got {len(keys)} and {len(values)}"
+        )
+    ref = None
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if k.ndim != 4 or v.ndim != 4:
+            raise CacheShapeError(
+                f"layer {i}: expected (B, H, T, D) arrays, got shapes "
+                f"{tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.shape[:3] != v.shape[:3]:
+            raise CacheShapeError(
+                f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} "
+                "differ in (B, H, T)"
+            )
+        dims = (*k.shape, v.shape[3])
+        if ref is None:
+            ref = dims
+        elif dims != ref:
+            raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
+        if not mx.all(mx.isfinite(k)).item() or not mx.all(mx.isfinite(v)).item():
+            raise CacheShapeError(f"layer {i}: keys or values contain NaN or Inf")
+    return ref
+
+
+def _quantize(x: mx.array, bits: int, group: int):
+    # Quantize in float16 so scales/biases are float16 (what the budget counts).
+    return mx.quantize(x.astype(mx.float16), group_size=group, bits=bits)
+
+
+def encode(x: mx.array, bits: int, layout: str, group: int, float_dtype) -> Encoded:
+    """Encode (B, H, n, D) tokens in one layout (see formats.Encoded)."""
+    if layout == "float":
+        return Encoded("float", data=x.astype(float_dtype))
+    if layout == "channel":
+        x = x.swapaxes(-1, -2)
+    codes, scales, biases = _quantize(x, bits, group)
+    return Encoded(layout, group, codes, scales, biases)
+
+
+def decode(enc: Encoded, bits: int, dtype=mx.float32) -> mx.array:
+    """Decode an :class:`Encoded` to (B, H, n, D) in ``dtype``."""
+    if enc.layout == "float":
+        return mx.array(enc.data).astype(dtype)
+    # float32 scales make the result match the numpy reference decoder exactly.
+    x = mx.dequantize(
+        mx.array(enc.codes),
+        mx.array(enc.scales).astype(mx.float32),
+        mx.array(enc.biases).astype(mx.float32),
+        group_size=enc.group,
+        bits=bits,
+    ).astype(dtype)
+    if enc.layout == "channel":
+        x = x.swapaxes(-1, -2)
+    return x
+
+
+def quantize_layer(
+    keys: mx.array,
+    values: mx.array,
+    formats: list[Format],
+    assignment: np.ndarray,
+    *,
+    config: QuantConfig,
+    start: int = 0,
+) -> list[Segment]:
+    """Quantize tokens ``start..T-1`` of one layer, token t in ``formats[assignment[t-start]]``.
+
+    Args:
+        keys, values: (B, H, T, D) arrays.
+        formats: the format menu.
+        assignment: (T - start,) indices into ``formats``.
+        config: quantizer settings (float dtype).
+        start: first token to quantize (earlier tokens are inherited).
+
+    Returns:
+        Segments covering tokens ``start..T-1``.
+    """
+    float_dtype = _MX_FLOAT[config.float_dtype]
+    out = []
+    for f in np.unique(assignment):
+        fmt = formats[int(f)]
+        index = (np.nonzero(assignment == f)[0] + start).astype(np.int32)
+        for s0, s1, k_layout, k_group in split_for_layout(len(index), fmt):
+            idx = index[s0:s1]
+            midx = mx.array(idx)
+            k = mx.take(keys, midx, axis=2)
+            v = mx.take(values, midx, axis=2)
+            if fmt.is_float:
+                ek = encode(k, FLOAT_BITS, "float", 0, float_dtype)
+                ev = encode(v, FLOAT_BITS, "float", 0, float_dtype)
+            else:
+                ek = encode(k, fmt.bits, k_layout, k_group, None)
+                ev = encode(v, fmt.bits, "token", fmt.value_group, None)
+            out.append(Segment(fmt.bits, idx, ek, ev))
+    mx.eval([a for s in out for e in (s.keys, s.values) for a in e.arrays().values()])
+    return out
+
+
+def dequantize_layer(
+    segments: list[Segment], n_tokens: int, dtype=mx.float32
+) -> tuple[mx.array, mx.array]:
+    """Reassemble (B, H, T, D) keys and values from one layer's segments."""
+    ks = [decode(s.keys, s.bits, dtype) for s in segments]
+    vs = [decode(s.values, s.bits, dtype) for s in segments]
+    index = np.concatenate([np.asarray(s.index) for s in segments])
+    if index.shape[0] != n_tokens:
+        raise CacheShapeError(
+            f"segments cover {index.shape[0]} tokens, expected {n_tokens}"
+        )
+    if len(segments) == 1 and np.array_equal(index, np.arange(n_tokens)):
+        return ks[0], vs[0]
+    order = mx.array(np.argsort(index, kind="stable").astype(np.int32))
+    k = mx.take(mx.concatenate(ks, axis=2), order, axis=2)
+    v = mx.take(mx.concatenate(vs, axis=2), order, axis=2)
+    return k, v
+
+
+def dequantize_cache(qkv: QuantizedKV, dtype=mx.float32):
+    """All layers of a :class:`QuantizedKV` as lists of (B, H, T, D) keys, values."""
+    pairs = [dequantize_layer(layer, qkv.n_tokens, dtype) for layer in qkv.layers]
+    return [k for k, _ in pairs], [v for _, v in pairs]
+
+
+# ----------------------------------------------------------------------------
+# Error model: expected squared error of each token under each format.
+
+
+def _token_group_sq_range(x: mx.array, group: int) -> mx.array:
+    """Sum over (B, H, groups) of group * range^2 for per-token groups -> (T,)."""
+    B, H, T, D = x.shape
+    g = x.reshape(B, H, T, D // group, group)
+    r = g.max(axis=-1) - g.min(axis=-1)
+    return (group * r * r).sum(axis=(0, 1, 3))
+
+
+def _channel_sq_range(x: mx.array, group: int) -> mx.array:
+    """Per-token share of sum over channels of range^2 in windows of ``group`` tokens -> (T,)."""
+    B, H, T, D = x.shape
+    pad = (-T) % group
+    if pad:
+        x = mx.concatenate([x, mx.repeat(x[:, :, -1:], pad, axis=2)], axis=2)
+    w = x.reshape(B, H, (T + pad) // group, group, D)
+    r = w.max(axis=3) - w.min(axis=3)  # (B, H, W, D)
+    per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
+    return mx.repeat(per_window, group)[:T]
+
+
+def error_table(
+    keys: mx.array, values: mx.array, formats: list[Format], float_bits: int = 16
+) -> np.ndarray:
+    """Expected squared reconstruction error per token and format.
+
+    Uses the uniform-rounding model ``(range / (2^b - 1))^2 / 12`` per element
+    with the group ranges measured on this cache.
+
+    Args:
+        keys, values: (B, H, T, D) arrays of one layer.
+        formats: the format menu.
+
+    Returns:
+        (2, T, F) float64: key errors and value errors.
+    """
+    x32k, x32v = keys.astype(mx.float32), values.astype(mx.float32)
+    need_k_tok = {f.key_group for f in formats if not f.is_float and f.key_layout == "token"}
+    need_k_ch = {f.key_group for f in formats if not f.is_float and f.key_layout == "channel"}
+    need_v = {f.value_group for f in formats if not f.is_float}
+    ranges = {}
+    for g in need_k_tok:
+        ranges[("kt", g)] = _token_group_sq_range(x32k, g)
+    for g in need_k_ch:
+        ranges[("kc", g)] = _channel_sq_range(x32k, g)
+    for g in need_v:
+        ranges[("vt", g)] = _token_group_sq_range(x32v, g)
+    mx.eval(list(ranges.values()))
+    ranges = {k: np.array(v, dtype=np.float64) for k, v in ranges.items()}
+    T = keys.shape[2]
+    out = np.zeros((2, T, len(formats)), dtype=np.float64)
+    fl_eps = 2.0 ** (-2 * 11) / 3 if float_bits == 16 else 0.0
+    k2 = np.array((x32k * x32k).sum(axis=(0, 1, 3)), dtype=np.float64)
+    v2 = np.array((x32v * x32v).sum(axis=(0, 1, 3)), dtype=np.float64)
+    for i, f in enumerate(formats):
+        if f.is_float:
+            out[0, :, i] = k2 * fl_eps
+            out[1, :, i] = v2 * fl_eps
+            continue
+        denom = 12.0 * ((1 << f.bits) - 1) ** 2
+        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
+        out[0, :, i] = ranges[kk] / denom
+        out[1, :, i] = ranges[("vt", f.value_group)] / denom
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The whole cache.
+
+
+def quantize_cache(
+    keys: list[mx.array],
+    values: list[mx.array],
+    *,
+    controller: str = "saliency",
+    budget_bits: float = 4.5,
+    config: QuantConfig | None = None,
+    stats: controllers.TokenStats | None = None,
+    plan: controllers.HandoffPlan | None = None,
+    inherited: QuantizedKV | None = None,
+) -> QuantizedKV:
+    """Quantize a KV cache under an average-bit budget.
+
+    Args:
+        keys, values: per layer, (B, H_kv, T, D) arrays.
+        controller: a name in :data:`controllers.CONTROLLERS`.
+        budget_bits: target effective bits per K/V element (scales included)
+            for the newly quantized tokens.
+        config: quantizer settings.
+        stats: token statistics for saliency-based controllers.
+        plan: the handoff plan (hops remaining, receivers) for ``topology``.
+        inherited: a cache covering the first tokens; its segments are kept
+            bit for bit and only tokens after it are quantized.
+
+    Returns:
+        A :class:`QuantizedKV` covering all T tokens.
+    """
+    config = config or QuantConfig()
+    B, H, T, dk, dv = check_kv(keys, values)
+    controllers.check_controller(controller)
+    start = 0
+    if inherited is not None:
+        if len(inherited.layers) != len(keys) or inherited.shape != (B, H, dk, dv):
+            raise CacheShapeError(
+                f"inherited cache has {len(inherited.layers)} layers of shape "
+                f"{inherited.shape}, new cache {len(keys)} of {(B, H, dk, dv)}"
+            )
+        start = inherited.n_tokens
+        if start > T:
+            raise CacheShapeError(f"inherited cache covers {start} tokens but T={T}")
+    formats = config.menu(dk)
+    new_layers: list[list[Segment]] = [[] for _ in keys]
+    info = {}
+    if T > start:
+        errors = np.stack(
+            [error_table(k[:, :, start:], v[:, :, start:], formats, config.float_bits)
+             for k, v in zip(keys, values)]
+        )  # (L, 2, T', F)
+        problem = controllers.AllocationProblem(
+            errors=errors,
+            formats=formats,
+            head_dims=(dk, dv),
+            float_bits=config.float_bits,
+            start=start,
+            n_tokens=T,
+        )
+        assignment, info = controllers.run_controller(
+            controller, problem, budget_bits, stats=stats, plan=plan, config=config
+        )
+        for li, (k, v) in enumerate(zip(keys, values)):
+            new_layers[li] = quantize_layer(
+                k, v, formats, assignment[li], config=config, start=start
+            )
+    layers = [
+        (list(inherited.layers[i]) if inherited is not None else []) + new_layers[i]
+        for i in range(len(keys))
+    ]
+    qkv = QuantizedKV(layers, T, (B, H, dk, dv), config, controller, budget_bits, info)
+    if inherited is None and T > 0 and abs(qkv.effective_bits - budget_bits) > 0.05:
+        info["budget_note"] = (
+            f"effective bits {qkv.effective_bits:.3f} differ from budget {budget_bits}"
+        )
+    return qkv
+
+
+def validate_budget(budget_bits: float, formats: list[Format], float_bits: int) -> None:
+    """Raise ConfigError when no assignment can meet ``budget_bits``."""
+    try:
+        budget = float(budget_bits)
+    except (TypeError, ValueError):
+        raise ConfigError(f"budget_bits must be a number, got {budget_bits!r}") from None
+    cheapest = min(f.nominal_cost(float_bits) for f in formats)
+    top = max(f.nominal_cost(float_bits) for f in formats)
+    if not np.isfinite(budget) or budget < cheapest - 1e-9 or budget > top + 1e-9:
+        raise ConfigError(
+            f"budget_bits must be between {cheapest:g} (cheapest format) and "
+            f"{top:g} effective bits but got {budget_bits!r}"
+        )
