@@ -1,0 +1,76 @@
+"""``qkvshare <verb> ...``: one module per verb, imported only when it is run.
+
+Each verb module in this package has ``setup_arg_parser()`` and ``main(argv)``.
+Any ``QKVShareError`` becomes one line on stderr and exit code 2; ``--debug``
+(anywhere on the command line) shows the traceback instead.
+"""
+
+import importlib
+import importlib.util
+import sys
+
+from .. import __version__
+from ..errors import QKVShareError
+
+VERBS = {
+    "doctor": "check the installation: versions, BLAS speed, MLX vs HF agreement",
+    "demo": "run the default model in MLX and transformers on a GSM8K question",
+    "inspect": "print a CacheCard's header, sizes and checksum",
+    "handoff": "hand a prompt's KV cache from one agent to another",
+    "eval": "evaluate handoffs on GSM8K",
+}
+
+
+def available_verbs() -> list[str]:
+    """The verbs whose module exists in this installation."""
+    return [v for v in VERBS if importlib.util.find_spec(f"{__name__}.{v}")]
+
+
+def _usage() -> str:
+    lines = [
+        "usage: qkvshare [--debug] <verb> [options]",
+        "",
+        "Hand an LLM's KV cache from one agent to another as a quantized CacheCard.",
+        "",
+        "verbs:",
+    ]
+    lines += [f"  {verb:<10}{VERBS[verb]}" for verb in available_verbs()]
+    lines += [
+        "",
+        "options:",
+        "  --debug     show tracebacks instead of one-line errors",
+        "  --version   print the version and exit",
+        "",
+        "Run `qkvshare <verb> --help` for a verb's options.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``qkvshare``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"qkvshare-mlx {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in available_verbs():
+        known = ", ".join(available_verbs())
+        print(
+            f"qkvshare: error: unknown verb {verb!r} (expected one of: {known})",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module(f"{__name__}.{verb}")
+    try:
+        return module.main(rest) or 0
+    except QKVShareError as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"qkvshare: error: {message}", file=sys.stderr)
+        return 2
