@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import numpy as np
 
 from .errors import (
     CardError,
+    ConfigError,
     CardFormatError,
     CardIntegrityError,
     CardTooLargeError,
@@ -51,6 +53,8 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 8 << 30  # refuse cards claiming more than 8 GiB
 MAX_HEADER_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32
+JSON_CHARS_PER_CONTAINER = 8
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
 _DTYPES = {"U32": np.uint32, "F16": np.float16, "F32": np.float32, "I32": np.int32}
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -385,12 +389,19 @@ class CacheCard:
         """
         path = Path(path)
         try:
-            size = path.stat().st_size
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise CardFormatError(f"{path}: not a regular file")
+            if st.st_size > max_bytes:
+                raise CardTooLargeError(
+                    f"{path}: file is {st.st_size} bytes, cap is {max_bytes}"
+                )
+            with open(path, "rb") as f:
+                # read at most one byte past the cap: the file may grow meanwhile
+                data = f.read(max_bytes + 1)
         except OSError as e:
             raise CardFormatError(f"{path}: cannot read card: {e.strerror}") from None
-        if size > max_bytes:
-            raise CardTooLargeError(f"{path}: file is {size} bytes, cap is {max_bytes}")
-        return cls.from_bytes(path.read_bytes(), expect=expect, max_bytes=max_bytes)
+        return cls.from_bytes(data, expect=expect, max_bytes=max_bytes)
 
 
 def _enc_meta(enc: Encoded) -> dict:
@@ -464,9 +475,47 @@ def _depth(obj, limit: int, d: int = 0) -> int:
     return d
 
 
-def _json(text, what: str, limit_depth=MAX_JSON_DEPTH):
+def _unique_keys(pairs):
+    # json.loads keeps the last of duplicate keys, other parsers the first: a
+    # card with duplicates reads differently in different readers, so refuse it.
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise CardFormatError(f"duplicate JSON key {key!r:.60}")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name):
+    raise CardFormatError(f"JSON constant {name} not allowed (expected a finite number)")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not np.isfinite(value):
+        raise CardFormatError(f"JSON number {text[:40]} overflows a float")
+    return value
+
+
+def _json(text: str, what: str, limit_depth=MAX_JSON_DEPTH):
+    # Objects and arrays cost ~60-200 bytes each once parsed; a card's JSON has
+    # about one per 30 characters. Refuse dense container soup before parsing,
+    # so a small file cannot make the parser allocate 20x its size.
+    containers = text.count("{") + text.count("[")
+    if containers > len(text) // JSON_CHARS_PER_CONTAINER + 256:
+        raise CardFormatError(
+            f"{what}: {containers} JSON objects/arrays in {len(text)} characters, "
+            f"expected at most one per {JSON_CHARS_PER_CONTAINER}"
+        )
     try:
-        obj = json.loads(text)
+        obj = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+        )
+    except CardFormatError as e:
+        raise CardFormatError(f"{what}: {e}") from None
     except (ValueError, RecursionError) as e:
         raise CardFormatError(f"{what}: not valid JSON ({type(e).__name__})") from None
     _depth(obj, limit_depth)
@@ -480,8 +529,10 @@ def _read_header(buf: memoryview, max_bytes: int):
     (n,) = struct.unpack("<Q", buf[:8])
     if n > size - 8:
         raise CardFormatError(f"header length {n} exceeds the file size {size}")
-    if n > MAX_HEADER_BYTES:
-        raise CardTooLargeError(f"header length {n} exceeds the cap {MAX_HEADER_BYTES}")
+    if n > min(MAX_HEADER_BYTES, max_bytes):
+        raise CardTooLargeError(
+            f"header length {n} exceeds the cap {min(MAX_HEADER_BYTES, max_bytes)}"
+        )
     try:
         text = bytes(buf[8 : 8 + n]).decode("utf-8")
     except UnicodeDecodeError:
@@ -503,18 +554,22 @@ def _read_header(buf: memoryview, max_bytes: int):
         dtype = info.get("dtype")
         shape = info.get("shape")
         offs = info.get("data_offsets")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise CardFormatError(f"{name}: dtype {dtype!r} not one of {sorted(_DTYPES)}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
         ) or len(shape) > 8:
-            raise CardFormatError(f"{name}: shape {shape!r} is not a list of sizes")
+            raise CardFormatError(
+                f"{name}: shape {shape!r:.60} is not a list of at most 8 sizes < 2^40"
+            )
         if not (
             isinstance(offs, list)
             and len(offs) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
         ):
-            raise CardFormatError(f"{name}: data_offsets {offs!r} is not [start, end]")
+            raise CardFormatError(
+                f"{name}: data_offsets {offs!r:.60} is not [start, end]"
+            )
         start, end = offs
         nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
         total += nbytes
@@ -548,6 +603,10 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
     for key in ("card", "sha256"):
         if key not in meta:
             raise CardFormatError(f"__metadata__: missing {key!r}")
+    try:
+        card_raw = meta["card"].encode("utf-8")
+    except UnicodeEncodeError:
+        raise CardFormatError("card metadata: contains a lone surrogate") from None
     card_meta = _json(meta["card"], "card metadata")
     # 2. schema and tensor table, before touching tensor bytes
     expected = _expected_tensors(card_meta)
@@ -569,7 +628,7 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
         tensors[name] = arr.reshape(info["shape"])
     # 3. integrity
     want = meta["sha256"]
-    got = _checksum(meta["card"].encode(), tensors)
+    got = _checksum(card_raw, tensors)
     if got != want:
         raise CardIntegrityError(f"checksum mismatch: metadata says {want[:16]}..., content is {got[:16]}...")
     # 4. content checks
@@ -592,7 +651,12 @@ def _req(obj, key, kind, where):
 def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not isinstance(m, dict):
         raise CardFormatError("card metadata is not a JSON object")
-    if m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
+    version = m.get("version")
+    if (
+        m.get("format") != FORMAT_NAME
+        or type(version) is not int
+        or version != FORMAT_VERSION
+    ):
         raise CardFormatError(
             f"card metadata: format/version {m.get('format')!r}/{m.get('version')!r} "
             f"is not {FORMAT_NAME!r}/{FORMAT_VERSION}"
@@ -604,6 +668,13 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
             raise CardFormatError(f"cache.{k}: {v} out of range")
     for k in ("model", "quant", "producer", "user"):
         _req(m, k, dict, "card")
+    dtype = _req(c, "dtype", str, "cache")
+    if dtype not in CACHE_DTYPES:
+        raise CardFormatError(
+            f"cache.dtype: expected one of {list(CACHE_DTYPES)}, got {dtype!r:.60}"
+        )
+    _check_fingerprint(m["model"])
+    _check_quant(m["quant"])
     L, B, H = c["n_layers"], c["batch"], c["n_kv_heads"]
     dk, dv, T = c["head_dim_k"], c["head_dim_v"], c["n_tokens"]
     table = _req(m, "layers", list, "card")
@@ -636,6 +707,55 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
+_FINGERPRINT_KINDS = {
+    "model_type": str,
+    "n_layers": int,
+    "n_kv_heads": int,
+    "head_dim": int,
+    "rope_theta": (int, float),
+    "rope_scaling": dict,
+    "vocab_size": int,
+    "tokenizer_sha256": str,
+    "weights_sha256": str,
+}
+
+
+def _check_fingerprint(model: dict) -> None:
+    """Fingerprint fields, where present and not null, have their JSON types."""
+    for key, kind in _FINGERPRINT_KINDS.items():
+        if model.get(key) is None:
+            continue
+        v = _req(model, key, kind, "model")
+        if kind is int and v < 0:
+            raise CardFormatError(f"model.{key}: expected a size >= 0, got {v}")
+
+
+def _check_quant(quant: dict) -> None:
+    """The quantization summary can rebuild a QuantConfig (see to_quantized)."""
+    _req(quant, "controller", str, "quant")
+    for key in ("budget_bits", "effective_bits", "nominal_bits"):
+        if key == "budget_bits" and key in quant and quant[key] is None:
+            continue
+        v = _req(quant, key, (int, float), "quant")
+        if not 0 <= v <= 64:
+            raise CardFormatError(f"quant.{key}: expected 0..64 bits, got {v}")
+    cfg = _req(quant, "config", dict, "quant")
+    defaults = QuantConfig().to_dict()
+    if set(cfg) != set(defaults):
+        raise CardFormatError(
+            f"quant.config: expected keys {sorted(defaults)}, got {sorted(cfg)[:10]}"
+        )
+    for key, default in defaults.items():
+        _req(cfg, key, type(default), "quant.config")
+    widths = cfg["widths"]
+    if not all(type(b) is int for b in widths):
+        raise CardFormatError(f"quant.config.widths: expected ints, got {widths!r:.60}")
+    try:
+        QuantConfig(**dict(cfg, widths=tuple(widths)))
+    except ConfigError as e:
+        raise CardFormatError(f"quant.config: {e}") from None
+
+
 def _encoded_shapes(p, e, layout, group, bits, shape, where):
     B, H, n, D = shape
     if bits == FLOAT_BITS:
@@ -643,7 +763,11 @@ def _encoded_shapes(p, e, layout, group, bits, shape, where):
             raise CardFormatError(f"{where}: 16-bit tokens must use layout 'float', got {layout!r}")
         dtype = e.get("dtype")
         if dtype not in ("F16", "F32"):
-            raise CardFormatError(f"{where}: float dtype {dtype!r} not one of F16/F32")
+            raise CardFormatError(
+                f"{where}: float dtype {dtype!r:.60} not one of F16/F32"
+            )
+        if group != 0:
+            raise CardFormatError(f"{where}: float layout needs group 0, got {group}")
         return {f"{p}.data": (dtype, (B, H, n, D))}
     if layout == "token":
         axis, other = D, n

@@ -1,0 +1,343 @@
+"""CacheCard container: bit-exact round trips, atomic saves, model checks,
+tamper detection and honest size accounting."""
+
+import os
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qkvshare_mlx.card import CacheCard, fingerprint_from_config
+from qkvshare_mlx.controllers import TokenStats
+from qkvshare_mlx.errors import (
+    CardFormatError,
+    CardIntegrityError,
+    ModelMismatchError,
+)
+from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.quantizer import quantize_cache
+
+CONFIG = {
+    "model_type": "llama",
+    "num_hidden_layers": 4,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "hidden_size": 384,
+    "rope_theta": 10000.0,
+    "vocab_size": 1000,
+}
+
+
+def make_card(L=4, H=2, T=100, D=64, controller="saliency", budget=4.5, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    ks = [
+        mx.array(rng.standard_normal((1, H, T, D)).astype(np.float32)) for _ in range(L)
+    ]
+    vs = [
+        mx.array(rng.standard_normal((1, H, T, D)).astype(np.float32)) for _ in range(L)
+    ]
+    stats = TokenStats(attention=rng.random((L, T)) ** 3)
+    config = kw.pop("config", QuantConfig(float_dtype="float32"))
+    qkv = quantize_cache(
+        ks, vs, controller=controller, budget_bits=budget, config=config, stats=stats
+    )
+    fp = fingerprint_from_config({**CONFIG, "num_hidden_layers": L})
+    tokens = rng.integers(0, 1000, T)
+    return CacheCard.from_quantized(qkv, tokens, fp, user={"role": "planner"}), qkv
+
+
+def assert_cards_equal(a: CacheCard, b: CacheCard):
+    assert np.array_equal(a.tokens, b.tokens)
+    assert (a.model, a.cache, a.quant, a.producer, a.user) == (
+        b.model,
+        b.cache,
+        b.quant,
+        b.producer,
+        b.user,
+    )
+    assert len(a.layers) == len(b.layers)
+    for la, lb in zip(a.layers, b.layers):
+        assert len(la) == len(lb)
+        for sa, sb in zip(la, lb):
+            assert sa.bits == sb.bits
+            assert np.array_equal(sa.index, sb.index)
+            for ea, eb in ((sa.keys, sb.keys), (sa.values, sb.values)):
+                assert (ea.layout, ea.group) == (eb.layout, eb.group)
+                for name, arr in ea.arrays().items():
+                    other = eb.arrays()[name]
+                    assert arr.dtype == other.dtype and arr.shape == other.shape
+                    assert arr.tobytes() == other.tobytes()
+
+
+# ---------------------------------------------------------------------------
+# Round trips
+
+
+def test_bytes_round_trip_is_bit_exact():
+    card, _ = make_card()
+    data = card.to_bytes()
+    back = CacheCard.from_bytes(data)
+    assert_cards_equal(card, back)
+    assert back.to_bytes() == data
+    assert back.checksum() == card.checksum()
+
+
+def test_round_trip_through_to_quantized():
+    card, qkv = make_card(controller="topology")
+    again = CacheCard.from_quantized(
+        card.to_quantized(), card.tokens, card.model, user=card.user
+    )
+    assert again.to_bytes() == card.to_bytes()
+    assert card.to_quantized().effective_bits == pytest.approx(qkv.effective_bits)
+
+
+def test_save_is_atomic_and_replaces_target(tmp_path):
+    card, _ = make_card(L=2, T=40)
+    target = tmp_path / "a.card"
+    target.write_bytes(b"old contents")
+    card.save(target)
+    assert os.listdir(tmp_path) == ["a.card"]
+    assert target.read_bytes() == card.to_bytes()
+    assert_cards_equal(CacheCard.load(target), card)
+
+
+def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    card, _ = make_card(L=2, T=40)
+    target = tmp_path / "a.card"
+    target.write_bytes(b"old contents")
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        card.save(target)
+    assert os.listdir(tmp_path) == ["a.card"]
+    assert target.read_bytes() == b"old contents"
+
+
+# ---------------------------------------------------------------------------
+# Model checks
+
+
+def test_load_with_matching_model_succeeds(tmp_path):
+    card, _ = make_card()
+    path = card.save(tmp_path / "c.card")
+    fp = fingerprint_from_config(CONFIG)
+    assert CacheCard.load(path, expect=fp).n_tokens == card.n_tokens
+
+
+def test_load_refuses_another_model_listing_every_field(tmp_path):
+    card, _ = make_card()
+    path = card.save(tmp_path / "c.card")
+    other = fingerprint_from_config(
+        {
+            **CONFIG,
+            "model_type": "qwen2",
+            "num_hidden_layers": 30,
+            "num_key_value_heads": 3,
+            "rope_theta": 500000.0,
+        }
+    )
+    with pytest.raises(ModelMismatchError) as err:
+        CacheCard.load(path, expect=other)
+    message = str(err.value)
+    for field in ("model_type", "n_layers", "n_kv_heads", "rope_theta"):
+        assert field in message
+    assert "500000.0" in message and "'qwen2'" in message
+    for same in ("head_dim", "vocab_size"):
+        assert same not in message
+
+
+def test_tokenizer_hash_mismatch_is_refused():
+    card, _ = make_card()
+    card.model["tokenizer_sha256"] = "a" * 64
+    fp = {**fingerprint_from_config(CONFIG), "tokenizer_sha256": "b" * 64}
+    with pytest.raises(ModelMismatchError, match="tokenizer_sha256"):
+        CacheCard.from_bytes(card.to_bytes(), expect=fp)
+    # Unknown on one side: not a reason to refuse.
+    fp["tokenizer_sha256"] = None
+    CacheCard.from_bytes(card.to_bytes(), expect=fp)
+
+
+# ---------------------------------------------------------------------------
+# Tamper detection
+
+
+def _tensor_region(data: bytes) -> tuple[int, int]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return 8 + n, len(data)
+
+
+def test_every_sampled_payload_byte_flip_is_caught():
+    card, _ = make_card(L=2, T=70)
+    data = card.to_bytes()
+    start, end = _tensor_region(data)
+    rng = np.random.default_rng(1)
+    positions = np.unique(rng.integers(start, end, 200))
+    for pos in positions:
+        for mask in (0x01, 0x80):
+            bad = bytearray(data)
+            bad[pos] ^= mask
+            with pytest.raises((CardIntegrityError, CardFormatError)):
+                CacheCard.from_bytes(bytes(bad))
+
+
+def test_every_sampled_header_byte_flip_is_caught():
+    card, _ = make_card(L=2, T=70)
+    data = card.to_bytes()
+    header_end, _ = _tensor_region(data)
+    rng = np.random.default_rng(2)
+    # The whole header: card JSON, sha256, tensor table, padding, length.
+    positions = np.unique(
+        np.concatenate([np.arange(8), rng.integers(8, header_end, 300)])
+    )
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        with pytest.raises((CardIntegrityError, CardFormatError)):
+            CacheCard.from_bytes(bytes(bad))
+
+
+def test_metadata_edit_with_valid_json_is_an_integrity_error():
+    card, _ = make_card(L=2, T=70)
+    data = card.to_bytes()
+    needle = b'\\"role\\":\\"planner\\"'
+    assert data.count(needle) == 1
+    bad = data.replace(needle, b'\\"role\\":\\"plannex\\"')
+    with pytest.raises(CardIntegrityError, match="checksum"):
+        CacheCard.from_bytes(bad)
+
+
+def test_truncated_card_is_refused():
+    data = make_card(L=2, T=70)[0].to_bytes()
+    for cut in (0, 7, 100, len(data) // 2, len(data) - 1):
+        with pytest.raises(CardFormatError):
+            CacheCard.from_bytes(data[:cut])
+
+
+# ---------------------------------------------------------------------------
+# Accounting
+
+
+REALISTIC = dict(L=30, H=3, T=512, D=64, budget=4.5)  # SmolLM2-135M's cache shape
+
+
+def _size_parts(card):
+    data = card.to_bytes()
+    (header,) = struct.unpack("<Q", data[:8])
+    L, T = card.cache["n_layers"], card.n_tokens
+    ids = 4 * T + 4 * T * L  # tokens + per-layer index
+    return len(data), header, ids
+
+
+def test_card_size_accounts_for_every_byte():
+    """file = 8 + header + payload + token ids + indices; header <= 1 KiB/segment."""
+    for controller in ("uniform", "saliency"):
+        card, qkv = make_card(controller=controller, **REALISTIC)
+        size, header, ids = _size_parts(card)
+        assert size == 8 + header + card.payload_bytes + ids
+        n_segments = sum(len(layer) for layer in card.layers)
+        assert header <= 1024 * n_segments + 8 * 1024
+        assert card.payload_bytes == qkv.payload_bytes
+        n_el = 30 * 3 * 512 * 128
+        assert card.effective_bits * n_el / 8 == card.payload_bytes
+        assert abs(card.effective_bits - 4.5) <= 0.05
+
+
+def test_uniform_card_within_two_percent_of_payload():
+    card, _ = make_card(controller="uniform", **REALISTIC)
+    size, _, _ = _size_parts(card)
+    implied = card.effective_bits * 30 * 3 * 512 * 128 / 8
+    assert size <= 1.02 * implied + 64 * 1024
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="mixed-width cards fragment into ~10 segments per layer (adaptive "
+    "groups, channel tails), each costing ~700 header bytes: ~8% overhead at "
+    "this size; see the report of issue 4",
+)
+def test_mixed_card_within_two_percent_of_payload():
+    card, _ = make_card(controller="saliency", **REALISTIC)
+    size, _, _ = _size_parts(card)
+    implied = card.effective_bits * 30 * 3 * 512 * 128 / 8
+    assert size <= 1.02 * implied + 64 * 1024
+
+
+def test_effective_bits_and_fp16_compression():
+    card, qkv = make_card(
+        L=3,
+        H=2,
+        T=128,
+        D=64,
+        controller="uniform",
+        budget=4.5,
+        config=QuantConfig(key_layout="token", adaptive_groups=False),
+    )
+    n_el = 3 * 2 * 128 * 128
+    assert card.n_elements == n_el
+    assert card.fp16_bytes == 2 * n_el
+    # 4-bit codes, group 64: 4 + 2*16/64 = 4.5 bits per element, exactly.
+    assert card.width_histogram() == {4: 3 * 128}
+    assert card.payload_bytes == n_el * 4.5 / 8
+    assert card.effective_bits == 4.5 == card.quant["effective_bits"]
+    assert card.quant["nominal_bits"] == 4.0
+    assert card.fp16_bytes / card.payload_bytes == pytest.approx(16 / 4.5)
+    assert card.effective_bits == pytest.approx(qkv.effective_bits)
+
+
+def test_float32_tokens_count_32_bits():
+    card, _ = make_card(
+        L=1,
+        H=1,
+        T=64,
+        D=64,
+        controller="uniform",
+        budget=32,
+        config=QuantConfig(float_dtype="float32"),
+    )
+    assert card.width_histogram() == {16: 64}
+    assert card.effective_bits == 32.0
+
+
+# ---------------------------------------------------------------------------
+# qkvshare inspect
+
+
+def test_inspect_reports_verified_figures(tmp_path, capsys):
+    import json
+
+    from qkvshare_mlx.cli import main as cli_main
+    from qkvshare_mlx.cli.inspect import summarize
+
+    card, _ = make_card(L=2, T=70)
+    path = card.save(tmp_path / "c.card")
+    assert cli_main(["inspect", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    size = path.stat().st_size
+    assert out["bytes"] == {
+        "file": size,
+        "payload": card.payload_bytes,
+        "overhead": size - card.payload_bytes,
+        "fp16": card.fp16_bytes,
+    }
+    assert out["compression_vs_fp16"] == pytest.approx(card.fp16_bytes / size)
+    assert out["checksum"] == {"status": "verified", "sha256": card.checksum()}
+    assert out["tokens"]["count"] == 70
+    assert sum(w["tokens"] for w in out["widths"].values()) == 2 * 70
+    assert out == json.loads(json.dumps(summarize(card, file_bytes=size)))
+
+
+def test_inspect_fails_on_a_tampered_card(tmp_path, capsys):
+    from qkvshare_mlx.cli import main as cli_main
+
+    path = make_card(L=2, T=70)[0].save(tmp_path / "c.card")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert cli_main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qkvshare: error:") and "checksum" in err
+    assert "\n" not in err
