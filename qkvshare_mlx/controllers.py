@@ -27,7 +27,8 @@ from .formats import Format, planned_bits
 
 N_SINK = 4
 N_RECENT = 32
-PROTECT = 1e4  # importance multiplier of protected tokens
+KEY_FLOOR = 1.0  # flat share of key-error weight (see kv_importance)
+VALUE_FLOOR = 0.1  # flat share of value-error weight
 
 
 @dataclass
@@ -104,7 +105,8 @@ def allocate_bits(
     """Choose one format per (layer, token) minimising weighted error under a budget.
 
     Args:
-        importance: (L, T) non-negative weights.
+        importance: (L, T) non-negative weights, or (L, 2, T) separate
+            weights for the key and the value errors.
         errors: (L, 2, T, F) squared errors (K and V) per format.
         costs: (F,) bits per element of each format.
         budget_bits: the mean cost not to exceed.
@@ -115,7 +117,9 @@ def allocate_bits(
         assignments of at most the same cost found on the Lagrangian hull,
         then improved greedily with the leftover budget.
     """
-    w = (importance[:, :, None] * errors.sum(axis=1)).astype(np.float64)
+    if importance.ndim == 2:
+        importance = importance[:, None, :]
+    w = (importance[..., None] * errors).sum(axis=1).astype(np.float64)
     L, T, F = w.shape
     if T == 0:
         return np.zeros((L, 0), dtype=np.int64)
@@ -168,45 +172,56 @@ def allocate_bits(
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     x = np.maximum(np.asarray(x, dtype=np.float64), 0.0)
-    s = x.sum(axis=1, keepdims=True)
+    s = x.sum(axis=-1, keepdims=True)
     return x / np.where(s > 0, s, 1.0)
 
 
-def _protect(imp: np.ndarray, start: int, n_tokens: int, sink: int, recent: int):
+def kv_importance(mass: np.ndarray, n_tokens: int) -> np.ndarray:
+    """(L, T') attention mass per token -> (L, 2, T') key and value weights.
+
+    A value error reaches the output in proportion to the attention its
+    token receives. A key error shifts the token's logit, and the softmax
+    can turn a shifted logit into attention for *any* token, so keys also get
+    a flat floor (``KEY_FLOOR`` of the total mass, spread evenly).
+    """
+    flat = np.full_like(mass, 1.0 / max(n_tokens, 1))
+    return np.stack([mass + KEY_FLOOR * flat, mass + VALUE_FLOOR * flat], axis=1)
+
+
+def _protected(start: int, n_tokens: int, sink: int, recent: int) -> np.ndarray:
     pos = np.arange(start, n_tokens)
-    mask = (pos < sink) | (pos >= n_tokens - recent)
-    out = imp.copy()
-    out[:, mask] = out[:, mask] * PROTECT + PROTECT / max(n_tokens, 1)
-    return out
+    recent = min(recent, n_tokens // 8)
+    return (pos < sink) | (pos >= n_tokens - recent)
 
 
-def _saliency(stats: TokenStats | None, source: str, L: int, start: int, T: int):
+def _attention_mass(stats: TokenStats | None, source: str, problem) -> np.ndarray:
+    L, T = problem.errors.shape[0], problem.n_tokens
     parts = []
     if stats is not None and source in ("attention", "both") and stats.attention is not None:
         parts.append(_normalise(stats.attention))
     if stats is not None and source in ("keynorm", "both") and stats.key_norms is not None:
         parts.append(_normalise(stats.key_norms))
     if not parts:
-        raise ConfigError(
-            f"controller needs token statistics ({source}) but none were given"
-        )
-    imp = sum(parts) / len(parts)
-    if imp.shape != (L, T):
-        raise ConfigError(f"token statistics have shape {imp.shape}, expected {(L, T)}")
-    imp = imp[:, start:]
-    # A floor keeps every token's error in play: other queries will come.
-    return imp + 0.1 / T
+        raise ConfigError(f"controller needs token statistics ({source}) but none were given")
+    mass = sum(parts) / len(parts)
+    if mass.shape != (L, T):
+        raise ConfigError(f"token statistics have shape {mass.shape}, expected {(L, T)}")
+    return mass[:, problem.start :]
 
 
 def importance_sink_recent(problem, stats, plan, sink=N_SINK, recent=N_RECENT):
-    L, _, Tn, _ = problem.errors.shape
-    return _protect(np.ones((L, Tn)) / problem.n_tokens, problem.start,
-                    problem.n_tokens, sink, recent)
+    """Attention sinks and a recent window get the attention mass, others none."""
+    L, T = problem.errors.shape[0], problem.n_tokens
+    mask = _protected(problem.start, T, sink, recent)
+    mass = np.zeros((L, mask.size))
+    if mask.any():
+        mass[:, mask] = 1.0 / mask.sum()
+    return kv_importance(mass, T)
 
 
 def importance_saliency(problem, stats, plan, source="attention"):
-    L = problem.errors.shape[0]
-    return _saliency(stats, source, L, problem.start, problem.n_tokens)
+    """Measured attention mass (or key norms) from the sender's probe queries."""
+    return kv_importance(_attention_mass(stats, source, problem), problem.n_tokens)
 
 
 def importance_topology(problem, stats, plan, source="attention"):
@@ -214,15 +229,17 @@ def importance_topology(problem, stats, plan, source="attention"):
 
     The probe queries predict what the *next* agent attends to; agents further
     down the chain (or several receivers) ask other questions. So the
-    importance is flattened (``imp ** gamma``) the more hops remain and the
-    more receivers read the card, and attention sinks, which every query
-    uses, are always protected.
+    measured mass is flattened (``mass ** gamma``) the more hops remain and
+    the more receivers read the card, while attention sinks, which every
+    query uses, keep their measured mass.
     """
     plan = plan or HandoffPlan()
-    imp = importance_saliency(problem, stats, plan, source)
+    mass = _attention_mass(stats, source, problem)
     gamma = 1.0 / (1.0 + 0.5 * max(plan.hops_remaining, 0) + 0.25 * (plan.receivers - 1))
-    imp = _normalise(imp**gamma)
-    return _protect(imp, problem.start, problem.n_tokens, N_SINK, 0)
+    tempered = _normalise(mass**gamma)
+    sinks = _protected(problem.start, problem.n_tokens, N_SINK, 0)
+    tempered[:, sinks] = np.maximum(tempered[:, sinks], mass[:, sinks])
+    return kv_importance(_normalise(tempered), problem.n_tokens)
 
 
 CONTROLLERS = {
@@ -257,6 +274,21 @@ def uniform_format(problem: AllocationProblem, budget_bits: float) -> int:
     return best
 
 
+def validate_budget(budget_bits: float, formats: list[Format], float_bits: int) -> None:
+    """Raise ConfigError when no assignment can meet ``budget_bits``."""
+    try:
+        budget = float(budget_bits)
+    except (TypeError, ValueError):
+        raise ConfigError(f"budget_bits must be a number, got {budget_bits!r}") from None
+    cheapest = min(f.nominal_cost(float_bits) for f in formats)
+    top = max(f.nominal_cost(float_bits) for f in formats)
+    if not np.isfinite(budget) or budget < cheapest - 1e-9 or budget > top + 1e-9:
+        raise ConfigError(
+            f"budget_bits must be between {cheapest:g} (cheapest format) and "
+            f"{top:g} effective bits but got {budget_bits!r}"
+        )
+
+
 def run_controller(
     name: str,
     problem: AllocationProblem,
@@ -271,8 +303,6 @@ def run_controller(
     Returns:
         (L, T') format indices and a dict of diagnostics.
     """
-    from .quantizer import validate_budget
-
     check_controller(name)
     validate_budget(budget_bits, problem.formats, problem.float_bits)
     L, _, Tn, _ = problem.errors.shape

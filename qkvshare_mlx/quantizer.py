@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import controllers
+from .controllers import validate_budget  # noqa: F401  (re-exported)
 from .errors import CacheShapeError, ConfigError
 from .formats import (
     FLOAT_BITS,
@@ -60,7 +61,10 @@ def check_kv(keys: list[mx.array], values: list[mx.array]) -> tuple[int, ...]:
 
 
 def _quantize(x: mx.array, bits: int, group: int):
-    # Quantize in float16 so scales/biases are float16 (what the budget counts).
+    # float16 input so scales/biases are float16 (what the budget counts).
+    # mx.quantize puts zero on the grid (the far end of a group may clip by up
+    # to one step); a min/max grid measured worse on the default model
+    # (teacher-forced KL 1.58 vs 1.09 at 2.5 bits), so we keep mx.quantize.
     return mx.quantize(x.astype(mx.float16), group_size=group, bits=bits)
 
 
@@ -304,18 +308,3 @@ def quantize_cache(
             f"effective bits {qkv.effective_bits:.3f} differ from budget {budget_bits}"
         )
     return qkv
-
-
-def validate_budget(budget_bits: float, formats: list[Format], float_bits: int) -> None:
-    """Raise ConfigError when no assignment can meet ``budget_bits``."""
-    try:
-        budget = float(budget_bits)
-    except (TypeError, ValueError):
-        raise ConfigError(f"budget_bits must be a number, got {budget_bits!r}") from None
-    cheapest = min(f.nominal_cost(float_bits) for f in formats)
-    top = max(f.nominal_cost(float_bits) for f in formats)
-    if not np.isfinite(budget) or budget < cheapest - 1e-9 or budget > top + 1e-9:
-        raise ConfigError(
-            f"budget_bits must be between {cheapest:g} (cheapest format) and "
-            f"{top:g} effective bits but got {budget_bits!r}"
-        )
