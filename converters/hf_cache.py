@@ -1,0 +1,463 @@
+"""CacheCards in Hugging Face transformers: card <-> ``DynamicCache``.
+
+The transformers side of a handoff. A card is decoded with the numpy
+reference codec into a ``transformers.DynamicCache`` that
+``model.generate(..., past_key_values=cache)`` (``cache=`` in transformers 5)
+and ``model(input_ids, ...)`` continue from; a ``DynamicCache`` is quantized
+with the numpy quantizer into a card the MLX side reads.
+
+This module needs torch, transformers and numpy, never MLX: from the core it
+imports only modules that are numpy-only (card, codec, formats, controllers,
+errors, np_quantizer). torch and transformers are imported inside the
+functions, so importing ``qkvshare_converters`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import numpy as np
+
+from qkvshare_mlx.card import CacheCard, fingerprint_from_config
+from qkvshare_mlx.controllers import HandoffPlan, TokenStats
+from qkvshare_mlx.errors import (
+    CacheShapeError,
+    CardError,
+    ConfigError,
+    PromptMismatchError,
+)
+from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.np_quantizer import dequantize_cache_np, quantize_cache_np
+
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def hf_fingerprint(model, tokenizer=None) -> dict:
+    """A transformers model's fingerprint (see ``card.fingerprint_from_config``).
+
+    Equal to the fingerprint the MLX side computes from the same model's
+    ``config.json`` (transformers 5 nests ``rope_theta`` in ``rope_parameters``;
+    both spellings give the same fields).
+    """
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    return fingerprint_from_config(config.to_dict(), tokenizer)
+
+
+# ----------------------------------------------------------------------------
+# Small adapters over the transformers API (the ``cache`` keyword is new in 5.x).
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the keyword that passes a cache to ``model.forward``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _forward(model, input_ids, cache, **kwargs):
+    import torch
+
+    with torch.no_grad():
+        return model(
+            input_ids, use_cache=True, **{_cache_kwarg(model): cache}, **kwargs
+        )
+
+
+def _as_ids(tokens) -> np.ndarray:
+    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        raise PromptMismatchError("tokens: expected at least one token id, got none")
+    return ids
+
+
+def _torch_dtype(dtype, model):
+    import torch
+
+    if dtype is None:
+        return getattr(model, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ConfigError(
+                f"dtype must be one of {list(_DTYPE_NAMES)} but got {dtype!r}"
+            )
+        return getattr(torch, dtype)
+    return dtype
+
+
+# ----------------------------------------------------------------------------
+# Card -> DynamicCache
+
+
+def card_to_dynamic_cache(card: CacheCard, model=None, *, dtype=None, device=None):
+    """Decode a card into a ``transformers.DynamicCache``.
+
+    Args:
+        card: the card to inject.
+        model: the receiving model; when given, the card is checked against
+            its fingerprint and the cache gets the model's dtype, device and
+            layer types (``DynamicCache(config=model.config)``).
+        dtype: torch dtype (or its name) of the cache; default the model's,
+            else float32.
+        device: torch device; default the model's, else CPU.
+
+    Returns:
+        A ``DynamicCache`` of ``card.n_tokens`` tokens per layer, (B, H, T, D).
+
+    Raises:
+        ModelMismatchError: the card was made for another model.
+        CardError: the card starts at a RoPE offset other than 0 (a
+            ``DynamicCache`` always starts at position 0).
+    """
+    from transformers import DynamicCache
+
+    if model is not None:
+        card.check_model(hf_fingerprint(model))
+    if card.offset != 0:
+        raise CardError(
+            f"cache.offset: a DynamicCache starts at position 0, card has {card.offset}"
+        )
+    dtype = _torch_dtype(dtype, model)
+    if device is None:
+        device = getattr(model, "device", None) or "cpu"
+    keys, values = dequantize_cache_np(card.to_quantized())
+    cache = DynamicCache(config=model.config) if model is not None else DynamicCache()
+    for li, (k, v) in enumerate(zip(keys, values)):
+        cache.update(_to_torch(k, dtype, device), _to_torch(v, dtype, device), li)
+    return cache
+
+
+def _to_torch(x: np.ndarray, dtype, device):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------
+# DynamicCache -> card
+
+
+def cache_arrays(cache) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-layer (B, H, T, D) float32 numpy keys and values of a transformers cache."""
+    keys, values = [], []
+    for li, layer in enumerate(cache.layers):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if k is None or v is None or k.ndim != 4:
+            raise CacheShapeError(
+                f"layer {li}: expected (B, H, T, D) key/value tensors, got "
+                f"{type(layer).__name__} without them"
+            )
+        keys.append(k.detach().to("cpu").float().numpy())
+        values.append(v.detach().to("cpu").float().numpy())
+    return keys, values
+
+
+def key_norm_stats(keys: list[np.ndarray]) -> TokenStats:
+    """TokenStats with only key norms: (L, T) L2 norm per token, summed over (B, H)."""
+    norms = np.stack([np.linalg.norm(k, axis=-1).sum(axis=(0, 1)) for k in keys])
+    return TokenStats(key_norms=norms.astype(np.float64))
+
+
+def dynamic_cache_to_card(
+    cache,
+    tokens,
+    model,
+    tokenizer=None,
+    *,
+    controller: str = "saliency",
+    budget_bits: float = 4.5,
+    config: QuantConfig | None = None,
+    stats: TokenStats | None = None,
+    plan: HandoffPlan | None = None,
+    user: dict | None = None,
+) -> CacheCard:
+    """Quantize a transformers cache into a card (numpy quantizer, no MLX).
+
+    Args:
+        cache: a ``DynamicCache`` covering ``tokens`` (e.g. from
+            :func:`hf_prefill`).
+        tokens: (T,) token ids the cache covers.
+        model: the model that made the cache (for the fingerprint and dtype).
+        tokenizer: optional, adds the tokenizer hash to the fingerprint.
+        controller, budget_bits, config, stats, plan: as in
+            ``np_quantizer.quantize_cache_np``. Without ``stats`` the key
+            norms of the cache are used (enough for ``saliency-keynorm``;
+            ``saliency`` needs the attention from :func:`hf_prefill`).
+        user: free-form JSON metadata stored in the card.
+
+    Raises:
+        CacheShapeError: the cache does not cover ``tokens`` or has
+            non-finite values.
+        ConfigError: bad controller, budget or statistics.
+    """
+    keys, values = cache_arrays(cache)
+    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if keys[0].shape[2] != ids.shape[0]:
+        raise CacheShapeError(
+            f"tokens: cache holds {keys[0].shape[2]} tokens, got {ids.shape[0]} ids"
+        )
+    if stats is None:
+        stats = key_norm_stats(keys)
+    qkv = quantize_cache_np(
+        keys,
+        values,
+        controller=controller,
+        budget_bits=budget_bits,
+        config=config,
+        stats=stats,
+        plan=plan,
+    )
+    dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
+    return CacheCard.from_quantized(
+        qkv,
+        ids,
+        hf_fingerprint(model, tokenizer),
+        dtype=dtype if dtype in _DTYPE_NAMES else "float32",
+        runtime="transformers",
+        user=user,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Prefill with probe attention
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(attn, q, cos, sin):
+    # The model's own rotary function when its module defines one (all
+    # Llama-family files do), else the Llama formula.
+    module = sys.modules.get(type(attn).__module__)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    if apply is not None:
+        return apply(q, q, cos, sin)[0]
+    return q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+
+
+def _probe_attention(attn, hidden, cos, sin, keys):
+    """Attention mass (T,) that the probe queries put on each cached key.
+
+    Args:
+        attn: the layer's attention module (``q_proj``, ``head_dim``, ``scaling``).
+        hidden: (B, P, hidden) inputs of the last P positions.
+        cos, sin: (B, P, head_dim) rotary embeddings of those positions.
+        keys: (B, H_kv, T, D) the layer's cached (rotated) keys.
+    """
+    import torch
+
+    B, P, _ = hidden.shape
+    head_dim = keys.shape[-1]
+    q = attn.q_proj(hidden).view(B, P, -1, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head query norm
+        q = attn.q_norm(q)
+    q = _apply_rope(attn, q.transpose(1, 2), cos, sin)  # (B, H_q, P, D)
+    H_kv, T = keys.shape[1], keys.shape[2]
+    q = q.reshape(B, H_kv, -1, P, head_dim).float()
+    scale = getattr(attn, "scaling", head_dim**-0.5)
+    scores = torch.einsum("bgrpd,bgtd->bgrpt", q, keys.float()) * scale
+    # query j sits at position T - P + j and sees keys 0..T - P + j
+    qpos = torch.arange(T - P, T).view(P, 1)
+    scores = scores.masked_fill(torch.arange(T).view(1, T) > qpos, float("-inf"))
+    return scores.softmax(dim=-1).sum(dim=(0, 1, 2, 3))
+
+
+def _attention_modules(model) -> list | None:
+    """Each layer's attention module when all are Llama-style, else None."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return None
+    attns = [getattr(layer, "self_attn", None) for layer in layers]
+    if not all(hasattr(a, "q_proj") for a in attns):
+        return None
+    return attns
+
+
+def hf_prefill(model, tokens, *, probe_queries: int = 32):
+    """Prefill ``tokens`` and measure what the last queries attend to.
+
+    The attention of the last ``probe_queries`` positions is recomputed from
+    their inputs (captured with a forward pre-hook on each layer's
+    ``self_attn``, the standard torch hook mechanism) and the cached keys,
+    so the model runs with its fast attention kernel. Models whose layers
+    are not Llama-style (``model.model.layers[i].self_attn.q_proj`` with
+    rotary ``position_embeddings``) get key norms only (``attention`` None,
+    enough for the ``saliency-keynorm`` controller).
+
+    Args:
+        model: a transformers causal LM.
+        tokens: (T,) token ids.
+        probe_queries: how many final positions act as probe queries
+            (0: key norms only).
+
+    Returns:
+        ``(cache, stats, last_logits)``: the ``DynamicCache``, TokenStats with
+        ``attention`` (L, T) (summed over heads and probe queries) and
+        ``key_norms`` (L, T), and the (B, V) float32 logits of the last token.
+    """
+    import torch
+
+    ids = _as_ids(tokens)
+    P = min(int(probe_queries), ids.shape[0])
+    attns = _attention_modules(model) if P > 0 else None
+    captured: dict[int, tuple[Any, Any, Any] | None] = {}
+
+    def make_hook(li):
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            rope = kwargs.get("position_embeddings")
+            if hidden is None or rope is None:
+                captured[li] = None
+                return
+            cos, sin = rope
+            captured[li] = (hidden[:, -P:], cos[:, -P:], sin[:, -P:])
+
+        return hook
+
+    handles = [
+        attn.register_forward_pre_hook(make_hook(li), with_kwargs=True)
+        for li, attn in enumerate(attns or [])
+    ]
+    try:
+        extra = {}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            extra["logits_to_keep"] = 1
+        input_ids = torch.from_numpy(ids).view(1, -1).to(model.device)
+        out = _forward(model, input_ids, None, **extra)
+    finally:
+        for h in handles:
+            h.remove()
+    cache = _output_cache(out)
+    keys = [layer.keys for layer in cache.layers]
+    attention = None
+    with torch.no_grad():
+        if attns and all(captured.get(li) for li in range(len(attns))):
+            attention = torch.stack(
+                [
+                    _probe_attention(attn, *captured[li], keys[li])
+                    for li, attn in enumerate(attns)
+                ]
+            )
+        norms = torch.stack([k.float().norm(dim=-1).sum(dim=(0, 1)) for k in keys])
+    stats = TokenStats(
+        attention=None if attention is None else attention.cpu().double().numpy(),
+        key_norms=norms.cpu().double().numpy(),
+    )
+    return cache, stats, out.logits[:, -1].float()
+
+
+# ----------------------------------------------------------------------------
+# Greedy continuation from a card
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    if tokenizer is None:
+        return set()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple, set)) else {int(eos)}
+
+
+def _greedy(model, cache, feed: np.ndarray, max_tokens: int, eos) -> list[int]:
+    """Feed ``feed`` after ``cache`` (None: empty) and decode greedily."""
+    import torch
+
+    out: list[int] = []
+    x = torch.from_numpy(np.ascontiguousarray(feed)).view(1, -1).to(model.device)
+    for _ in range(max_tokens):
+        res = _forward(model, x, cache)
+        cache = _output_cache(res)
+        token = int(res.logits[0, -1].argmax())
+        if token in eos:
+            break
+        out.append(token)
+        x = torch.tensor([[token]], device=model.device)
+    return out
+
+
+def hf_greedy_tokens(
+    model, prompt_tokens, *, max_tokens: int = 64, eos=()
+) -> list[int]:
+    """Greedy continuation of a prompt without a card (the transformers baseline).
+
+    Args:
+        model: a transformers causal LM.
+        prompt_tokens: (T,) token ids, prefilled from scratch.
+        max_tokens: most tokens to generate.
+        eos: token ids that stop decoding (not included in the result).
+    """
+    return _greedy(model, None, _as_ids(prompt_tokens), max_tokens, set(eos))
+
+
+def continue_hf(
+    card: CacheCard, model, tokenizer, prompt_tokens, *, max_tokens: int = 64
+) -> list[int]:
+    """Greedy-decode after ``prompt_tokens`` with the card as the prefix cache.
+
+    The prompt must begin with the card's tokens; only the rest is fed. When
+    the prompt *is* the card's tokens, the cache is cropped by one token and
+    the last token re-fed, to get the logits that pick the first new token.
+
+    Args:
+        card: the card (checked against the model and tokenizer).
+        model: the receiving transformers causal LM.
+        tokenizer: its tokenizer (fingerprint and EOS id), or None: no
+            tokenizer check and no early stop.
+        prompt_tokens: (T',) token ids, T' >= card.n_tokens.
+        max_tokens: most tokens to generate.
+
+    Returns:
+        The generated token ids (EOS excluded).
+
+    Raises:
+        PromptMismatchError: the prompt does not start with the card's tokens.
+        ModelMismatchError: the card was made for another model or tokenizer.
+    """
+    prompt = _as_ids(prompt_tokens)
+    n = card.n_tokens
+    ref = np.asarray(card.tokens, dtype=np.int64)
+    if prompt.shape[0] < n:
+        raise PromptMismatchError(
+            f"prompt_tokens: expected at least the card's {n} tokens, "
+            f"got {prompt.shape[0]}"
+        )
+    diff = np.nonzero(prompt[:n] != ref)[0]
+    if diff.size:
+        i = int(diff[0])
+        raise PromptMismatchError(
+            f"prompt_tokens[{i}]: expected the card's token {int(ref[i])} at "
+            f"position {i}, got {int(prompt[i])}"
+        )
+    if tokenizer is not None:
+        card.check_model(hf_fingerprint(model, tokenizer))
+    cache = card_to_dynamic_cache(card, model)
+    if prompt.shape[0] == n:
+        cache.crop(-1)
+        feed = prompt[n - 1 :]
+    else:
+        feed = prompt[n:]
+    return _greedy(model, cache, feed, max_tokens, _eos_ids(tokenizer))
+
+
+__all__ = [
+    "cache_arrays",
+    "card_to_dynamic_cache",
+    "continue_hf",
+    "dynamic_cache_to_card",
+    "hf_fingerprint",
+    "hf_greedy_tokens",
+    "hf_prefill",
+    "key_norm_stats",
+]

@@ -1,0 +1,264 @@
+"""The quantizer in plain numpy, for runtimes without MLX (torch, transformers).
+
+Same semantics as :func:`qkvshare_mlx.quantizer.quantize_cache`: the same
+format menu, the same error model, the same controllers (through
+:func:`controllers.run_controller`) and the same segment layout, with the
+encoding done by the reference codec (:mod:`qkvshare_mlx.codec`). A card
+written here reads in the MLX runtime and vice versa.
+
+The codes can differ from ``mx.quantize`` by one step where the two round a
+group's scale differently; both decode within half a step of the input. This
+module imports numpy and nothing that imports MLX.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import codec, controllers
+from .errors import CacheShapeError
+from .formats import Format, QuantConfig, QuantizedKV, Segment
+
+_NP_FLOAT = {"float16": np.float16, "float32": np.float32}
+
+
+def check_kv_np(keys: list[np.ndarray], values: list[np.ndarray]) -> tuple[int, ...]:
+    """Validate per-layer K/V lists; return (B, H, T, D_k, D_v).
+
+    Raises:
+        CacheShapeError: lists of different lengths, a tensor that is not
+            (B, H, T, D), layers of different shapes, or NaN/Inf values.
+    """
+    if len(keys) != len(values) or not keys:
+        raise CacheShapeError(
+            f"expected the same non-zero number of key and value layers, "
+            f"got {len(keys)} and {len(values)}"
+        )
+    ref = None
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if k.ndim != 4 or v.ndim != 4:
+            raise CacheShapeError(
+                f"layer {i}: expected (B, H, T, D) arrays, got shapes "
+                f"{tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.shape[:3] != v.shape[:3]:
+            raise CacheShapeError(
+                f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} "
+                "differ in (B, H, T)"
+            )
+        dims = (*k.shape, v.shape[3])
+        if ref is None:
+            ref = dims
+        elif dims != ref:
+            raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
+        if not (np.isfinite(k).all() and np.isfinite(v).all()):
+            raise CacheShapeError(f"layer {i}: keys or values contain NaN or Inf")
+    return ref
+
+
+# ----------------------------------------------------------------------------
+# Error model (numpy twin of quantizer.error_table, float32 like the MLX one).
+
+
+def _token_group_sq_range(x: np.ndarray, group: int) -> np.ndarray:
+    """Sum over (B, H, groups) of group * range^2 for per-token groups -> (T,)."""
+    B, H, T, D = x.shape
+    g = x.reshape(B, H, T, D // group, group)
+    r = g.max(axis=-1) - g.min(axis=-1)
+    return (group * r * r).sum(axis=(0, 1, 3))
+
+
+def _channel_sq_range(x: np.ndarray, group: int) -> np.ndarray:
+    """Per-token share of sum over channels of range^2 in windows of ``group``."""
+    B, H, T, D = x.shape
+    pad = (-T) % group
+    if pad:
+        x = np.concatenate([x, np.repeat(x[:, :, -1:], pad, axis=2)], axis=2)
+    w = x.reshape(B, H, (T + pad) // group, group, D)
+    r = w.max(axis=3) - w.min(axis=3)  # (B, H, W, D)
+    per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
+    return np.repeat(per_window, group)[:T]
+
+
+def error_table_np(
+    keys: np.ndarray, values: np.ndarray, formats: list[Format], float_bits: int = 16
+) -> np.ndarray:
+    """Expected squared reconstruction error per token and format.
+
+    Uniform-rounding model ``(range / (2^b - 1))^2 / 12`` per element with
+    the group ranges of this cache (see ``quantizer.error_table``).
+
+    Args:
+        keys, values: (B, H, T, D) arrays of one layer.
+        formats: the format menu.
+        float_bits: storage bits of float tokens (16 or 32).
+
+    Returns:
+        (2, T, F) float64: key errors and value errors.
+    """
+    xk = np.asarray(keys, dtype=np.float32)
+    xv = np.asarray(values, dtype=np.float32)
+    quantized = [f for f in formats if not f.is_float]
+    ranges = {}
+    for f in quantized:
+        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
+        if kk not in ranges:
+            fn = _channel_sq_range if kk[0] == "kc" else _token_group_sq_range
+            ranges[kk] = fn(xk, f.key_group)
+        if ("vt", f.value_group) not in ranges:
+            ranges[("vt", f.value_group)] = _token_group_sq_range(xv, f.value_group)
+    ranges = {k: v.astype(np.float64) for k, v in ranges.items()}
+    T = xk.shape[2]
+    out = np.zeros((2, T, len(formats)), dtype=np.float64)
+    fl_eps = 2.0 ** (-2 * 11) / 3 if float_bits == 16 else 0.0
+    k2 = (xk * xk).sum(axis=(0, 1, 3)).astype(np.float64)
+    v2 = (xv * xv).sum(axis=(0, 1, 3)).astype(np.float64)
+    for i, f in enumerate(formats):
+        if f.is_float:
+            out[0, :, i] = k2 * fl_eps
+            out[1, :, i] = v2 * fl_eps
+            continue
+        denom = 12.0 * ((1 << f.bits) - 1) ** 2
+        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
+        out[0, :, i] = ranges[kk] / denom
+        out[1, :, i] = ranges[("vt", f.value_group)] / denom
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The whole cache.
+
+
+def quantize_layer_np(
+    keys: np.ndarray,
+    values: np.ndarray,
+    formats: list[Format],
+    assignment: np.ndarray,
+    *,
+    config: QuantConfig,
+    start: int = 0,
+) -> list[Segment]:
+    """Quantize tokens ``start..T-1`` of one layer, token t in its assigned format.
+
+    Segments come out in the order of ``quantizer.quantize_layer``: by format
+    index, then the per-channel part before the per-token tail.
+
+    Args:
+        keys, values: (B, H, T, D) arrays.
+        formats: the format menu.
+        assignment: (T - start,) indices into ``formats``.
+        config: quantizer settings (float dtype).
+        start: first token to quantize (earlier tokens are inherited).
+    """
+    float_dtype = _NP_FLOAT[config.float_dtype]
+    out = []
+    for f in np.unique(assignment):
+        index = (np.nonzero(assignment == f)[0] + start).astype(np.int32)
+        out += codec.encode_bucket(keys, values, index, formats[int(f)], float_dtype)
+    return out
+
+
+def quantize_cache_np(
+    keys: list[np.ndarray],
+    values: list[np.ndarray],
+    *,
+    controller: str = "saliency",
+    budget_bits: float = 4.5,
+    config: QuantConfig | None = None,
+    stats: controllers.TokenStats | None = None,
+    plan: controllers.HandoffPlan | None = None,
+    inherited: QuantizedKV | None = None,
+) -> QuantizedKV:
+    """Quantize a KV cache under an average-bit budget, in numpy.
+
+    Args:
+        keys, values: per layer, (B, H_kv, T, D) float arrays.
+        controller: a name in :data:`controllers.CONTROLLERS`.
+        budget_bits: target effective bits per K/V element (scales included)
+            for the newly quantized tokens.
+        config: quantizer settings.
+        stats: token statistics for saliency-based controllers.
+        plan: the handoff plan (hops remaining, receivers) for ``topology``.
+        inherited: a cache covering the first tokens; its segments are kept
+            bit for bit and only tokens after it are quantized.
+
+    Returns:
+        A :class:`QuantizedKV` (numpy arrays) covering all T tokens.
+
+    Raises:
+        CacheShapeError: bad shapes, non-finite values, or an inherited cache
+            that does not fit.
+        ConfigError: unknown controller, budget out of range, missing stats.
+    """
+    config = config or QuantConfig()
+    keys = [np.asarray(k) for k in keys]
+    values = [np.asarray(v) for v in values]
+    B, H, T, dk, dv = check_kv_np(keys, values)
+    controllers.check_controller(controller)
+    start = 0
+    if inherited is not None:
+        if len(inherited.layers) != len(keys) or inherited.shape != (B, H, dk, dv):
+            raise CacheShapeError(
+                f"inherited cache has {len(inherited.layers)} layers of shape "
+                f"{inherited.shape}, new cache {len(keys)} of {(B, H, dk, dv)}"
+            )
+        start = inherited.n_tokens
+        if start > T:
+            raise CacheShapeError(f"inherited cache covers {start} tokens but T={T}")
+    formats = config.menu(dk)
+    new_layers: list[list[Segment]] = [[] for _ in keys]
+    info: dict = {}
+    if T > start:
+        # 1. expected error of every new token under every format
+        errors = np.stack(
+            [
+                error_table_np(
+                    k[:, :, start:], v[:, :, start:], formats, config.float_bits
+                )
+                for k, v in zip(keys, values)
+            ]
+        )  # (L, 2, T', F)
+        # 2. the controller picks a format per (layer, token)
+        problem = controllers.AllocationProblem(
+            errors=errors,
+            formats=formats,
+            head_dims=(dk, dv),
+            float_bits=config.float_bits,
+            start=start,
+            n_tokens=T,
+        )
+        assignment, info = controllers.run_controller(
+            controller, problem, budget_bits, stats=stats, plan=plan, config=config
+        )
+        # 3. encode each format's bucket
+        for li, (k, v) in enumerate(zip(keys, values)):
+            new_layers[li] = quantize_layer_np(
+                k, v, formats, assignment[li], config=config, start=start
+            )
+    layers = [
+        (list(inherited.layers[i]) if inherited is not None else []) + new_layers[i]
+        for i in range(len(keys))
+    ]
+    qkv = QuantizedKV(layers, T, (B, H, dk, dv), config, controller, budget_bits, info)
+    if inherited is None and T > 0 and abs(qkv.effective_bits - budget_bits) > 0.05:
+        info["budget_note"] = (
+            f"effective bits {qkv.effective_bits:.3f} differ from budget {budget_bits}"
+        )
+    return qkv
+
+
+def dequantize_cache_np(qkv: QuantizedKV) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """All layers of a :class:`QuantizedKV` as lists of (B, H, T, D) float32 arrays.
+
+    Raises:
+        CacheShapeError: a layer's segments do not cover ``n_tokens`` tokens.
+    """
+    keys, values = [], []
+    for li, layer in enumerate(qkv.layers):
+        try:
+            k, v = codec.decode_layer(layer, qkv.n_tokens)
+        except ValueError as e:
+            raise CacheShapeError(f"layer {li}: {e}") from None
+        keys.append(k)
+        values.append(v)
+    return keys, values
