@@ -4,6 +4,8 @@ Importing the package is cheap: it preloads OpenBLAS (Linux, before anything imp
 ``mlx``; see ``_blas``) and nothing else. The public names below resolve lazily, so
 ``qkvshare_mlx.card`` and ``qkvshare_mlx.errors`` can be used from the transformers
 side without MLX installed, and ``import qkvshare_mlx`` never imports torch.
+Injection lives in its module: ``from qkvshare_mlx.inject import inject`` (a
+package attribute named like a submodule would be shadowed by it).
 """
 
 from . import _blas
@@ -21,7 +23,16 @@ _LAZY = {
     "dequantize_cache": "quantizer",
     "allocate_bits": "controllers",
     "CONTROLLERS": "controllers",
-    "inject": "inject",
+    "TokenStats": "controllers",
+    "HandoffPlan": "controllers",
+    "QuantizedKV": "formats",
+    "make_card": "handoff",
+    "continue_from_card": "handoff",
+    "MemoryTransport": "transport",
+    "DirectoryTransport": "transport",
+    "DistributedTransport": "transport",
+    "send_card": "transport",
+    "recv_card": "transport",
     "load_model": "models",
     "default_model_path": "models",
     "QKVShareError": "errors",

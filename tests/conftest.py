@@ -19,7 +19,7 @@ TINY_LLAMA_CONFIG = {
     "intermediate_size": 128,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "head_dim": 16,
+    "head_dim": 32,  # a multiple of the quantizer group sizes
     "rms_norm_eps": 1e-5,
     "vocab_size": 100,
     "rope_theta": 10000.0,
