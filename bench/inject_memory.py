@@ -1,0 +1,197 @@
+"""Receiver memory of card injection: ``dequantize`` vs ``compressed``.
+
+A long context (GSM8K worked solutions, concatenated to ``--context`` tokens)
+is prefilled once by the sender and packed into a card. Then, in the same
+process and for each mode, the receiver injects the card, prefills a short
+follow-up and decodes ``--decode`` tokens greedily. Reported per mode (median
+of ``--reps`` runs, with min and max):
+
+- ``cache_mb``: the caches' own ``nbytes`` right after injection;
+- ``peak_mb``: MLX peak memory during inject + prefill + decode, above the
+  memory held before (the model's weights);
+- ``ttft_ms`` and ``decode_tps``.
+
+The sender's prefill is also timed with and without the attention probe, to
+show the probe's cost. Prints a table; writes bench/results/inject_memory.json.
+
+    python bench/inject_memory.py [--context 4096] [--reps 3]
+"""
+
+from __future__ import annotations  # noqa: I001  (qkvshare_mlx before mlx, below)
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import qkvshare_mlx  # first: preloads OpenBLAS before mlx is imported
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+
+from qkvshare_mlx.capture import prefill
+from qkvshare_mlx.handoff import continue_from_card, make_card
+from qkvshare_mlx.models import load_model
+
+RESULTS = Path(__file__).parent / "results" / "inject_memory.json"
+
+
+def context_tokens(tokenizer, n: int) -> list[int]:
+    try:
+        from qkvshare_mlx.gsm8k import load_problems
+
+        texts = [
+            p["question"] + "\n" + p["answer"] for p in load_problems("train", 400)
+        ]
+    except qkvshare_mlx.QKVShareError:
+        texts = [
+            f"Line {i}: the quick brown fox jumps over the lazy dog."
+            for i in range(2000)
+        ]
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer.encode(t + "\n\n", add_special_tokens=False)
+        if len(ids) >= n:
+            break
+    if len(ids) < n:
+        raise SystemExit(f"only {len(ids)} context tokens available, need {n}")
+    return ids[:n]
+
+
+def run_mode(card, model, tokenizer, prompt, mode, decode):
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    tokens, info = continue_from_card(
+        card, model, tokenizer, prompt, mode=mode, max_tokens=decode
+    )
+    peak = mx.get_peak_memory() - base
+    return {
+        "peak_mb": peak / 1e6,
+        "cache_mb": info["cache_nbytes"] / 1e6,
+        "ttft_ms": info["ttft_ms"],
+        "decode_tps": info["decode_tps"] or 0.0,
+        "cache_class": info["cache_class"],
+        "tokens": tokens,
+    }
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--decode", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--budget-bits", type=float, default=4.5)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+
+    model, tokenizer = load_model(args.model, dtype="float32")
+    ids = context_tokens(tokenizer, args.context)
+    follow_up = tokenizer.encode(
+        "\nQuestion: what was the first answer?", add_special_tokens=False
+    )
+
+    # 1. the sender: prefill timing with and without the probe, then the card
+    prefill(model, ids[:256])  # warm-up
+    times = {}
+    for probe in (32, 0, 32, 0):
+        tic = time.perf_counter()
+        pre = prefill(model, ids, probe_queries=probe)
+        times.setdefault(probe, []).append(time.perf_counter() - tic)
+        log(f"prefill probe={probe}: {times[probe][-1]:.1f} s")
+        del pre
+    tic = time.perf_counter()
+    card = make_card(
+        model, tokenizer, ids, controller="saliency", budget_bits=args.budget_bits
+    )
+    make_s = time.perf_counter() - tic
+    log(f"make_card: {make_s:.1f} s")
+
+    # 2. the receiver, each mode in turn, warm-up excluded
+    prompt = ids + follow_up
+    rows, ref_tokens = {}, None
+    for mode in ("dequantize", "compressed"):
+        run_mode(card, model, tokenizer, prompt, mode, 2)
+        runs = [
+            run_mode(card, model, tokenizer, prompt, mode, args.decode)
+            for _ in range(args.reps)
+        ]
+        rows[mode] = {
+            "cache_class": runs[0]["cache_class"],
+            **{
+                k: summary([r[k] for r in runs])
+                for k in ("cache_mb", "peak_mb", "ttft_ms", "decode_tps")
+            },
+        }
+        if mode == "dequantize":
+            ref_tokens = runs[0]["tokens"]
+        rows[mode]["same_tokens_as_dequantize"] = runs[0]["tokens"] == ref_tokens
+
+    result = {
+        "context_tokens": args.context,
+        "decode_tokens": args.decode,
+        "reps": args.reps,
+        "dtype": "float32",
+        "card": {
+            "effective_bits": card.effective_bits,
+            "payload_mb": card.payload_bytes / 1e6,
+            "fp16_mb": card.fp16_bytes / 1e6,
+            "width_histogram": {str(k): v for k, v in card.width_histogram().items()},
+            "make_card_s": make_s,
+        },
+        "sender_prefill_s": {
+            "probe_32": summary(times[32]),
+            "probe_0": summary(times[0]),
+        },
+        "modes": rows,
+        "env": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "mlx": mx.__version__,
+            "mlx_lm": mlx_lm.__version__,
+            "qkvshare_mlx": qkvshare_mlx.__version__,
+            "device": str(mx.default_device()),
+        },
+    }
+    print(
+        f"context {args.context} tokens, card {card.effective_bits:.2f} bits, "
+        f"payload {card.payload_bytes / 1e6:.1f} MB (fp16 {card.fp16_bytes / 1e6:.1f})"
+    )
+    p32, p0 = times[32], times[0]
+    print(
+        f"sender prefill: {statistics.median(p32):.2f} s with probe, "
+        f"{statistics.median(p0):.2f} s without"
+    )
+    print(
+        f"{'mode':<12}{'cache class':<24}{'cache MB':>10}{'peak MB':>10}"
+        f"{'TTFT ms':>10}{'tok/s':>8}"
+    )
+    for mode, r in rows.items():
+        print(
+            f"{mode:<12}{r['cache_class']:<24}{r['cache_mb']['median']:>10.1f}"
+            f"{r['peak_mb']['median']:>10.1f}{r['ttft_ms']['median']:>10.0f}"
+            f"{r['decode_tps']['median']:>8.1f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -1,0 +1,269 @@
+"""The sender's side of a handoff: prefill a prompt and measure its tokens.
+
+:func:`prefill` runs an mlx-lm model over a prompt with ordinary mlx-lm caches
+and returns everything a card needs: per-layer keys and values (B, H, T, D),
+the last-position logits, and :class:`~qkvshare_mlx.controllers.TokenStats`
+for the saliency controllers:
+
+- ``key_norms`` (L, T): the L2 norm of each token's key, summed over heads;
+- ``attention`` (L, T): the attention mass each cached token receives from
+  the sender's last ``probe_queries`` query positions (post-RoPE, causal,
+  scaled like the model does, summed over query heads and probe positions).
+
+Queries are captured without touching model code: while the last chunk (the
+probe positions) runs, each attention module's ``q_proj`` is wrapped in a
+small recording module (the way mlx-lm wraps linears for LoRA) and restored
+afterwards. The recorded projections go through the module's own ``q_norm``
+(if any, as in Qwen3) and ``rope`` at the chunk's offset, so the probe sees
+exactly the queries the model used. Attention modules without ``q_proj`` and
+``rope`` (non-Llama families) get key norms only (``attention`` is None),
+which the ``saliency-keynorm`` controller uses.
+
+The probe costs ``P * T * D`` per query head and layer (P = probe queries),
+against ``T^2 * D`` for the prefill's own attention plus its matmuls, so it
+is a small fraction of the prefill at any context length.
+
+The module knows nothing about quantization or cards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from .card import fingerprint_from_config
+from .controllers import TokenStats
+from .errors import CacheShapeError, ConfigError
+
+_ATTN_FIELDS = ("q_proj", "rope", "n_heads", "n_kv_heads", "scale")
+
+
+@dataclass
+class Prefill:
+    """What the sender's prefill produced.
+
+    Attributes:
+        cache: the mlx-lm prompt cache (one cache per layer), ready to extend.
+        keys, values: per layer, (B, H_kv, T, D) arrays covering the whole
+            cache (tokens cached before this call included).
+        logits: (B, V) logits at the last prompt position.
+        stats: token statistics over the T cached tokens.
+        tokens: (n,) int32 ids fed by this call.
+        probe_queries: probe positions used (0 when attention was not probed).
+    """
+
+    cache: list
+    keys: list[mx.array]
+    values: list[mx.array]
+    logits: mx.array
+    stats: TokenStats
+    tokens: np.ndarray
+    probe_queries: int = 0
+
+
+class _RecordQueries(nn.Module):
+    """Wraps a ``q_proj`` and keeps the last ``keep`` rows of its output."""
+
+    def __init__(self, inner: nn.Module, keep: int):
+        super().__init__()
+        self.inner = inner
+        self.keep = keep
+        self.recorded = None
+
+    def __call__(self, x):
+        y = self.inner(x)
+        self.recorded = y[:, -self.keep :]
+        return y
+
+
+def _attention_modules(model) -> list | None:
+    """Each layer's attention module, or None if some layer cannot be probed."""
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return None
+    out = []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, f) for f in _ATTN_FIELDS):
+            return None
+        out.append(attn)
+    return out
+
+
+def _cache_kv(c) -> tuple[mx.array, mx.array]:
+    """(B, H, T, D) keys and values held by one layer's cache."""
+    if hasattr(c, "dequantized"):  # inject.MixedQuantizedKVCache
+        return c.dequantized()
+    if type(c).__name__ == "KVCache" and c.keys is not None:
+        return c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+    raise CacheShapeError(
+        f"prefill reads keys from mlx-lm KVCache layers, got {type(c).__name__}"
+    )
+
+
+def _tokens_array(tokens) -> np.ndarray:
+    arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if arr.size == 0:
+        raise ConfigError("tokens: expected at least one token id, got none")
+    if arr.min() < 0:
+        raise ConfigError(f"tokens: ids must be >= 0, got {int(arr.min())}")
+    return arr.astype(np.int32)
+
+
+def probe_attention(
+    queries: mx.array, keys: mx.array, q_pos: int, *, scale: float
+) -> mx.array:
+    """Attention mass each key receives from some queries, summed over them.
+
+    Args:
+        queries: (B, H_q, P, D) post-RoPE queries at positions
+            ``q_pos .. q_pos+P-1`` of the cache.
+        keys: (B, H_kv, T, D) keys; H_q is a multiple of H_kv (GQA).
+        q_pos: cache index of the first query.
+        scale: the model's attention scale.
+
+    Returns:
+        (T,) float32 mass per key, summed over batch, heads and queries.
+    """
+    B, Hq, P, D = queries.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    q = queries.astype(mx.float32).reshape(B, Hkv, Hq // Hkv * P, D)
+    scores = (q * scale) @ keys.astype(mx.float32).swapaxes(-1, -2)
+    rows = (q_pos + mx.arange(P))[:, None] >= mx.arange(T)[None]  # causal
+    rows = mx.tile(rows, (Hq // Hkv, 1))
+    scores = mx.where(rows, scores, -mx.inf)
+    return mx.softmax(scores, axis=-1, precise=True).sum(axis=(0, 1, 2))
+
+
+def _probe_stats(attns, records, keys, q_pos: int, offset: int) -> mx.array:
+    out = []
+    for attn, rec, k in zip(attns, records, keys):
+        B, P, _ = rec.shape
+        q = rec.reshape(B, P, attn.n_heads, -1)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = attn.rope(q.transpose(0, 2, 1, 3), offset=offset)
+        out.append(probe_attention(q, k, q_pos, scale=attn.scale))
+    return mx.stack(out)
+
+
+def prefill(
+    model,
+    tokens,
+    *,
+    cache: list | None = None,
+    probe_queries: int = 32,
+    chunk_size: int = 512,
+) -> Prefill:
+    """Run the prompt through the model and capture its cache and statistics.
+
+    Args:
+        model: an mlx-lm model.
+        tokens: prompt token ids (sequence of int).
+        cache: an mlx-lm prompt cache to extend (e.g. an injected card);
+            a fresh one by default.
+        probe_queries: how many last positions probe the attention (0: key
+            norms only).
+        chunk_size: tokens per forward pass before the probe chunk.
+
+    Returns:
+        A :class:`Prefill`.
+    """
+    ids = _tokens_array(tokens)
+    if chunk_size < 1 or probe_queries < 0:
+        raise ConfigError(
+            f"chunk_size must be >= 1 and probe_queries >= 0, got {chunk_size} "
+            f"and {probe_queries}"
+        )
+    cache = make_prompt_cache(model) if cache is None else cache
+    attns = _attention_modules(model) if probe_queries else None
+    n = len(ids)
+    P = min(probe_queries, n) if attns is not None else 0
+    last = max(P, 1)
+
+    # 1. everything before the probe chunk, in chunks
+    body = mx.array(ids[: n - last])
+    for i in range(0, n - last, chunk_size):
+        model(body[None, i : i + chunk_size], cache=cache)
+        mx.eval([c.state for c in cache])
+
+    # 2. the probe chunk, with q_proj recorded
+    offset = cache[0].offset if cache else 0
+    wrappers = []
+    try:
+        if P:
+            for attn in attns:
+                wrappers.append(_RecordQueries(attn.q_proj, P))
+                attn.q_proj = wrappers[-1]
+        logits = model(mx.array(ids[n - last :])[None], cache=cache)[:, -1, :]
+        mx.eval(logits, [c.state for c in cache])
+    finally:
+        for attn, w in zip(attns or [], wrappers):
+            attn.q_proj = w.inner
+
+    # 3. keys, values and statistics over the whole cache
+    kv = [_cache_kv(c) for c in cache]
+    keys, values = [k for k, _ in kv], [v for _, v in kv]
+    norms = mx.stack(
+        [mx.linalg.norm(k.astype(mx.float32), axis=-1).sum(axis=(0, 1)) for k in keys]
+    )
+    T = keys[0].shape[2]
+    attention = None
+    if P:
+        q_pos = T - P  # cache index of the first probe query
+        attention = _probe_stats(
+            attns, [w.recorded for w in wrappers], keys, q_pos, offset
+        )
+    mx.eval(norms, attention)
+    stats = TokenStats(
+        attention=None if attention is None else np.array(attention, dtype=np.float64),
+        key_norms=np.array(norms, dtype=np.float64),
+    )
+    return Prefill(cache, keys, values, logits, stats, ids, P)
+
+
+# ----------------------------------------------------------------------------
+# Fingerprint of an MLX model
+
+
+def model_args_config(model) -> dict:
+    """An mlx-lm model's ``args`` as a config dict (HF key spelling)."""
+    args = getattr(model, "args", None)
+    if args is None:
+        return {}
+    if dataclasses.is_dataclass(args):
+        return dataclasses.asdict(args)
+    return dict(vars(args))
+
+
+def fingerprint(model_path_or_config, tokenizer=None) -> dict:
+    """The card fingerprint of an MLX model.
+
+    Args:
+        model_path_or_config: a model folder (its config.json is read), a
+            config dict, or an mlx-lm model object (its ``args``).
+        tokenizer: optional tokenizer (an mlx-lm ``TokenizerWrapper`` or a HF
+            tokenizer) whose vocabulary hash goes into the fingerprint.
+    """
+    from .models import model_config
+
+    src = model_path_or_config
+    if isinstance(src, dict) and not isinstance(src, nn.Module):  # modules are dicts
+        config = src
+    elif isinstance(src, (str, os.PathLike)):
+        config = model_config(src)
+    else:
+        config = model_args_config(src)
+        if not config:
+            raise ConfigError(
+                f"cannot build a fingerprint from {type(src).__name__}: expected "
+                "a model folder, a config dict or an mlx-lm model with .args"
+            )
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    return fingerprint_from_config(config, tok)

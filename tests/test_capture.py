@@ -1,0 +1,174 @@
+"""Sender-side capture: chunked prefill, probe attention statistics, fingerprint."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from mlx_lm.models.base import create_causal_mask
+
+import qkvshare_mlx  # noqa: F401  (preloads OpenBLAS before mlx is used)
+from qkvshare_mlx.capture import fingerprint, prefill, probe_attention
+from qkvshare_mlx.card import fingerprint_from_config
+from qkvshare_mlx.errors import ConfigError
+
+# head_dim 32: the smallest head the quantizer's group sizes (32, 64, 128) fit.
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 100,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A random-weight Llama whose attention is far from uniform."""
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict({**TINY, **overrides}))
+    params = [
+        (
+            name,
+            1.0 + 0.1 * mx.random.normal(p.shape)
+            if "norm" in name
+            else 0.2 * mx.random.normal(p.shape),
+        )
+        for name, p in tree_flatten(model.parameters())
+    ]
+    model.load_weights(params)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def tokens(n, seed=0):
+    return np.random.default_rng(seed).integers(0, TINY["vocab_size"], n)
+
+
+def naive_probe(model, ids, P):
+    """Reference: explicit softmax(q k^T) of every query, last P rows summed."""
+    x = model.model.embed_tokens(mx.array(ids)[None])
+    T = len(ids)
+    mask = create_causal_mask(T)
+    out = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).reshape(1, T, a.n_heads, -1).transpose(0, 2, 1, 3)
+        k = a.k_proj(h).reshape(1, T, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = np.array(a.rope(q), np.float64), np.array(a.rope(k), np.float64)
+        k = np.repeat(k, a.n_heads // a.n_kv_heads, axis=1)
+        s = q @ k.swapaxes(-1, -2) * a.scale
+        s = np.where(np.array(mask), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out.append(p[:, :, T - P :].sum(axis=(0, 1, 2)))
+        x = layer(x, mask="causal")
+    return np.stack(out)
+
+
+def test_chunked_prefill_matches_one_pass(model):
+    ids = tokens(150)
+    pre = prefill(model, ids, chunk_size=32, probe_queries=16)
+    full = model(mx.array(ids)[None])[:, -1]
+    np.testing.assert_allclose(np.array(pre.logits), np.array(full), atol=1e-4)
+    assert len(pre.keys) == 2 and pre.keys[0].shape == (1, 2, 150, 32)
+    assert pre.cache[0].offset == 150
+    np.testing.assert_array_equal(pre.tokens, ids)
+
+
+def test_probe_attention_matches_naive_softmax(model):
+    ids = tokens(90, seed=1)
+    P = 16
+    pre = prefill(model, ids, chunk_size=25, probe_queries=P)
+    ref = naive_probe(model, ids, P)
+    assert pre.stats.attention.shape == (2, 90)
+    np.testing.assert_allclose(pre.stats.attention, ref, rtol=1e-3, atol=1e-5)
+    # every probe row is a distribution: mass = heads * probes
+    np.testing.assert_allclose(pre.stats.attention.sum(axis=1), 4 * P, rtol=1e-5)
+    # and non-uniform, or the test above would prove little
+    assert pre.stats.attention.max() > 3 * pre.stats.attention.mean()
+
+
+def test_probe_restores_q_proj_and_key_norms(model):
+    ids = tokens(40, seed=2)
+    pre = prefill(model, ids, probe_queries=8)
+    for layer in model.model.layers:
+        assert type(layer.self_attn.q_proj) is nn.Linear
+    for li, k in enumerate(pre.keys):
+        ref = np.linalg.norm(np.array(k), axis=-1).sum(axis=(0, 1))
+        np.testing.assert_allclose(pre.stats.key_norms[li], ref, rtol=1e-5)
+
+
+def test_probe_longer_than_prompt_and_zero_probe(model):
+    ids = tokens(5, seed=3)
+    pre = prefill(model, ids, probe_queries=32)
+    assert pre.probe_queries == 5
+    np.testing.assert_allclose(
+        pre.stats.attention, naive_probe(model, ids, 5), rtol=1e-3, atol=1e-5
+    )
+    pre0 = prefill(model, ids, probe_queries=0)
+    assert pre0.stats.attention is None and pre0.stats.key_norms.shape == (2, 5)
+
+
+def test_gqa_probe_attention_unit():
+    # Two query heads share one KV head; the causal row of query t sees keys <= t.
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 3, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 5, 8)).astype(np.float32)
+    got = np.array(probe_attention(mx.array(q), mx.array(k), 2, scale=0.5))
+    ref = np.zeros(5)
+    for h in range(2):
+        for i in range(3):
+            s = 0.5 * q[0, h, i] @ k[0, 0, : 2 + i + 1].T
+            p = np.exp(s - s.max())
+            ref[: 2 + i + 1] += p / p.sum()
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+class _NoProbeModel:
+    """An mlx-lm-like model whose layers expose no q_proj/rope."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.layers = [object() for _ in inner.layers]
+
+    def __call__(self, x, cache=None):
+        return self.inner(x, cache=cache)
+
+
+def test_non_llama_attention_falls_back_to_key_norms(model):
+    ids = tokens(30, seed=4)
+    pre = prefill(_NoProbeModel(model), ids)
+    assert pre.stats.attention is None
+    assert pre.stats.key_norms.shape == (2, 30)
+    assert pre.probe_queries == 0
+
+
+def test_prefill_rejects_bad_input(model):
+    with pytest.raises(ConfigError, match="at least one token"):
+        prefill(model, [])
+    with pytest.raises(ConfigError, match="chunk_size"):
+        prefill(model, [1, 2], chunk_size=0)
+
+
+def test_fingerprint_from_model_and_config(model, tmp_path):
+    fp = fingerprint(model)
+    assert fp == fingerprint_from_config(TINY)
+    assert (fp["n_layers"], fp["n_kv_heads"], fp["head_dim"]) == (2, 2, 32)
+    (tmp_path / "config.json").write_text(__import__("json").dumps(TINY))
+    assert fingerprint(tmp_path) == fp
+    with pytest.raises(ConfigError, match="fingerprint"):
+        fingerprint(object())

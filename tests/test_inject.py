@@ -1,0 +1,330 @@
+"""Receiver-side injection: cards as mlx-lm caches, prompt alignment, handoff API."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from test_capture import TINY, tiny_model
+
+from qkvshare_mlx.capture import fingerprint, prefill
+from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.errors import ConfigError, ModelMismatchError, PromptMismatchError
+from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.handoff import continue_from_card, greedy_tokens, make_card
+from qkvshare_mlx.inject import MixedQuantizedKVCache, align, inject
+from qkvshare_mlx.quantizer import quantize_cache
+
+FLOAT32 = QuantConfig(float_dtype="float32")
+TOKEN_G32 = QuantConfig(key_layout="token", group_size=32, adaptive_groups=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(7).integers(0, TINY["vocab_size"], 160)
+
+
+def card_of(
+    model, toks, *, controller="uniform", budget=32, config=FLOAT32, stats=True
+):
+    pre = prefill(model, toks, probe_queries=16)
+    qkv = quantize_cache(
+        pre.keys,
+        pre.values,
+        controller=controller,
+        budget_bits=budget,
+        config=config,
+        stats=pre.stats if stats else None,
+    )
+    card = CacheCard.from_quantized(qkv, toks, fingerprint(model))
+    return CacheCard.from_bytes(card.to_bytes()), pre
+
+
+def last_logits(model, cache, feed):
+    x = mx.array(np.asarray(feed, dtype=np.int32))[None]
+    return np.array(model(x, cache=cache)[0, -1])
+
+
+def exact_logits(model, toks):
+    return np.array(model(mx.array(np.asarray(toks, dtype=np.int32))[None])[0, -1])
+
+
+# ---------------------------------------------------------------------------
+# Lossless cards: the handoff is invisible.
+
+
+@pytest.mark.parametrize("mode", ["dequantize", "compressed"])
+def test_float32_card_continues_like_no_handoff(model, ids, mode):
+    card, _ = card_of(model, ids)
+    prompt = list(ids) + [5, 6, 7]
+    want = greedy_tokens(model, prompt, max_tokens=32)
+    got, info = continue_from_card(card, model, None, prompt, mode=mode, max_tokens=32)
+    assert got == want and len(got) == 32
+    assert info["n_reused"] == len(ids) and info["n_prefilled"] == 3
+    assert info["cache_class"] == (
+        "KVCache" if mode == "dequantize" else "MixedQuantizedKVCache"
+    )
+
+
+@pytest.mark.parametrize("mode", ["dequantize", "compressed"])
+def test_offset_continues_rope(model, ids, mode):
+    # card of the first N tokens + feeding the rest == prefill of everything
+    n = 100
+    card, _ = card_of(model, ids[:n])
+    cache = inject(card, model, mode=mode)
+    assert cache[0].offset == n
+    got = last_logits(model, cache, ids[n:])
+    np.testing.assert_allclose(got, exact_logits(model, ids), atol=1e-4)
+    assert cache[0].offset == len(ids)
+
+
+# ---------------------------------------------------------------------------
+# Lossy cards: error bounded by the quantization step.
+
+
+def _max_step(card) -> float:
+    """Largest quantization step (scale) of any group in the card."""
+    return max(
+        float(np.max(enc.scales.astype(np.float32)))
+        for layer in card.layers
+        for s in layer
+        for enc in (s.keys, s.values)
+        if enc.layout != "float"
+    )
+
+
+def _perturbed_logits(model, pre, feed, eps, seed=0):
+    """Logits after a ±eps random-sign perturbation of every cached K/V element."""
+    rng = np.random.default_rng(seed)
+    caches = []
+    for k, v in zip(pre.keys, pre.values, strict=True):
+        c = KVCache()
+        pk = k + eps * mx.array(rng.choice([-1.0, 1.0], k.shape).astype(np.float32))
+        pv = v + eps * mx.array(rng.choice([-1.0, 1.0], v.shape).astype(np.float32))
+        c.state = (pk, pv, k.shape[2])
+        caches.append(c)
+    return last_logits(model, caches, feed)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lossy_logits_within_step_bound(model, ids, bits):
+    """Bound: rounding moves each K/V element by at most step/2 (step = the
+    group's scale), so the logits may move at most twice as much as under a
+    random-sign perturbation of *every* element by max_step/2."""
+    n = len(ids) - 1
+    card, pre = card_of(model, ids[:n], budget=bits + 1.0, config=TOKEN_G32)
+    assert set(card.width_histogram()) == {bits}
+    exact = exact_logits(model, ids)
+    got = last_logits(model, inject(card, model), ids[n:])
+    err = np.abs(got - exact).max()
+    half_step = _max_step(card) / 2
+    sensitivity = np.abs(
+        _perturbed_logits(model, pre, ids[n:], half_step) - exact
+    ).max()
+    assert err <= 2 * sensitivity, (err, sensitivity)
+    assert err < {8: 0.05, 4: 1.0}[bits] * np.std(exact)
+
+
+def test_more_bits_less_error(model, ids):
+    n = len(ids) - 1
+    exact = exact_logits(model, ids)
+    errs = {}
+    for bits in (8, 4):
+        card, _ = card_of(model, ids[:n], budget=bits + 1.0, config=TOKEN_G32)
+        errs[bits] = np.abs(
+            last_logits(model, inject(card, model), ids[n:]) - exact
+        ).max()
+    # the step shrinks 17x from 4 to 8 bits; demand at least 4x less error
+    assert errs[8] * 4 < errs[4]
+
+
+# ---------------------------------------------------------------------------
+# Compressed mode: same numbers, less memory.
+
+
+def test_compressed_mixed_card_matches_dequantize(model, ids):
+    n = len(ids) - 1
+    card, _ = card_of(
+        model, ids[:n], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    assert len(card.width_histogram()) > 1  # mixed widths
+    comp = inject(card, model, mode="compressed")
+    assert all(type(c) is MixedQuantizedKVCache for c in comp)
+    nbytes = sum(c.nbytes for c in comp)
+    index_bytes = 4 * card.n_tokens * card.cache["n_layers"]
+    assert card.payload_bytes <= nbytes <= card.payload_bytes + index_bytes
+    deq = inject(card, model, mode="dequantize")
+    assert nbytes < sum(c.nbytes for c in deq) / 4
+    a = last_logits(model, comp, ids[n:])
+    b = last_logits(model, deq, ids[n:])
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    # and it keeps decoding: several single-token steps stay equal
+    for t in (3, 9, 27):
+        np.testing.assert_allclose(
+            last_logits(model, comp, [t]),
+            last_logits(model, deq, [t]),
+            atol=1e-5,
+            rtol=0,
+        )
+    assert comp[0].offset == deq[0].offset == len(ids) + 3
+
+
+def test_uniform_token_card_becomes_quantized_kv_cache(model, ids):
+    n = len(ids) - 1
+    card, _ = card_of(model, ids[:n], budget=5.0, config=TOKEN_G32)
+    comp = inject(card, model, mode="compressed")
+    assert all(type(c) is QuantizedKVCache for c in comp)
+    assert (comp[0].bits, comp[0].group_size, comp[0].offset) == (4, 32, n)
+    assert comp[0].keys[1].dtype == mx.float32  # scales cast to the model dtype
+    seg = card.layers[0][0]
+    assert np.array_equal(np.array(comp[0].keys[0]), seg.keys.codes)
+    assert np.array_equal(np.array(comp[0].keys[1]), seg.keys.scales.astype(np.float32))
+    # mlx-lm quantizes the receiver's new token too (4 bits, group 32), so the
+    # logits differ from dequantize mode by about one 4-bit rounding of one token
+    a = last_logits(model, comp, ids[n:])
+    b = last_logits(model, inject(card, model), ids[n:])
+    assert np.abs(a - b).max() < 0.05 * np.std(b)
+    assert comp[0].offset == n + 1
+
+
+def test_mixed_cache_state_round_trip_and_trim(model, ids):
+    card, _ = card_of(
+        model, ids[:80], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    cache = inject(card, model, mode="compressed")
+    last_logits(model, cache, [1, 2, 3])
+    clone = [MixedQuantizedKVCache.from_state(c.state, c.meta_state) for c in cache]
+    for a, b in zip(cache, clone, strict=True):
+        ka, va = a.dequantized()
+        kb, vb = b.dequantized()
+        assert mx.array_equal(ka, kb) and mx.array_equal(va, vb)
+        assert (a.offset, a.size()) == (b.offset, b.size()) == (83, 83)
+
+
+def test_mixed_cache_trim_into_card_then_refeed(model, ids):
+    card, _ = card_of(model, ids[:80])  # float32: refeeding is exact
+    cache = [MixedQuantizedKVCache(layer, 80) for layer in card.layers]
+    last_logits(model, cache, [1, 2, 3])
+    # trim drops the 3 tail tokens, then hides 7 card tokens
+    assert [c.trim(10) for c in cache] == [10, 10]
+    assert (cache[0].offset, cache[0].n_tail, cache[0].n_visible) == (73, 0, 73)
+    got = last_logits(model, cache, list(ids[73:80]) + [9])
+    np.testing.assert_allclose(
+        got, exact_logits(model, list(ids[:80]) + [9]), atol=1e-4
+    )
+
+
+# ---------------------------------------------------------------------------
+# Model checks
+
+
+def test_card_for_another_model_is_refused(model, ids):
+    card, _ = card_of(model, ids[:20])
+    card.model["tokenizer_sha256"] = None  # no tokenizer hash to lean on
+    for other in (tiny_model(num_hidden_layers=3), tiny_model(head_dim=64)):
+        with pytest.raises(ModelMismatchError, match="another model"):
+            inject(card, other)
+    qkv = card.to_quantized()
+    with pytest.raises(ModelMismatchError, match="n_layers"):
+        inject(qkv, tiny_model(num_hidden_layers=3))
+    with pytest.raises(ConfigError, match="mode"):
+        inject(card, model, mode="fast")
+
+
+# ---------------------------------------------------------------------------
+# Prompt alignment
+
+
+def test_align_strict_and_prefix(model, ids):
+    card, _ = card_of(model, ids[:50])
+    toks = list(ids[:50])
+    with pytest.raises(PromptMismatchError, match=r"prompt_tokens\[20\]"):
+        align(card, toks[:20] + [toks[20] + 1] + toks[21:] + [1], policy="strict")
+    with pytest.raises(PromptMismatchError, match="at least the card's 50"):
+        align(card, toks[:30], policy="strict")
+    assert align(card, toks + [4, 5], policy="strict") == (50, [4, 5])
+    # a prompt equal to the card re-feeds its last token for logits
+    assert align(card, toks, policy="strict") == (49, [toks[-1]])
+    # prefix: reuse the common part, trim the cache to it
+    for mode in ("dequantize", "compressed"):
+        cache = inject(card, model, mode=mode)
+        prompt = toks[:30] + [1, 2, 3]
+        n, rest = align(card, prompt, policy="prefix", cache=cache)
+        assert (n, rest) == (30, [1, 2, 3]) and cache[0].offset == 30
+        got = last_logits(model, cache, rest)
+        np.testing.assert_allclose(got, exact_logits(model, prompt), atol=1e-4)
+    with pytest.raises(PromptMismatchError):
+        align(card, [], policy="prefix")
+    with pytest.raises(ConfigError, match="policy"):
+        align(card, toks, policy="loose")
+
+
+# ---------------------------------------------------------------------------
+# High-level API
+
+
+def test_make_card_inherits_segments_bit_for_bit(model, ids):
+    first = make_card(model, None, ids[:64], controller="saliency", budget_bits=4.5)
+    assert first.n_tokens == 64 and first.quant["controller"] == "saliency"
+    second = make_card(
+        model, None, ids[:100], controller="saliency", budget_bits=3.5, inherited=first
+    )
+    assert second.n_tokens == 100
+    for la, lb in zip(first.layers, second.layers, strict=True):
+        for sa, sb in zip(la, lb[: len(la)], strict=True):
+            np.testing.assert_array_equal(sa.index, sb.index)
+            for ea, eb in ((sa.keys, sb.keys), (sa.values, sb.values)):
+                for name, arr in ea.arrays().items():
+                    np.testing.assert_array_equal(arr, eb.arrays()[name])
+    with pytest.raises(PromptMismatchError):
+        make_card(model, None, ids[1:100], inherited=first)
+
+
+# ---------------------------------------------------------------------------
+# The real default model (slow)
+
+GSM8K_LIKE = (
+    "A bakery sells muffins for $3 each and cookies for $2 each. On Monday it "
+    "sold 14 muffins and 23 cookies. On Tuesday it sold twice as many muffins "
+    "and 5 fewer cookies than on Monday. How much money did the bakery make on "
+    "the two days together?"
+)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from qkvshare_mlx.models import load_model
+
+    return load_model(None, dtype="float32")
+
+
+@pytest.mark.slow
+def test_default_model_mixed_card_keeps_first_token(default_model):
+    from qkvshare_mlx.cli.handoff import receiver_suffix, sender_tokens
+
+    model, tok = default_model
+    ids = sender_tokens(tok, GSM8K_LIKE, True)
+    card = make_card(model, tok, ids, controller="saliency", budget_bits=4.5)
+    card = CacheCard.from_bytes(card.to_bytes(), expect=fingerprint(model, tok))
+    assert len(card.width_histogram()) > 1 and card.effective_bits <= 4.52
+    prompt = list(ids) + receiver_suffix(tok, None, True)
+    # the CLI's receiver tokens are the whole conversation rendered at once
+    follow = [
+        {"role": "user", "content": GSM8K_LIKE},
+        {"role": "user", "content": "Go"},
+    ]
+    whole = tok.apply_chat_template(follow, tokenize=False, add_generation_prompt=True)
+    assert list(ids) + receiver_suffix(tok, "Go", True) == tok.encode(
+        whole, add_special_tokens=False
+    )
+    want = greedy_tokens(model, prompt, max_tokens=1)
+    for mode in ("dequantize", "compressed"):
+        got, info = continue_from_card(
+            card, model, tok, prompt, mode=mode, max_tokens=1
+        )
+        assert got == want, mode
+        assert info["n_reused"] == len(ids)
