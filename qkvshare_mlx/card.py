@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import struct
@@ -56,8 +57,18 @@ MAX_JSON_DEPTH = 32
 JSON_CHARS_PER_CONTAINER = 8
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 
-_DTYPES = {"U32": np.uint32, "F16": np.float16, "F32": np.float32, "I32": np.int32}
+_DTYPES = {
+    "U32": np.uint32,
+    "F16": np.float16,
+    "F32": np.float32,
+    "I32": np.int32,
+    "U16": np.uint16,
+}
+# Per-layer token positions are stored as U16 while they fit, else as I32.
+MAX_U16_TOKENS = 1 << 16
+_FLOAT_TENSOR_DTYPES = {"float16": "F16", "float32": "F32"}  # quant.config.float_dtype
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _DTYPES.items()}
 FINGERPRINT_FIELDS = (
     "model_type",
     "n_layers",
@@ -291,14 +302,56 @@ class CacheCard:
     # ---- serialisation -----------------------------------------------------
 
     def _tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor of the file by name (docs/cachecard-format.md, section 3).
+
+        Besides ``tokens``, five tensors per layer ``l``, always all written
+        (possibly empty): ``l{l}.index`` (T,) the segments' token positions
+        concatenated (U16 while T <= 65536, else I32), and 1-D ``l{l}.codes``
+        (U32), ``l{l}.scales``, ``l{l}.biases`` (F16) and ``l{l}.float``
+        (``quant.config.float_dtype``): per segment in order, its keys then
+        its values, each flattened in C order. Every segment array is checked
+        against the shape a reader derives from the metadata, so the writer
+        never emits a card the reader would refuse or misread.
+        """
+        c = self.cache
+        B, H, dk, dv = c["batch"], c["n_kv_heads"], c["head_dim_k"], c["head_dim_v"]
+        T = self.n_tokens
+        float_dtype = _float_tensor_dtype(self.quant)
+        index_dtype = _DTYPES[_index_dtype(T)]
         tensors = {"tokens": self.tokens}
         for li, layer in enumerate(self.layers):
+            packed: dict[str, list[np.ndarray]] = {part: [] for part in _PACKED}
+            index = [np.asarray(seg.index).reshape(-1) for seg in layer]
+            index = np.concatenate(index) if index else np.zeros(0, np.int64)
+            if index.shape != (T,) or not _is_permutation(index, T):
+                raise CardFormatError(
+                    f"layers[{li}]: segment indices must be a permutation of "
+                    f"0..{T - 1}, got {index.shape[0]} positions"
+                )
+            tensors[f"l{li}.index"] = index.astype(index_dtype)
             for si, seg in enumerate(layer):
-                p = f"l{li}.s{si}"
-                tensors[f"{p}.index"] = np.asarray(seg.index, dtype=np.int32)
-                for kv, enc in (("k", seg.keys), ("v", seg.values)):
-                    for name, arr in enc.arrays().items():
-                        tensors[f"{p}.{kv}.{name}"] = np.ascontiguousarray(arr)
+                where = f"layers[{li}][{si}]"
+                n = seg.n_tokens
+                for kv, enc, D in (("k", seg.keys, dk), ("v", seg.values, dv)):
+                    shape = (B, H, n, D)
+                    shapes = _encoded_shapes(
+                        enc.layout, enc.group, seg.bits, shape, where, float_dtype
+                    )
+                    arrays = enc.arrays()
+                    for part, (dtype, shape) in shapes.items():
+                        arr = np.asarray(arrays["data" if part == "float" else part])
+                        if _DTYPE_NAMES.get(arr.dtype) != dtype or arr.shape != shape:
+                            raise CardFormatError(
+                                f"{where}.{kv}: {part} expected {dtype}{list(shape)}, "
+                                f"got {arr.dtype}{list(arr.shape)}"
+                            )
+                        packed[part].append(arr.reshape(-1))
+            for part, dtype in _PACKED.items():
+                dt = _DTYPES[float_dtype if dtype is None else dtype]
+                arrs = packed[part]
+                tensors[f"l{li}.{part}"] = (
+                    np.concatenate(arrs) if arrs else np.zeros(0, dt)
+                )
         return tensors
 
     def _metadata(self) -> dict:
@@ -405,9 +458,42 @@ class CacheCard:
 
 
 def _enc_meta(enc: Encoded) -> dict:
+    # A float copy's dtype is card-wide: quant.config.float_dtype.
     if enc.layout == "float":
-        return {"layout": "float", "group": 0, "dtype": _DTYPE_NAMES[np.dtype(enc.data.dtype)]}
+        return {"layout": "float", "group": 0}
     return {"layout": enc.layout, "group": enc.group}
+
+
+# The packed per-layer tensors and their dtypes (None: quant.config.float_dtype).
+_PACKED = {"codes": "U32", "scales": "F16", "biases": "F16", "float": None}
+
+
+def _index_dtype(n_tokens: int) -> str:
+    """Dtype of the ``l{l}.index`` tensors: U16 while positions fit, else I32."""
+    return "U16" if n_tokens <= MAX_U16_TOKENS else "I32"
+
+
+def _float_tensor_dtype(quant) -> str:
+    """Safetensors dtype of the ``l{l}.float`` tensors, from quant.config."""
+    cfg = quant.get("config") if isinstance(quant, dict) else None
+    name = cfg.get("float_dtype") if isinstance(cfg, dict) else None
+    if name not in _FLOAT_TENSOR_DTYPES:
+        raise CardFormatError(
+            "quant.config.float_dtype: expected one of "
+            f"{sorted(_FLOAT_TENSOR_DTYPES)}, got {name!r:.60}"
+        )
+    return _FLOAT_TENSOR_DTYPES[name]
+
+
+def _is_permutation(index: np.ndarray, n: int) -> bool:
+    """Whether the integer array ``index`` holds each of 0..n-1 exactly once."""
+    if index.shape != (n,):
+        return False
+    if n == 0:
+        return True
+    if int(index.min()) < 0 or int(index.max()) >= n:
+        return False
+    return bool((np.bincount(index, minlength=n) == 1).all())
 
 
 def _segment_to_numpy(seg: Segment) -> Segment:
@@ -463,16 +549,21 @@ def _write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str])
     return b"".join(parts)
 
 
-def _depth(obj, limit: int, d: int = 0) -> int:
-    if d > limit:
-        raise CardFormatError(f"metadata JSON nests deeper than {limit} levels")
-    if isinstance(obj, dict):
-        for v in obj.values():
-            _depth(v, limit, d + 1)
-    elif isinstance(obj, list):
-        for v in obj:
-            _depth(v, limit, d + 1)
-    return d
+def _depth(obj, limit: int) -> int:
+    """Nesting depth of parsed JSON; raise past ``limit`` (level by level, no
+    recursion: a card's metadata has tens of thousands of values)."""
+    level, d = [obj], 0
+    while level:
+        if d > limit:
+            raise CardFormatError(f"metadata JSON nests deeper than {limit} levels")
+        nxt = []
+        for o in level:
+            if type(o) is dict:
+                nxt.extend(o.values())
+            elif type(o) is list:
+                nxt.extend(o)
+        level, d = nxt, d + 1
+    return d - 1
 
 
 def _unique_keys(pairs):
@@ -571,7 +662,7 @@ def _read_header(buf: memoryview, max_bytes: int):
                 f"{name}: data_offsets {offs!r:.60} is not [start, end]"
             )
         start, end = offs
-        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         total += nbytes
         if total > max_bytes:
             raise CardTooLargeError(f"tensors claim more than the cap of {max_bytes} bytes")
@@ -680,11 +771,13 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
     table = _req(m, "layers", list, "card")
     if len(table) != L:
         raise CardFormatError(f"layers: expected {L} entries (cache.n_layers), got {len(table)}")
+    float_dtype = _float_tensor_dtype(m["quant"])  # validated by _check_quant
     out = {"tokens": ("I32", (T,))}
     for li, layer in enumerate(table):
         if not isinstance(layer, list):
             raise CardFormatError(f"layers[{li}]: expected a list of segments")
         covered = 0
+        sizes = dict.fromkeys(_PACKED, 0)
         for si, seg in enumerate(layer):
             where = f"layers[{li}][{si}]"
             bits = _req(seg, "bits", int, where)
@@ -694,16 +787,19 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
             if not 0 < n <= T:
                 raise CardFormatError(f"{where}.n: {n} not in 1..{T}")
             covered += n
-            p = f"l{li}.s{si}"
-            out[f"{p}.index"] = ("I32", (n,))
             for kv, D in (("k", dk), ("v", dv)):
                 e = _req(seg, kv, dict, where)
                 layout = _req(e, "layout", str, f"{where}.{kv}")
                 group = _req(e, "group", int, f"{where}.{kv}")
-                shapes = _encoded_shapes(f"{p}.{kv}", e, layout, group, bits, (B, H, n, D), where)
-                out.update(shapes)
+                shape = (B, H, n, D)
+                shapes = _encoded_shapes(layout, group, bits, shape, where, float_dtype)
+                for part, (_, shape) in shapes.items():
+                    sizes[part] += math.prod(shape)
         if covered != T:
             raise CardFormatError(f"layers[{li}]: segments cover {covered} tokens, expected {T}")
+        out[f"l{li}.index"] = (_index_dtype(T), (T,))
+        for part, dtype in _PACKED.items():
+            out[f"l{li}.{part}"] = (dtype or float_dtype, (sizes[part],))
     return out
 
 
@@ -756,19 +852,27 @@ def _check_quant(quant: dict) -> None:
         raise CardFormatError(f"quant.config: {e}") from None
 
 
-def _encoded_shapes(p, e, layout, group, bits, shape, where):
+def _encoded_shapes(layout, group, bits, shape, where, float_dtype):
+    """Shapes of one of K/V of a segment, by packed tensor.
+
+    Args:
+        layout, group, bits: the segment descriptor's fields.
+        shape: (B, H, n, D) of the decoded keys or values.
+        where: the descriptor's path, for error messages.
+        float_dtype: the card's float dtype name (``"F16"`` or ``"F32"``).
+
+    Returns:
+        ``{"float": (dtype, (B, H, n, D))}`` for a float copy, else
+        ``{"codes": ("U32", ...), "scales": ("F16", ...), "biases": ...}``;
+        each array is the next slice of the layer's tensor of that name.
+    """
     B, H, n, D = shape
     if bits == FLOAT_BITS:
         if layout != "float":
             raise CardFormatError(f"{where}: 16-bit tokens must use layout 'float', got {layout!r}")
-        dtype = e.get("dtype")
-        if dtype not in ("F16", "F32"):
-            raise CardFormatError(
-                f"{where}: float dtype {dtype!r:.60} not one of F16/F32"
-            )
         if group != 0:
             raise CardFormatError(f"{where}: float layout needs group 0, got {group}")
-        return {f"{p}.data": (dtype, (B, H, n, D))}
+        return {"float": (float_dtype, (B, H, n, D))}
     if layout == "token":
         axis, other = D, n
     elif layout == "channel":
@@ -779,41 +883,56 @@ def _encoded_shapes(p, e, layout, group, bits, shape, where):
         raise CardFormatError(f"{where}: group {group} does not divide {axis} (layout {layout})")
     lead = (B, H, other)
     return {
-        f"{p}.codes": ("U32", (*lead, axis * bits // 32)),
-        f"{p}.scales": ("F16", (*lead, axis // group)),
-        f"{p}.biases": ("F16", (*lead, axis // group)),
+        "codes": ("U32", (*lead, axis * bits // 32)),
+        "scales": ("F16", (*lead, axis // group)),
+        "biases": ("F16", (*lead, axis // group)),
     }
 
 
 def _assemble(m: dict, t: dict[str, np.ndarray]) -> CacheCard:
     c = m["cache"]
-    T = c["n_tokens"]
+    B, H, T = c["batch"], c["n_kv_heads"], c["n_tokens"]
+    dims = (("k", c["head_dim_k"]), ("v", c["head_dim_v"]))
+    float_dtype = _float_tensor_dtype(m["quant"])
     layers = []
     for li, layer in enumerate(m["layers"]):
+        p = f"l{li}"
+        # int32 positions in memory (Segment.index), whatever the stored dtype
+        index = np.asarray(t[f"{p}.index"], dtype=np.int32)
+        if index.size and (index.min() < 0 or index.max() >= T):
+            raise CardFormatError(f"{p}.index: positions outside 0..{T - 1}")
+        if not _is_permutation(index, T):
+            raise CardFormatError(
+                f"layer {li}: token indices are not a permutation of 0..{T - 1}"
+            )
+        packed = {part: t[f"{p}.{part}"] for part in _PACKED}
+        for part in ("scales", "biases", "float"):
+            if not np.isfinite(packed[part]).all():
+                raise CardFormatError(f"{p}.{part}: NaN or Inf")
+        # Each segment's arrays are views of the next slices of the packed
+        # tensors: keys then values, in segment order (sizes checked already).
+        offsets = dict.fromkeys(_PACKED, 0)
+        start = 0
         segs = []
-        seen = np.zeros(T, dtype=np.int64)
         for si, seg in enumerate(layer):
-            p = f"l{li}.s{si}"
-            idx = t[f"{p}.index"]
-            if idx.size and (idx.min() < 0 or idx.max() >= T):
-                raise CardFormatError(f"{p}.index: positions outside 0..{T - 1}")
-            seen += np.bincount(idx, minlength=T)
+            n = seg["n"]
             encs = []
-            for kv in ("k", "v"):
+            for kv, D in dims:
                 e = seg[kv]
-                if e["layout"] == "float":
-                    data = t[f"{p}.{kv}.data"]
-                    if not np.isfinite(data).all():
-                        raise CardFormatError(f"{p}.{kv}.data: NaN or Inf")
-                    encs.append(Encoded("float", data=data))
-                else:
-                    sc, bi = t[f"{p}.{kv}.scales"], t[f"{p}.{kv}.biases"]
-                    if not (np.isfinite(sc).all() and np.isfinite(bi).all()):
-                        raise CardFormatError(f"{p}.{kv}: NaN or Inf in scales or biases")
-                    encs.append(Encoded(e["layout"], e["group"], t[f"{p}.{kv}.codes"], sc, bi))
+                shapes = _encoded_shapes(
+                    e["layout"], e["group"], seg["bits"], (B, H, n, D),
+                    f"layers[{li}][{si}]", float_dtype,
+                )
+                arrays = {}
+                for part, (_, shape) in shapes.items():
+                    o = offsets[part]
+                    offsets[part] = o + math.prod(shape)
+                    view = packed[part][o : offsets[part]].reshape(shape)
+                    arrays["data" if part == "float" else part] = view
+                encs.append(Encoded(e["layout"], e["group"], **arrays))
+            idx = index[start : start + n]
             segs.append(Segment(seg["bits"], idx, encs[0], encs[1]))
-        if T and not (seen == 1).all():
-            raise CardFormatError(f"layer {li}: token indices are not a permutation of 0..{T - 1}")
+            start += n
         layers.append(segs)
     tokens = t["tokens"]
     if tokens.size and tokens.min() < 0:

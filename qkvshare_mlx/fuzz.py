@@ -333,7 +333,7 @@ def tensor_set(data: bytes, rng) -> bytes:
     if kind == "drop":
         del header[name]
     elif kind == "extra":
-        header["l99.s0.index"] = dict(header[name])
+        header["l99.index"] = dict(header[name])
     elif kind == "rename":
         header[name + "x"] = header.pop(name)
     else:
@@ -466,9 +466,12 @@ def _ok(data: bytes):
 
 
 def forged_nan_scales(data: bytes, rng) -> bytes:
-    """Put NaN/Inf into a scale, bias or float-copy tensor, checksum recomputed."""
+    """Put NaN/Inf into a layer's scales, biases or float copies, checksum
+    recomputed."""
     m, t = _ok(data)
-    names = [n for n in t if n.endswith((".scales", ".biases", ".data"))]
+    names = [
+        n for n in t if n.endswith((".scales", ".biases", ".float")) and t[n].size
+    ]
     name = _pick(rng, names)
     arr = t[name].reshape(-1)
     arr[int(rng.integers(arr.size))] = _pick(rng, [np.nan, np.inf, -np.inf])
@@ -575,27 +578,30 @@ def forged_bad_types(data: bytes, rng) -> bytes:
 
 
 def forged_bad_index(data: bytes, rng) -> bytes:
-    """Segment index that is not a permutation of 0..T-1, checksum recomputed."""
+    """A layer's index that is not a permutation of 0..T-1 (a repeated, negative,
+    past-the-end or huge position), checksum recomputed.
+
+    The index is U16 for T <= 65536: a negative or huge position is stored as
+    the two's-complement value a careless writer would produce (it wraps past
+    the end); for an I32 index it is stored as is.
+    """
     m, t = _ok(data)
     name = _pick(rng, _seg_names(t, ".index"))
     idx = t[name]
     T = m["cache"]["n_tokens"]
     i = int(rng.integers(idx.size))
     kind = _pick(rng, ["dup", "neg", "past", "huge"])
-    if kind == "dup":
-        j = (i + 1) % idx.size if idx.size > 1 else i
-        other = _pick(rng, [n for n in _seg_names(t, ".index") if n[:3] == name[:3]])
-        src = t[other]
-        new = src[int(rng.integers(src.size))]
-        if other == name and j == i:
-            new = (idx[i] + 1) % T
-        idx[i] = new if new != idx[i] else (idx[i] + 1) % T
+    if kind == "dup":  # another position of the same layer, now held twice
+        j = (i + 1 + int(rng.integers(idx.size - 1))) % idx.size
+        new = int(idx[j])
     elif kind == "neg":
-        idx[i] = -1 - int(rng.integers(T))
+        new = -1 - int(rng.integers(T))
     elif kind == "past":
-        idx[i] = T + int(rng.integers(T))
+        new = T + int(rng.integers(T))
     else:
-        idx[i] = 2**31 - 1
+        new = 2**31 - 1
+    info = np.iinfo(idx.dtype)
+    idx[i] = new if info.min <= new <= info.max else new % (int(info.max) + 1)
     return forge(m, t)
 
 

@@ -15,8 +15,9 @@ import pytest
 from safetensors.numpy import load as st_load
 
 from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.codec import encode_bucket
 from qkvshare_mlx.controllers import TokenStats
-from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.formats import Format, QuantConfig, QuantizedKV
 from qkvshare_mlx.quantizer import dequantize_cache, quantize_cache
 
 # ---------------------------------------------------------------------------
@@ -59,13 +60,38 @@ def spec_unpack(words: np.ndarray, bits: int, m: int) -> np.ndarray:
     return out
 
 
-def spec_decode(tensors, prefix: str, enc: dict, bits: int, D: int) -> np.ndarray:
-    """Section 5: one of K/V of a segment as (B, H, n, D) float32."""
+class Slicer:
+    """Section 3: a layer's packed 1-D tensors, handed out slice by slice."""
+
+    def __init__(self, tensors, layer: int):
+        self.arrays = {
+            part: tensors[f"l{layer}.{part}"]
+            for part in ("codes", "scales", "biases", "float")
+        }
+        self.used = dict.fromkeys(self.arrays, 0)
+
+    def take(self, part: str, shape) -> np.ndarray:
+        size = int(np.prod(shape))
+        start = self.used[part]
+        self.used[part] = start + size
+        flat = self.arrays[part][start : start + size]
+        assert flat.size == size
+        return flat.reshape(shape)
+
+    def all_used(self) -> bool:
+        return all(self.used[p] == a.size for p, a in self.arrays.items())
+
+
+def spec_decode(sl: Slicer, enc: dict, bits: int, shape) -> np.ndarray:
+    """Sections 3 and 5: the next K or V of a segment as (B, H, n, D) float32."""
+    B, H, n, D = shape
     if enc["layout"] == "float":
-        return tensors[prefix + ".data"].astype(np.float32)
-    codes = tensors[prefix + ".codes"]
-    scales = tensors[prefix + ".scales"].astype(np.float32)
-    biases = tensors[prefix + ".biases"].astype(np.float32)
+        return sl.take("float", shape).astype(np.float32)
+    g = enc["group"]
+    axis, other = (D, n) if enc["layout"] == "token" else (n, D)
+    codes = sl.take("codes", (B, H, other, axis * bits // 32))
+    scales = sl.take("scales", (B, H, other, axis // g)).astype(np.float32)
+    biases = sl.take("biases", (B, H, other, axis // g)).astype(np.float32)
     m = codes.shape[-1] * 32 // bits
     q = spec_unpack(codes, bits, m).astype(np.float32)
     group = np.arange(m) // enc["group"]
@@ -84,20 +110,23 @@ def spec_read(data: bytes):
     tensors = st_load(data)
     assert spec_checksum(meta["card"], tensors, header) == meta["sha256"]
     c = card["cache"]
-    T = c["n_tokens"]
+    T, B, H = c["n_tokens"], c["batch"], c["n_kv_heads"]
+    float_dtype = {"float16": np.float16, "float32": np.float32}[
+        card["quant"]["config"]["float_dtype"]
+    ]
     keys, values = [], []
     for li, layer in enumerate(card["layers"]):
-        parts_k, parts_v, index = [], [], []
-        for si, seg in enumerate(layer):
-            p = f"l{li}.s{si}"
-            index.append(tensors[p + ".index"])
-            parts_k.append(
-                spec_decode(tensors, p + ".k", seg["k"], seg["bits"], c["head_dim_k"])
-            )
-            parts_v.append(
-                spec_decode(tensors, p + ".v", seg["v"], seg["bits"], c["head_dim_v"])
-            )
-        idx = np.concatenate(index)
+        idx = tensors[f"l{li}.index"]
+        assert idx.dtype == (np.uint16 if T <= 65536 else np.int32)
+        assert tensors[f"l{li}.float"].dtype == float_dtype
+        sl = Slicer(tensors, li)
+        parts_k, parts_v = [], []
+        for seg in layer:  # keys then values, segment after segment
+            n, bits = seg["n"], seg["bits"]
+            parts_k.append(spec_decode(sl, seg["k"], bits, (B, H, n, c["head_dim_k"])))
+            parts_v.append(spec_decode(sl, seg["v"], bits, (B, H, n, c["head_dim_v"])))
+        assert sl.all_used()
+        idx = idx.astype(np.int64)
         assert np.array_equal(np.sort(idx), np.arange(T))
         k = np.empty((c["batch"], c["n_kv_heads"], T, c["head_dim_k"]), np.float32)
         v = np.empty((c["batch"], c["n_kv_heads"], T, c["head_dim_v"]), np.float32)
@@ -183,6 +212,7 @@ def test_spec_cases_cover_every_layout_and_mixed_widths():
     """The cases above really exercise channel keys, float tokens, straddling codes."""
     layouts, widths, float_dtypes = set(), set(), set()
     ks, vs, stats = _random_cache()
+    float_names = {"float16": "F16", "float32": "F32"}
     for controller, budget, config in CASES:
         qkv = quantize_cache(
             ks,
@@ -193,13 +223,17 @@ def test_spec_cases_cover_every_layout_and_mixed_widths():
             stats=stats,
         )
         card = CacheCard.from_quantized(qkv, np.zeros(qkv.n_tokens), {})
-        meta = json.loads(spec_header(card.to_bytes())[0]["card"])
-        for layer in meta["layers"]:
+        meta, header = spec_header(card.to_bytes())
+        meta = json.loads(meta["card"])
+        for li, layer in enumerate(meta["layers"]):
             for seg in layer:
                 layouts.add(seg["k"]["layout"])
                 widths.add(seg["bits"])
                 if seg["k"]["layout"] == "float":
-                    float_dtypes.add(seg["k"]["dtype"])
+                    float_dtypes.add(header[f"l{li}.float"]["dtype"])
+                    assert header[f"l{li}.float"]["dtype"] == float_names[
+                        meta["quant"]["config"]["float_dtype"]
+                    ]
     assert {"token", "channel", "float"} <= layouts
     assert {3, 5, 6} & widths  # widths whose codes straddle words
     assert len(widths) >= 4
@@ -223,7 +257,42 @@ def test_spec_checksum_detects_tampering():
     data = bytearray(CacheCard.from_quantized(qkv, np.arange(40), {}).to_bytes())
     meta, header = spec_header(bytes(data))
     base = 8 + struct.unpack("<Q", data[:8])[0]
-    start, _ = header["l0.s0.v.codes"]["data_offsets"]
-    data[base + start] ^= 0x01
+    _, end = header["l0.codes"]["data_offsets"]
+    data[base + end - 1] ^= 0x01  # the last value code of layer 0
     tensors = st_load(bytes(data))
     assert spec_checksum(meta["card"], tensors, header) != meta["sha256"]
+
+
+def test_spec_packing_worked_example():
+    """The two-segment example of section 3.2: slice offsets and lengths."""
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((1, 2, 100, 64)).astype(np.float32)
+    values = rng.standard_normal((1, 2, 100, 64)).astype(np.float32)
+    order = rng.permutation(100).astype(np.int32)
+    segs = encode_bucket(keys, values, order[:64], Format(4, "channel", 64, 32))
+    segs += encode_bucket(keys, values, order[64:], Format(16, "token", 0, 0))
+    qkv = QuantizedKV([segs], 100, (1, 2, 64, 64), QuantConfig(), "uniform", 6.0)
+    data = CacheCard.from_quantized(qkv, np.zeros(100), {}).to_bytes()
+    _, header = spec_header(data)
+    lengths = {n: (h["dtype"], h["shape"]) for n, h in header.items()}
+    assert lengths == {
+        "tokens": ("I32", [100]),
+        "l0.index": ("U16", [100]),
+        "l0.codes": ("U32", [2048]),
+        "l0.scales": ("F16", [384]),
+        "l0.biases": ("F16", [384]),
+        "l0.float": ("F16", [9216]),
+    }
+    t = st_load(data)
+    s0, s1 = segs
+    for name, lo, hi, shape, want in [
+        ("l0.codes", 0, 1024, (1, 2, 64, 8), s0.keys.codes),
+        ("l0.codes", 1024, 2048, (1, 2, 64, 8), s0.values.codes),
+        ("l0.scales", 0, 128, (1, 2, 64, 1), s0.keys.scales),
+        ("l0.scales", 128, 384, (1, 2, 64, 2), s0.values.scales),
+        ("l0.biases", 128, 384, (1, 2, 64, 2), s0.values.biases),
+        ("l0.float", 0, 4608, (1, 2, 36, 64), s1.keys.data),
+        ("l0.float", 4608, 9216, (1, 2, 36, 64), s1.values.data),
+        ("l0.index", 64, 100, (36,), order[64:]),
+    ]:
+        assert np.array_equal(t[name][lo:hi].reshape(shape), want), (name, lo)
