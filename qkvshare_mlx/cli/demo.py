@@ -1,16 +1,20 @@
-"""``qkvshare demo``: the default model in MLX and transformers, then one GSM8K answer.
+"""``qkvshare demo``: three agents solve a GSM8K problem, handing on CacheCards.
 
-1. Load the default model (SmolLM2-135M-Instruct) in both runtimes and show that
-   their next-token logits agree.
-2. Answer the first GSM8K test problem with ``mlx_lm.generate`` (greedy).
+A solver, a checker and an answerer (the default model, greedy) work on one
+GSM8K test problem after a few worked examples. Each agent appends its turn
+to the conversation and hands the whole context on as a quantized CacheCard
+(the next card keeps the previous card's codes and adds its own tokens). For
+each handoff the demo prints the card (tokens, effective bits, bytes against
+an fp16 cache) and the receiver's time to first token measured live: with
+the card against re-reading the text (re-prefill).
 """
 
 import argparse
-import time
+import statistics
 
+from .. import agents as A
 from .. import gsm8k
 from ..models import load_model, resolve_model
-from .doctor import cross_runtime_check
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -21,40 +25,93 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="model folder or hub id (default: SmolLM2-135M)"
     )
     parser.add_argument(
-        "--max-tokens", type=int, default=200, help="answer length limit (tokens)"
-    )
-    parser.add_argument(
         "--problem", type=int, default=0, help="index of the GSM8K test problem"
     )
+    parser.add_argument(
+        "--controller", default="saliency", help="bit-allocation controller"
+    )
+    parser.add_argument(
+        "--budget-bits", type=float, default=4.5, help="card bit budget"
+    )
+    parser.add_argument(
+        "--shots", type=int, default=4, help="worked train examples in the context"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=48, help="reply length limit per agent"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=1, help="timed TTFT runs per measurement"
+    )
+    parser.add_argument(
+        "--save-cards", default=None, help="folder to write each hop's card to"
+    )
     return parser
+
+
+def _ttft(model, prompt, card, reps):
+    """Median of ``reps`` timed runs (the chain has already warmed MLX up)."""
+    return statistics.median(
+        A.time_to_first_token(model, prompt, card)[0] for _ in range(reps)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     model_path = resolve_model(args.model)
     problem = gsm8k.load_problems("test", n=args.problem + 1)[args.problem]
-
-    # 1. Both runtimes, same weights, same prompt.
-    print(f"model: {model_path}")
-    check = cross_runtime_check(model_path)
-    print(
-        f"MLX vs transformers, last-position logits over {check['prompt_tokens']} "
-        f"tokens: max |diff| = {check['logits_max_abs_diff']:.2e}, "
-        f"same next token: {check['argmax_agree']} ({check['argmax_token']!r})"
-    )
-
-    # 2. One GSM8K answer, greedy, through the chat template.
-    import mlx_lm
-
+    shots = gsm8k.load_problems("train", n=args.shots) if args.shots else []
     model, tokenizer = load_model(model_path)
-    messages = [{"role": "user", "content": problem["question"]}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    start = time.perf_counter()
-    reply = mlx_lm.generate(model, tokenizer, prompt, max_tokens=args.max_tokens)
-    seconds = time.perf_counter() - start
-    predicted = gsm8k.extract_answer(reply)
-    print(f"\nGSM8K test[{args.problem}]: {problem['question']}\n")
-    print(f"model ({seconds:.1f} s): {reply.strip()}\n")
-    verdict = "correct" if predicted == problem["final"] else "wrong"
-    print(f"extracted answer: {predicted}   gold: {problem['final']}   ({verdict})")
+    chat = A.ChatFormat(tokenizer, [(p["question"], p["answer"]) for p in shots])
+    middle, answerer = A.gsm8k_agents(
+        2, middle_tokens=args.max_tokens, answer_tokens=args.max_tokens
+    )
+    handoff = A.Handoff(args.controller, args.budget_bits)
+
+    # 1. the chain: solver -> checker -> answerer, cards handed on in memory
+    print(f"model: {model_path}")
+    print(f"GSM8K test[{args.problem}]: {problem['question']}\n")
+    print(
+        f"{len(shots)} worked examples in the context; handoff: {args.controller} "
+        f"cards at {args.budget_bits} bits\n"
+    )
+    run = A.run_chain(
+        model,
+        tokenizer,
+        chat,
+        problem["question"],
+        middle,
+        answerer,
+        handoff,
+        save_cards=args.save_cards,
+    )
+    receivers = [run.tokens[: run.replies[1][0]], run.finals[2]["prompt"]]
+    names = [a.role for a in middle] + [answerer.role]
+
+    # 2. each agent's turn, the card it hands on, the receiver's TTFT
+    for k, agent in enumerate(middle):
+        print(f"--- agent {k + 1} ({agent.role}): {agent.instruction}")
+        print(chat.text(run.reply_ids(k)).strip())
+        card, info = run.cards[k], run.hops[k]
+        ratio = info["fp16_bytes"] / info["payload_bytes"]
+        print(
+            f"  -> card to {names[k + 1]}: {card.n_tokens} tokens, "
+            f"{info['effective_bits']:.2f} effective bits, "
+            f"{info['payload_bytes'] / 1e6:.2f} MB vs {info['fp16_bytes'] / 1e6:.2f} "
+            f"MB fp16 ({ratio:.1f}x smaller)"
+        )
+        with_card = _ttft(model, receivers[k], card, args.reps)
+        reprefill = _ttft(model, receivers[k], None, args.reps)
+        print(
+            f"  {names[k + 1]}'s time to first token: {1000 * with_card:.0f} ms with "
+            f"the card, {1000 * reprefill:.0f} ms re-prefilling "
+            f"{len(receivers[k])} tokens ({reprefill / with_card:.1f}x)\n"
+        )
+    text = run.finals[2]["text"]
+    print(f"--- agent 3 ({answerer.role}): {answerer.instruction}")
+    print(text.strip())
+    predicted = gsm8k.extract_answer(text)
+    verdict = "correct" if A.numeric_match(predicted, problem["final"]) else "wrong"
+    print(f"\nextracted answer: {predicted}   gold: {problem['final']}   ({verdict})")
+    if args.save_cards:
+        print(f"cards written to {args.save_cards}/hop1.qkv, hop2.qkv")
     return 0

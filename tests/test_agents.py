@@ -1,0 +1,196 @@
+"""Agent chains on a tiny random Llama: handoff modes, hop stability, metrics."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY_LLAMA_CONFIG, build_tiny_llama_twins
+
+from qkvshare_mlx import agents as A
+from qkvshare_mlx.errors import ConfigError
+from qkvshare_mlx.formats import QuantConfig
+
+# head_dim 32: the fixture's 16 is below the quantizer's smallest group
+CONFIG = {**TINY_LLAMA_CONFIG, "head_dim": 32, "hidden_size": 128}
+
+
+class TinyChat:
+    """ChatFormat's interface over made-up token ids (the tiny model has no
+    tokenizer): each turn is a fixed marker, then the instruction's ids."""
+
+    eos = set()
+
+    @staticmethod
+    def _ids(text):
+        return [3 + (ord(ch) % 90) for ch in text]
+
+    def opening(self, task, instruction):
+        return [1, *self._ids(task), 2, *self._ids(instruction), 2]
+
+    def turn(self, instruction):
+        return [2, *self._ids(instruction), 2]
+
+    def text(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_llama_twins(seed=1, config=CONFIG).mlx_model
+
+
+def _agents(hops, n=6):
+    middle = [A.Agent(f"a{k}", f"step {k}", max_tokens=n) for k in range(hops)]
+    return middle, A.Agent("answer", "answer now", max_tokens=n)
+
+
+def _chain(model, handoff, hops=3, finals=None, **kw):
+    middle, answerer = _agents(hops)
+    return A.run_chain(
+        model,
+        None,
+        TinyChat(),
+        "a task of some length to make a context",
+        middle,
+        answerer,
+        handoff,
+        finals=finals,
+        **kw,
+    )
+
+
+def test_exact_and_lossless_card_equal_reprefill(tiny):
+    base = _chain(tiny, A.Handoff("reprefill"), finals=(1, 3))
+    exact = _chain(tiny, A.Handoff("exact"), finals=(1, 3))
+    lossless = A.Handoff("uniform", 32.0, QuantConfig(float_dtype="float32"))
+    card = _chain(tiny, lossless, finals=(1, 3))
+    for run in (exact, card):
+        assert run.tokens == base.tokens
+        assert run.replies == base.replies
+        for h in (1, 3):
+            assert run.finals[h]["reply"] == base.finals[h]["reply"]
+            assert run.finals[h]["prompt"] == base.finals[h]["prompt"]
+    # the transcript is built by appending: every agent's prompt extends the last
+    for k in range(1, 3):
+        end = base.replies[k - 1][1]
+        assert base.finals[3]["prompt"][:end] == base.tokens[:end]
+    assert [h["effective_bits"] for h in card.hops] == [32.0] * 3
+
+
+def test_hop_stability_bit_exact_after_four_hops(tiny, tmp_path):
+    run = _chain(tiny, A.Handoff("saliency", 3.0), hops=4, save_cards=tmp_path)
+    assert len(run.cards) == 4
+    for later in run.cards[1:]:
+        assert A.inherited_bits_identical(run.cards[0], later)
+    for prev, nxt in zip(run.cards, run.cards[1:]):
+        assert A.inherited_bits_identical(prev, nxt)
+        assert nxt.n_tokens > prev.n_tokens
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"hop{k}.qkv" for k in range(1, 5)
+    ]
+
+
+def test_bit_identity_check_detects_a_change(tiny):
+    run = _chain(tiny, A.Handoff("uniform", 4.0), hops=2)
+    first = run.cards[0]
+    last = copy.deepcopy(run.cards[1])  # inherited segments share arrays
+    codes = last.layers[0][0].values.codes
+    codes[(0,) * codes.ndim] ^= 1  # flip one code bit of a hop-1 token
+    assert not A.inherited_bits_identical(first, last)
+
+
+def test_teacher_forced_replay(tiny):
+    ref = _chain(tiny, A.Handoff("exact"), hops=4, finals=(1, 2, 4))
+    pre = A.exact_prefill(tiny, ref.tokens, probe_until=ref.replies[0][1])
+    logits = {h: A.reference_logits(tiny, pre, ref, h) for h in (1, 2, 4)}
+    lossless = A.Handoff("uniform", 32.0, QuantConfig(float_dtype="float32"))
+    exact = A.replay_cards(tiny, None, ref, lossless, (1, 2, 4), pre, logits)
+    low = A.replay_cards(
+        tiny, None, ref, A.Handoff("uniform", 3.0), (1, 2, 4), pre, logits
+    )
+    for h in (1, 2, 4):
+        assert exact[h]["kl"] < 1e-6 and exact[h]["top1_agreement"] == 1.0
+        assert low[h]["kl"] > exact[h]["kl"]
+        assert low[h]["hop1_bits_identical"] in (True, None)
+        assert abs(low[h]["effective_bits"] - 3.0) < 0.05
+        # one logit row per answerer reply token, plus the one after it
+        assert logits[h].shape[0] == len(ref.finals[h]["reply"]) + 1
+    assert low[4]["hop1_bits_identical"] is True  # checked at the deepest hop
+
+
+def test_first_divergence_and_numeric_match():
+    assert A.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert A.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert A.first_divergence([1, 2, 3], [1, 2]) == 2
+    assert A.first_divergence([], [4]) == 0
+    assert A.numeric_match("18", "18.0")
+    assert A.numeric_match("-3", "-3")
+    assert not A.numeric_match("18", "81")
+    assert not A.numeric_match(None, "1")
+
+
+def test_handoff_and_roles_validate():
+    with pytest.raises(ConfigError, match="handoff mode"):
+        A.Handoff("bogus")
+    with pytest.raises(ConfigError, match="budget_bits"):
+        A.Handoff("uniform")
+    middle, answerer = A.gsm8k_agents(4)
+    assert [a.role for a in middle] == ["solver", "checker", "calculator", "solver"]
+    assert "####" in answerer.instruction
+    with pytest.raises(ConfigError):
+        A.gsm8k_agents(0)
+
+
+def _bench():
+    from qkvshare_mlx.cli import eval as evaluation
+
+    return evaluation
+
+
+def test_bench_state_resumes(tmp_path):
+    bench = _bench()
+    path = tmp_path / "state.jsonl"
+    state = bench.State(path)
+    rows = [
+        {
+            "kind": "tf",
+            "problem": 0,
+            "mode": "uniform",
+            "budget_bits": 3,
+            "hops": 1,
+            "kl": 0.5,
+        },
+        {
+            "kind": "gen",
+            "problem": 0,
+            "mode": "exact",
+            "budget_bits": None,
+            "hops": 4,
+            "correct": True,
+        },
+    ]
+    for r in rows:
+        state.add(r)
+    with open(path, "a") as f:  # a line cut short by a kill
+        f.write(json.dumps(rows[0])[:20])
+    again = bench.State(path)
+    assert ("tf", 0, "uniform", 3.0, 1) in again  # budgets compare as floats
+    assert ("gen", 0, "exact", None, 4) in again
+    assert ("tf", 1, "uniform", 3.0, 1) not in again
+    assert len(again.rows) == 2
+    # only problems with a complete grid are aggregated
+    part = [{"problem": 0}, {"problem": 0}, {"problem": 1}]
+    assert [r["problem"] for r in bench.complete(part, 2)] == [0, 0]
+
+
+def test_ref_rows_round_trip():
+    bench = _bench()
+    run = A.ChainRun(tokens=[1, 2, 3, 4], replies=[(2, 4)])
+    run.finals = {
+        1: {"prompt": [1, 2, 3, 4, 5], "reply": [6], "text": "6", "ttft_s": 0.1}
+    }
+    back = bench.row_to_ref(json.loads(json.dumps(bench.ref_to_row(0, run, 1))))
+    assert back.tokens == run.tokens and back.replies == run.replies
+    assert back.finals[1]["reply"] == [6] and back.reply_ids(0) == [3, 4]
+    assert np.isclose(back.finals[1]["ttft_s"], 0.1)
