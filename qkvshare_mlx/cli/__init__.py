@@ -14,7 +14,7 @@ from ..errors import QKVShareError
 
 VERBS = {
     "doctor": "check the installation: versions, BLAS speed, MLX vs HF agreement",
-    "demo": "run the default model in MLX and transformers on a GSM8K question",
+    "demo": "three agents solve a GSM8K problem, handing on CacheCards",
     "inspect": "print a CacheCard's header, sizes and checksum",
     "handoff": "hand a prompt's KV cache from one agent to another",
     "eval": "evaluate handoffs on GSM8K",
