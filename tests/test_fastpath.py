@@ -1,0 +1,113 @@
+"""The fast receive path: fused dequantization, preallocated room, lean parsing."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_capture import TINY, tiny_model
+
+from qkvshare_mlx.capture import fingerprint, prefill
+from qkvshare_mlx.card import CacheCard, _depth
+from qkvshare_mlx.errors import CacheShapeError, CardFormatError
+from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.inject import inject
+from qkvshare_mlx.quantizer import dequantize_layer, dequantize_layers, quantize_cache
+
+T = 200  # not a multiple of 64: per-channel keys leave token-layout tails
+
+
+def mixed_qkv(seed=0, n_layers=3, T=T):
+    """A saliency-quantized random cache: many widths, layouts and floats."""
+    rng = np.random.default_rng(seed)
+    shape = (1, 2, T, 64)
+    keys = [
+        mx.array(rng.standard_normal(shape, dtype=np.float32)) for _ in range(n_layers)
+    ]
+    values = [
+        mx.array(rng.standard_normal(shape, dtype=np.float32)) for _ in range(n_layers)
+    ]
+    from qkvshare_mlx.controllers import TokenStats
+
+    stats = TokenStats(
+        attention=rng.random((n_layers, T)) ** 4, key_norms=rng.random((n_layers, T))
+    )
+    return quantize_cache(
+        keys, values, controller="saliency", budget_bits=4.0, stats=stats
+    )
+
+
+def test_mixed_cache_has_many_formats():
+    qkv = mixed_qkv()
+    formats = {
+        (s.bits, s.keys.layout, s.keys.group) for layer in qkv.layers for s in layer
+    }
+    assert len(formats) >= 4  # the fused path is exercised across buckets
+
+
+@pytest.mark.parametrize("capacity", [0, T, 256, 300])
+@pytest.mark.parametrize("layers_per_pass", [1, 2, 8])
+def test_fused_equals_per_layer_bit_for_bit(capacity, layers_per_pass):
+    qkv = mixed_qkv()
+    fused = dequantize_layers(
+        qkv.layers, T, mx.float32, capacity=capacity, layers_per_pass=layers_per_pass
+    )
+    assert len(fused) == len(qkv.layers)
+    for layer, (k, v) in zip(qkv.layers, fused):
+        rk, rv = dequantize_layer(layer, T, mx.float32)
+        n = max(capacity, T)
+        assert k.shape == (1, 2, n, 64) and v.shape == (1, 2, n, 64)
+        assert np.array_equal(np.array(k[:, :, :T]), np.array(rk))
+        assert np.array_equal(np.array(v[:, :, :T]), np.array(rv))
+        assert not np.any(np.array(k[:, :, T:])) and not np.any(np.array(v[:, :, T:]))
+
+
+def test_per_layer_capacity_matches_fused():
+    qkv = mixed_qkv(seed=1)
+    for layer, (k, v) in zip(
+        qkv.layers, dequantize_layers(qkv.layers, T, capacity=256)
+    ):
+        pk, pv = dequantize_layer(layer, T, mx.float32, capacity=256)
+        assert np.array_equal(np.array(pk), np.array(k))
+        assert np.array_equal(np.array(pv), np.array(v))
+
+
+def test_fused_refuses_incomplete_layers():
+    qkv = mixed_qkv()
+    broken = [list(layer) for layer in qkv.layers]
+    broken[1] = broken[1][1:]  # a layer missing a segment
+    with pytest.raises(CacheShapeError):
+        dequantize_layers(broken, T)
+
+
+def test_injected_cache_has_room_and_continues_exactly():
+    model = tiny_model()
+    ids = np.random.default_rng(3).integers(0, TINY["vocab_size"], 150)
+    pre = prefill(model, ids, probe_queries=8)
+    qkv = quantize_cache(
+        pre.keys,
+        pre.values,
+        controller="uniform",
+        budget_bits=32,
+        config=QuantConfig(float_dtype="float32"),
+    )
+    card = CacheCard.from_bytes(
+        CacheCard.from_quantized(qkv, ids, fingerprint(model)).to_bytes()
+    )
+    cache = inject(card, model, mode="dequantize")
+    assert all(c.offset == 150 and c.keys.shape[2] >= 151 for c in cache)
+    before = [c.keys for c in cache]
+    feed = mx.array([[1, 2, 3]])
+    got = np.array(model(feed, cache=cache)[0, -1])
+    # the new tokens went into the preallocated room (no reallocation)
+    assert all(c.keys.shape == b.shape for c, b in zip(cache, before))
+    ref = np.array(model(mx.array(np.r_[ids, [1, 2, 3]].astype(np.int32))[None])[0, -1])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_depth_limit_is_exact():
+    nested = 1
+    for _ in range(5):
+        nested = [nested]
+    assert _depth(nested, 5) == 5
+    with pytest.raises(CardFormatError):
+        _depth(nested, 4)
+    assert _depth({"a": [], "b": {"c": 1}}, 2) == 2
