@@ -27,11 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-import qkvshare_mlx  # noqa: F401  (OpenBLAS preload before mlx)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+import qkvshare_mlx  # noqa: F401  (OpenBLAS preload before mlx)
 from qkvshare_mlx import capture, gsm8k
 from qkvshare_mlx.controllers import HandoffPlan
 from qkvshare_mlx.formats import QuantConfig
@@ -176,7 +176,8 @@ def run_grid(model, contexts, controllers, budgets, config, label):
                 row[key] = float(np.mean(vals)) if vals else None
             rows.append(row)
             print(
-                f"{label:8s} {controller:17s} {budget:4.1f}  eff={row['effective_bits']:.3f}"
+                f"{label:8s} {controller:17s} {budget:4.1f}"
+                f"  eff={row['effective_bits']:.3f}"
                 f"  kl={row['kl']:.4f}  top1={row['top1_agreement']:.3f}"
                 f"  K={row['k_rel_err']:.3f} V={row['v_rel_err']:.3f}"
                 f"  attn={row['attn_out_rel_err'] or 0:.3f}",

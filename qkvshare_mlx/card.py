@@ -33,10 +33,10 @@ import numpy as np
 
 from .errors import (
     CardError,
-    ConfigError,
     CardFormatError,
     CardIntegrityError,
     CardTooLargeError,
+    ConfigError,
     ModelMismatchError,
 )
 from .formats import (
@@ -125,7 +125,9 @@ def fingerprint_from_config(
         "rope_theta": float(theta) if theta is not None else None,
         "rope_scaling": scaling or None,
         "vocab_size": config.get("vocab_size"),
-        "tokenizer_sha256": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "tokenizer_sha256": tokenizer_hash(tokenizer)
+        if tokenizer is not None
+        else None,
         "weights_sha256": weights_sha256,
     }
 
@@ -189,7 +191,8 @@ class CacheCard:
         tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if tokens.shape[0] != qkv.n_tokens:
             raise CardFormatError(
-                f"tokens: expected {qkv.n_tokens} ids (cache length), got {tokens.shape[0]}"
+                f"tokens: expected {qkv.n_tokens} ids (cache length), "
+                f"got {tokens.shape[0]}"
             )
         B, H, dk, dv = qkv.shape
         layers = [[_segment_to_numpy(s) for s in layer] for layer in qkv.layers]
@@ -214,7 +217,11 @@ class CacheCard:
                 "nominal_bits": round(qkv.nominal_bits, 6),
                 "config": qkv.config.to_dict(),
             },
-            producer={"runtime": runtime, "library": "qkvshare-mlx", "version": __version__},
+            producer={
+                "runtime": runtime,
+                "library": "qkvshare-mlx",
+                "version": __version__,
+            },
             user=dict(user or {}),
         )
         return card
@@ -291,7 +298,9 @@ class CacheCard:
             raise TypeError(f"expect must be a fingerprint dict, got {type(expect)!r}")
         bad = fingerprint_mismatches(self.model, fp)
         if bad:
-            raise ModelMismatchError("card was made for another model: " + "; ".join(bad))
+            raise ModelMismatchError(
+                "card was made for another model: " + "; ".join(bad)
+            )
         vocab = fp.get("vocab_size")
         if vocab is not None and self.tokens.size and int(self.tokens.max()) >= vocab:
             raise ModelMismatchError(
@@ -397,7 +406,9 @@ class CacheCard:
         """Write atomically: temp file in the same folder, fsync, rename."""
         path = Path(path)
         data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -428,7 +439,9 @@ class CacheCard:
         return card
 
     @classmethod
-    def load(cls, path, *, expect=None, max_bytes: int = DEFAULT_MAX_BYTES) -> CacheCard:
+    def load(
+        cls, path, *, expect=None, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> CacheCard:
         """Read a card file, validating it before use.
 
         Args:
@@ -501,8 +514,12 @@ def _segment_to_numpy(seg: Segment) -> Segment:
         arrs = {k: np.asarray(v) for k, v in enc.arrays().items()}
         return Encoded(enc.layout, enc.group, **arrs)
 
-    return Segment(seg.bits, np.asarray(seg.index, dtype=np.int32), conv(seg.keys),
-                   conv(seg.values))
+    return Segment(
+        seg.bits,
+        np.asarray(seg.index, dtype=np.int32),
+        conv(seg.keys),
+        conv(seg.values),
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -510,7 +527,9 @@ def _segment_to_numpy(seg: Segment) -> Segment:
 
 
 def _canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), allow_nan=False
+    ).encode()
 
 
 def _checksum(meta: bytes, tensors: dict[str, np.ndarray]) -> str:
@@ -528,7 +547,9 @@ def _checksum(meta: bytes, tensors: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+def _write_safetensors(
+    tensors: dict[str, np.ndarray], metadata: dict[str, str]
+) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     names = sorted(tensors)
@@ -545,7 +566,9 @@ def _write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str])
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
     parts = [struct.pack("<Q", len(blob)), blob]
-    parts += [np.ascontiguousarray(tensors[n]).view(np.uint8).reshape(-1).data for n in names]
+    parts += [
+        np.ascontiguousarray(tensors[n]).view(np.uint8).reshape(-1).data for n in names
+    ]
     return b"".join(parts)
 
 
@@ -578,7 +601,9 @@ def _unique_keys(pairs):
 
 
 def _no_constant(name):
-    raise CardFormatError(f"JSON constant {name} not allowed (expected a finite number)")
+    raise CardFormatError(
+        f"JSON constant {name} not allowed (expected a finite number)"
+    )
 
 
 def _finite_float(text):
@@ -616,7 +641,9 @@ def _json(text: str, what: str, limit_depth=MAX_JSON_DEPTH):
 def _read_header(buf: memoryview, max_bytes: int):
     size = len(buf)
     if size < 8:
-        raise CardFormatError(f"file is {size} bytes, too short for a safetensors header")
+        raise CardFormatError(
+            f"file is {size} bytes, too short for a safetensors header"
+        )
     (n,) = struct.unpack("<Q", buf[:8])
     if n > size - 8:
         raise CardFormatError(f"header length {n} exceeds the file size {size}")
@@ -646,10 +673,17 @@ def _read_header(buf: memoryview, max_bytes: int):
         shape = info.get("shape")
         offs = info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise CardFormatError(f"{name}: dtype {dtype!r} not one of {sorted(_DTYPES)}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
-        ) or len(shape) > 8:
+            raise CardFormatError(
+                f"{name}: dtype {dtype!r} not one of {sorted(_DTYPES)}"
+            )
+        if (
+            not isinstance(shape, list)
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40
+                for d in shape
+            )
+            or len(shape) > 8
+        ):
             raise CardFormatError(
                 f"{name}: shape {shape!r:.60} is not a list of at most 8 sizes < 2^40"
             )
@@ -665,7 +699,9 @@ def _read_header(buf: memoryview, max_bytes: int):
         nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         total += nbytes
         if total > max_bytes:
-            raise CardTooLargeError(f"tensors claim more than the cap of {max_bytes} bytes")
+            raise CardTooLargeError(
+                f"tensors claim more than the cap of {max_bytes} bytes"
+            )
         if not (0 <= start <= end <= data_len) or end - start != nbytes:
             raise CardFormatError(
                 f"{name}: data_offsets {offs} do not fit shape {shape} of {dtype} "
@@ -673,7 +709,7 @@ def _read_header(buf: memoryview, max_bytes: int):
             )
         spans.append((start, end, name))
     spans.sort()
-    for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise CardFormatError(f"tensors {n0} and {n1} overlap")
     return meta, header, 8 + n
@@ -685,7 +721,9 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
     meta, header, base = _read_header(buf, max_bytes)
     # 1. format and version
     if meta.get("format") != FORMAT_NAME:
-        raise CardFormatError(f"format: expected {FORMAT_NAME!r}, got {meta.get('format')!r}")
+        raise CardFormatError(
+            f"format: expected {FORMAT_NAME!r}, got {meta.get('format')!r}"
+        )
     version = meta.get("version")
     if version != str(FORMAT_VERSION):
         raise CardFormatError(
@@ -705,12 +743,15 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
     if names != set(expected):
         missing = sorted(set(expected) - names)[:5]
         extra = sorted(names - set(expected))[:5]
-        raise CardFormatError(f"tensor set differs from metadata: missing {missing}, extra {extra}")
+        raise CardFormatError(
+            f"tensor set differs from metadata: missing {missing}, extra {extra}"
+        )
     for name, (dtype, shape) in expected.items():
         info = header[name]
         if info["dtype"] != dtype or tuple(info["shape"]) != shape:
             raise CardFormatError(
-                f"{name}: expected {dtype}{list(shape)}, got {info['dtype']}{info['shape']}"
+                f"{name}: expected {dtype}{list(shape)}, "
+                f"got {info['dtype']}{info['shape']}"
             )
     tensors = {}
     for name, info in header.items():
@@ -721,7 +762,9 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
     want = meta["sha256"]
     got = _checksum(card_raw, tensors)
     if got != want:
-        raise CardIntegrityError(f"checksum mismatch: metadata says {want[:16]}..., content is {got[:16]}...")
+        raise CardIntegrityError(
+            f"checksum mismatch: metadata says {want[:16]}..., content is {got[:16]}..."
+        )
     # 4. content checks
     return _assemble(card_meta, tensors)
 
@@ -730,12 +773,11 @@ def _req(obj, key, kind, where):
     if not isinstance(obj, dict) or key not in obj:
         raise CardFormatError(f"{where}: missing field {key!r}")
     v = obj[key]
-    ok = (
-        isinstance(v, kind)
-        and not (isinstance(v, bool) and kind is not bool)
-    )
+    ok = isinstance(v, kind) and not (isinstance(v, bool) and kind is not bool)
     if not ok:
-        raise CardFormatError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {v!r:.60}")
+        raise CardFormatError(
+            f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {v!r:.60}"
+        )
     return v
 
 
@@ -753,7 +795,15 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
             f"is not {FORMAT_NAME!r}/{FORMAT_VERSION}"
         )
     c = _req(m, "cache", dict, "card")
-    for k in ("n_layers", "batch", "n_kv_heads", "head_dim_k", "head_dim_v", "n_tokens", "offset"):
+    for k in (
+        "n_layers",
+        "batch",
+        "n_kv_heads",
+        "head_dim_k",
+        "head_dim_v",
+        "n_tokens",
+        "offset",
+    ):
         v = _req(c, k, int, "cache")
         if v < 0 or v > 2**31:
             raise CardFormatError(f"cache.{k}: {v} out of range")
@@ -770,7 +820,9 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
     dk, dv, T = c["head_dim_k"], c["head_dim_v"], c["n_tokens"]
     table = _req(m, "layers", list, "card")
     if len(table) != L:
-        raise CardFormatError(f"layers: expected {L} entries (cache.n_layers), got {len(table)}")
+        raise CardFormatError(
+            f"layers: expected {L} entries (cache.n_layers), got {len(table)}"
+        )
     float_dtype = _float_tensor_dtype(m["quant"])  # validated by _check_quant
     out = {"tokens": ("I32", (T,))}
     for li, layer in enumerate(table):
@@ -783,7 +835,9 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
             bits = _req(seg, "bits", int, where)
             n = _req(seg, "n", int, where)
             if bits not in ALL_BITS:
-                raise CardFormatError(f"{where}.bits: {bits} not one of {list(ALL_BITS)}")
+                raise CardFormatError(
+                    f"{where}.bits: {bits} not one of {list(ALL_BITS)}"
+                )
             if not 0 < n <= T:
                 raise CardFormatError(f"{where}.n: {n} not in 1..{T}")
             covered += n
@@ -796,7 +850,9 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
                 for part, (_, shape) in shapes.items():
                     sizes[part] += math.prod(shape)
         if covered != T:
-            raise CardFormatError(f"layers[{li}]: segments cover {covered} tokens, expected {T}")
+            raise CardFormatError(
+                f"layers[{li}]: segments cover {covered} tokens, expected {T}"
+            )
         out[f"l{li}.index"] = (_index_dtype(T), (T,))
         for part, dtype in _PACKED.items():
             out[f"l{li}.{part}"] = (dtype or float_dtype, (sizes[part],))
@@ -869,7 +925,9 @@ def _encoded_shapes(layout, group, bits, shape, where, float_dtype):
     B, H, n, D = shape
     if bits == FLOAT_BITS:
         if layout != "float":
-            raise CardFormatError(f"{where}: 16-bit tokens must use layout 'float', got {layout!r}")
+            raise CardFormatError(
+                f"{where}: 16-bit tokens must use layout 'float', got {layout!r}"
+            )
         if group != 0:
             raise CardFormatError(f"{where}: float layout needs group 0, got {group}")
         return {"float": (float_dtype, (B, H, n, D))}
@@ -878,9 +936,13 @@ def _encoded_shapes(layout, group, bits, shape, where, float_dtype):
     elif layout == "channel":
         axis, other = n, D
     else:
-        raise CardFormatError(f"{where}: layout {layout!r} not one of token/channel/float")
+        raise CardFormatError(
+            f"{where}: layout {layout!r} not one of token/channel/float"
+        )
     if group not in GROUP_SIZES or axis % group or (axis * bits) % 32:
-        raise CardFormatError(f"{where}: group {group} does not divide {axis} (layout {layout})")
+        raise CardFormatError(
+            f"{where}: group {group} does not divide {axis} (layout {layout})"
+        )
     lead = (B, H, other)
     return {
         "codes": ("U32", (*lead, axis * bits // 32)),
@@ -920,8 +982,12 @@ def _assemble(m: dict, t: dict[str, np.ndarray]) -> CacheCard:
             for kv, D in dims:
                 e = seg[kv]
                 shapes = _encoded_shapes(
-                    e["layout"], e["group"], seg["bits"], (B, H, n, D),
-                    f"layers[{li}][{si}]", float_dtype,
+                    e["layout"],
+                    e["group"],
+                    seg["bits"],
+                    (B, H, n, D),
+                    f"layers[{li}][{si}]",
+                    float_dtype,
                 )
                 arrays = {}
                 for part, (_, shape) in shapes.items():
@@ -939,7 +1005,9 @@ def _assemble(m: dict, t: dict[str, np.ndarray]) -> CacheCard:
         raise CardFormatError("tokens: negative token id")
     vocab = m["model"].get("vocab_size")
     if isinstance(vocab, int) and tokens.size and tokens.max() >= vocab:
-        raise CardFormatError(f"tokens: id {int(tokens.max())} outside vocabulary of {vocab}")
+        raise CardFormatError(
+            f"tokens: id {int(tokens.max())} outside vocabulary of {vocab}"
+        )
     return CacheCard(
         layers=layers,
         tokens=tokens,

@@ -81,7 +81,9 @@ def dequantize_groups(
     q = unpack_codes(codes, bits).astype(np.float32)
     *lead, n = q.shape
     q = q.reshape(*lead, n // group, group)
-    out = q * scales.astype(np.float32)[..., None] + biases.astype(np.float32)[..., None]
+    out = (
+        q * scales.astype(np.float32)[..., None] + biases.astype(np.float32)[..., None]
+    )
     return out.reshape(*lead, n)
 
 
@@ -133,7 +135,9 @@ def encode_bucket(
     return out
 
 
-def decode_layer(segments: list[Segment], n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_layer(
+    segments: list[Segment], n_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Reassemble (B, H, T, D) float32 keys and values from a layer's segments."""
     ks = [decode(s.keys, s.bits) for s in segments]
     vs = [decode(s.values, s.bits) for s in segments]

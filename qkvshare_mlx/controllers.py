@@ -197,15 +197,27 @@ def _protected(start: int, n_tokens: int, sink: int, recent: int) -> np.ndarray:
 def _attention_mass(stats: TokenStats | None, source: str, problem) -> np.ndarray:
     L, T = problem.errors.shape[0], problem.n_tokens
     parts = []
-    if stats is not None and source in ("attention", "both") and stats.attention is not None:
+    if (
+        stats is not None
+        and source in ("attention", "both")
+        and stats.attention is not None
+    ):
         parts.append(_normalise(stats.attention))
-    if stats is not None and source in ("keynorm", "both") and stats.key_norms is not None:
+    if (
+        stats is not None
+        and source in ("keynorm", "both")
+        and stats.key_norms is not None
+    ):
         parts.append(_normalise(stats.key_norms))
     if not parts:
-        raise ConfigError(f"controller needs token statistics ({source}) but none were given")
+        raise ConfigError(
+            f"controller needs token statistics ({source}) but none were given"
+        )
     mass = sum(parts) / len(parts)
     if mass.shape != (L, T):
-        raise ConfigError(f"token statistics have shape {mass.shape}, expected {(L, T)}")
+        raise ConfigError(
+            f"token statistics have shape {mass.shape}, expected {(L, T)}"
+        )
     return mass[:, problem.start :]
 
 
@@ -235,7 +247,9 @@ def importance_topology(problem, stats, plan, source="attention"):
     """
     plan = plan or HandoffPlan()
     mass = _attention_mass(stats, source, problem)
-    gamma = 1.0 / (1.0 + 0.5 * max(plan.hops_remaining, 0) + 0.25 * (plan.receivers - 1))
+    gamma = 1.0 / (
+        1.0 + 0.5 * max(plan.hops_remaining, 0) + 0.25 * (plan.receivers - 1)
+    )
     tempered = _normalise(mass**gamma)
     sinks = _protected(problem.start, problem.n_tokens, N_SINK, 0)
     tempered[:, sinks] = np.maximum(tempered[:, sinks], mass[:, sinks])
@@ -254,12 +268,14 @@ CONTROLLERS = {
 
 def check_controller(name: str) -> str:
     if name not in CONTROLLERS:
-        raise ConfigError(f"controller must be one of {sorted(CONTROLLERS)} but got {name!r}")
+        raise ConfigError(
+            f"controller must be one of {sorted(CONTROLLERS)} but got {name!r}"
+        )
     return name
 
 
 def uniform_format(problem: AllocationProblem, budget_bits: float) -> int:
-    """The single format with the largest cost within the budget (least error on ties)."""
+    """The one format with the largest cost within budget (least error on ties)."""
     L, _, Tn, F = problem.errors.shape
     best, best_key = None, None
     for f in range(F):
@@ -279,7 +295,9 @@ def validate_budget(budget_bits: float, formats: list[Format], float_bits: int) 
     try:
         budget = float(budget_bits)
     except (TypeError, ValueError):
-        raise ConfigError(f"budget_bits must be a number, got {budget_bits!r}") from None
+        raise ConfigError(
+            f"budget_bits must be a number, got {budget_bits!r}"
+        ) from None
     cheapest = min(f.nominal_cost(float_bits) for f in formats)
     top = max(f.nominal_cost(float_bits) for f in formats)
     if not np.isfinite(budget) or budget < cheapest - 1e-9 or budget > top + 1e-9:
@@ -308,7 +326,9 @@ def run_controller(
     L, _, Tn, _ = problem.errors.shape
     if name == "uniform":
         f = uniform_format(problem, budget_bits)
-        return np.full((L, Tn), f, dtype=np.int64), {"format": problem.formats[f].label()}
+        return np.full((L, Tn), f, dtype=np.int64), {
+            "format": problem.formats[f].label()
+        }
     imp = CONTROLLERS[name](problem, stats, plan)
     costs = problem.costs
     # The allocator plans with nominal costs; per-channel tails can cost a

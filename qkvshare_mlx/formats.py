@@ -75,7 +75,9 @@ def validate_bits(bits: int) -> int:
 
 def validate_group(group: int, what: str = "group_size") -> int:
     if group not in GROUP_SIZES:
-        raise ConfigError(f"{what} must be one of {list(GROUP_SIZES)} but got {group!r}")
+        raise ConfigError(
+            f"{what} must be one of {list(GROUP_SIZES)} but got {group!r}"
+        )
     return group
 
 
@@ -251,7 +253,7 @@ def planned_bits(
             total += n * (head_dim_k + head_dim_v) * float_bits
             continue
         total += n * head_dim_v * (fmt.bits + 2 * SCALE_BITS / fmt.value_group)
-        for start, stop, layout, group in split_for_layout(n, fmt):
+        for start, stop, _, group in split_for_layout(n, fmt):
             total += (stop - start) * head_dim_k * (fmt.bits + 2 * SCALE_BITS / group)
     return int(round(total))
 

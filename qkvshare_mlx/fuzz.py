@@ -469,9 +469,7 @@ def forged_nan_scales(data: bytes, rng) -> bytes:
     """Put NaN/Inf into a layer's scales, biases or float copies, checksum
     recomputed."""
     m, t = _ok(data)
-    names = [
-        n for n in t if n.endswith((".scales", ".biases", ".float")) and t[n].size
-    ]
+    names = [n for n in t if n.endswith((".scales", ".biases", ".float")) and t[n].size]
     name = _pick(rng, names)
     arr = t[name].reshape(-1)
     arr[int(rng.integers(arr.size))] = _pick(rng, [np.nan, np.inf, -np.inf])

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import controllers
 from .controllers import validate_budget  # noqa: F401  (re-exported)
-from .errors import CacheShapeError, ConfigError
+from .errors import CacheShapeError
 from .formats import (
     FLOAT_BITS,
     Encoded,
@@ -150,7 +150,9 @@ def quantize_layer(
     config: QuantConfig,
     start: int = 0,
 ) -> list[Segment]:
-    """Quantize tokens ``start..T-1`` of one layer, token t in ``formats[assignment[t-start]]``.
+    """Quantize tokens ``start..T-1`` of one layer.
+
+    Token ``t`` is stored in ``formats[assignment[t - start]]``.
 
     Args:
         keys, values: (B, H, T, D) arrays.
@@ -328,7 +330,7 @@ def _token_group_sq_range(x: mx.array, group: int) -> mx.array:
 
 
 def _channel_sq_range(x: mx.array, group: int) -> mx.array:
-    """Per-token share of sum over channels of range^2 in windows of ``group`` tokens -> (T,)."""
+    """Sum over channels of range^2 in windows of `group` tokens, per token -> (T,)."""
     B, H, T, D = x.shape
     pad = (-T) % group
     if pad:
@@ -355,8 +357,12 @@ def error_table(
         (2, T, F) float64: key errors and value errors.
     """
     x32k, x32v = keys.astype(mx.float32), values.astype(mx.float32)
-    need_k_tok = {f.key_group for f in formats if not f.is_float and f.key_layout == "token"}
-    need_k_ch = {f.key_group for f in formats if not f.is_float and f.key_layout == "channel"}
+    need_k_tok = {
+        f.key_group for f in formats if not f.is_float and f.key_layout == "token"
+    }
+    need_k_ch = {
+        f.key_group for f in formats if not f.is_float and f.key_layout == "channel"
+    }
     need_v = {f.value_group for f in formats if not f.is_float}
     ranges = {}
     for g in need_k_tok:
@@ -433,8 +439,12 @@ def quantize_cache(
     info = {}
     if T > start:
         errors = np.stack(
-            [error_table(k[:, :, start:], v[:, :, start:], formats, config.float_bits)
-             for k, v in zip(keys, values)]
+            [
+                error_table(
+                    k[:, :, start:], v[:, :, start:], formats, config.float_bits
+                )
+                for k, v in zip(keys, values)
+            ]
         )  # (L, 2, T', F)
         problem = controllers.AllocationProblem(
             errors=errors,

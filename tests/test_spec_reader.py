@@ -231,9 +231,10 @@ def test_spec_cases_cover_every_layout_and_mixed_widths():
                 widths.add(seg["bits"])
                 if seg["k"]["layout"] == "float":
                     float_dtypes.add(header[f"l{li}.float"]["dtype"])
-                    assert header[f"l{li}.float"]["dtype"] == float_names[
-                        meta["quant"]["config"]["float_dtype"]
-                    ]
+                    assert (
+                        header[f"l{li}.float"]["dtype"]
+                        == float_names[meta["quant"]["config"]["float_dtype"]]
+                    )
     assert {"token", "channel", "float"} <= layouts
     assert {3, 5, 6} & widths  # widths whose codes straddle words
     assert len(widths) >= 4
