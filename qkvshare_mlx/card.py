@@ -47,6 +47,7 @@ from .formats import (
     QuantConfig,
     QuantizedKV,
     Segment,
+    width_histogram,
 )
 
 FORMAT_NAME = "qkvshare.cachecard"
@@ -277,11 +278,8 @@ class CacheCard:
         return 2 * self.n_elements
 
     def width_histogram(self) -> dict[int, int]:
-        hist: dict[int, int] = {}
-        for layer in self.layers:
-            for s in layer:
-                hist[s.bits] = hist.get(s.bits, 0) + s.n_tokens
-        return dict(sorted(hist.items()))
+        """Token count per width, summed over layers."""
+        return width_histogram(self.layers)
 
     def check_model(self, expect) -> None:
         """Raise ModelMismatchError listing every field that differs from ``expect``.
@@ -510,16 +508,7 @@ def _is_permutation(index: np.ndarray, n: int) -> bool:
 
 
 def _segment_to_numpy(seg: Segment) -> Segment:
-    def conv(enc: Encoded) -> Encoded:
-        arrs = {k: np.asarray(v) for k, v in enc.arrays().items()}
-        return Encoded(enc.layout, enc.group, **arrs)
-
-    return Segment(
-        seg.bits,
-        np.asarray(seg.index, dtype=np.int32),
-        conv(seg.keys),
-        conv(seg.values),
-    )
+    return seg.map_arrays(np.asarray)
 
 
 # ----------------------------------------------------------------------------

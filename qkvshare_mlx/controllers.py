@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
-from .formats import Format, planned_bits
+from .errors import CacheShapeError, ConfigError
+from .formats import Format, QuantizedKV, Segment, planned_bits
 
 N_SINK = 4
 N_RECENT = 32
@@ -341,3 +341,80 @@ def run_controller(
             break
         target -= eff - budget_bits + 0.005
     return assignment, {"planned_effective_bits": eff, "target_bits": target}
+
+
+def quantize_with(
+    keys,
+    values,
+    dims: tuple[int, int, int, int, int],
+    *,
+    error_table,
+    quantize_layer,
+    controller: str,
+    budget_bits: float,
+    config,
+    stats: TokenStats | None = None,
+    plan: HandoffPlan | None = None,
+    inherited: QuantizedKV | None = None,
+) -> QuantizedKV:
+    """The quantization pipeline, independent of the array library.
+
+    The MLX quantizer and the numpy one (``np_quantizer``) both call this with
+    their own ``error_table(k, v, formats, float_bits) -> (2, T, F)`` and
+    ``quantize_layer(k, v, formats, assignment, *, config, start)``.
+
+    Args:
+        keys, values: per layer, (B, H, T, D) arrays, already validated.
+        dims: (B, H, T, D_k, D_v).
+        controller, budget_bits, config, stats, plan, inherited: see
+            ``quantizer.quantize_cache``.
+    """
+    B, H, T, dk, dv = dims
+    check_controller(controller)
+    start = 0
+    if inherited is not None:
+        if len(inherited.layers) != len(keys) or inherited.shape != (B, H, dk, dv):
+            raise CacheShapeError(
+                f"inherited cache has {len(inherited.layers)} layers of shape "
+                f"{inherited.shape}, new cache {len(keys)} of {(B, H, dk, dv)}"
+            )
+        start = inherited.n_tokens
+        if start > T:
+            raise CacheShapeError(f"inherited cache covers {start} tokens but T={T}")
+    formats = config.menu(dk)
+    new_layers: list[list[Segment]] = [[] for _ in keys]
+    info = {}
+    if T > start:
+        errors = np.stack(
+            [
+                error_table(
+                    k[:, :, start:], v[:, :, start:], formats, config.float_bits
+                )
+                for k, v in zip(keys, values)
+            ]
+        )  # (L, 2, T', F)
+        problem = AllocationProblem(
+            errors=errors,
+            formats=formats,
+            head_dims=(dk, dv),
+            float_bits=config.float_bits,
+            start=start,
+            n_tokens=T,
+        )
+        assignment, info = run_controller(
+            controller, problem, budget_bits, stats=stats, plan=plan, config=config
+        )
+        for li, (k, v) in enumerate(zip(keys, values)):
+            new_layers[li] = quantize_layer(
+                k, v, formats, assignment[li], config=config, start=start
+            )
+    layers = [
+        (list(inherited.layers[i]) if inherited is not None else []) + new_layers[i]
+        for i in range(len(keys))
+    ]
+    qkv = QuantizedKV(layers, T, (B, H, dk, dv), config, controller, budget_bits, info)
+    if inherited is None and T > 0 and abs(qkv.effective_bits - budget_bits) > 0.05:
+        info["budget_note"] = (
+            f"effective bits {qkv.effective_bits:.3f} differ from budget {budget_bits}"
+        )
+    return qkv

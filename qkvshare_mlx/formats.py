@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 
 CODE_BITS = (2, 3, 4, 5, 6, 8)
@@ -219,6 +221,16 @@ class Segment:
     def n_tokens(self) -> int:
         return int(self.index.shape[0])
 
+    def map_arrays(self, fn) -> Segment:
+        """A copy whose K/V arrays are ``fn(array)`` (e.g. numpy <-> MLX)."""
+
+        def conv(enc: Encoded) -> Encoded:
+            arrs = {k: fn(v) for k, v in enc.arrays().items()}
+            return Encoded(enc.layout, enc.group, **arrs)
+
+        index = np.asarray(self.index, dtype=np.int32)
+        return Segment(self.bits, index, conv(self.keys), conv(self.values))
+
     def payload_bits(self) -> int:
         return self.keys.payload_bits() + self.values.payload_bits()
 
@@ -305,8 +317,13 @@ class QuantizedKV:
 
     def width_histogram(self) -> dict[int, int]:
         """Token count per width, summed over layers."""
-        hist: dict[int, int] = {}
-        for layer in self.layers:
-            for s in layer:
-                hist[s.bits] = hist.get(s.bits, 0) + s.n_tokens
-        return dict(sorted(hist.items()))
+        return width_histogram(self.layers)
+
+
+def width_histogram(layers: list[list[Segment]]) -> dict[int, int]:
+    """Token count per width, summed over layers."""
+    hist: dict[int, int] = {}
+    for layer in layers:
+        for s in layer:
+            hist[s.bits] = hist.get(s.bits, 0) + s.n_tokens
+    return dict(sorted(hist.items()))

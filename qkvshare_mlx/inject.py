@@ -59,16 +59,7 @@ _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16
 
 
 def _to_mx(seg: Segment) -> Segment:
-    def conv(enc: Encoded) -> Encoded:
-        arrs = {k: mx.array(v) for k, v in enc.arrays().items()}
-        return Encoded(enc.layout, enc.group, **arrs)
-
-    return Segment(
-        seg.bits,
-        np.asarray(seg.index, dtype=np.int32),
-        conv(seg.keys),
-        conv(seg.values),
-    )
+    return seg.map_arrays(mx.array)
 
 
 class MixedQuantizedKVCache(_BaseCache):

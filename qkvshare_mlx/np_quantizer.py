@@ -194,57 +194,19 @@ def quantize_cache_np(
     keys = [np.asarray(k) for k in keys]
     values = [np.asarray(v) for v in values]
     B, H, T, dk, dv = check_kv_np(keys, values)
-    controllers.check_controller(controller)
-    start = 0
-    if inherited is not None:
-        if len(inherited.layers) != len(keys) or inherited.shape != (B, H, dk, dv):
-            raise CacheShapeError(
-                f"inherited cache has {len(inherited.layers)} layers of shape "
-                f"{inherited.shape}, new cache {len(keys)} of {(B, H, dk, dv)}"
-            )
-        start = inherited.n_tokens
-        if start > T:
-            raise CacheShapeError(f"inherited cache covers {start} tokens but T={T}")
-    formats = config.menu(dk)
-    new_layers: list[list[Segment]] = [[] for _ in keys]
-    info: dict = {}
-    if T > start:
-        # 1. expected error of every new token under every format
-        errors = np.stack(
-            [
-                error_table_np(
-                    k[:, :, start:], v[:, :, start:], formats, config.float_bits
-                )
-                for k, v in zip(keys, values)
-            ]
-        )  # (L, 2, T', F)
-        # 2. the controller picks a format per (layer, token)
-        problem = controllers.AllocationProblem(
-            errors=errors,
-            formats=formats,
-            head_dims=(dk, dv),
-            float_bits=config.float_bits,
-            start=start,
-            n_tokens=T,
-        )
-        assignment, info = controllers.run_controller(
-            controller, problem, budget_bits, stats=stats, plan=plan, config=config
-        )
-        # 3. encode each format's bucket
-        for li, (k, v) in enumerate(zip(keys, values)):
-            new_layers[li] = quantize_layer_np(
-                k, v, formats, assignment[li], config=config, start=start
-            )
-    layers = [
-        (list(inherited.layers[i]) if inherited is not None else []) + new_layers[i]
-        for i in range(len(keys))
-    ]
-    qkv = QuantizedKV(layers, T, (B, H, dk, dv), config, controller, budget_bits, info)
-    if inherited is None and T > 0 and abs(qkv.effective_bits - budget_bits) > 0.05:
-        info["budget_note"] = (
-            f"effective bits {qkv.effective_bits:.3f} differ from budget {budget_bits}"
-        )
-    return qkv
+    return controllers.quantize_with(
+        keys,
+        values,
+        (B, H, T, dk, dv),
+        error_table=error_table_np,
+        quantize_layer=quantize_layer_np,
+        controller=controller,
+        budget_bits=budget_bits,
+        config=config,
+        stats=stats,
+        plan=plan,
+        inherited=inherited,
+    )
 
 
 def dequantize_cache_np(qkv: QuantizedKV) -> tuple[list[np.ndarray], list[np.ndarray]]:
