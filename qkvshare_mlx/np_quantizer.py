@@ -56,73 +56,16 @@ def check_kv_np(keys: list[np.ndarray], values: list[np.ndarray]) -> tuple[int, 
     return ref
 
 
-# ----------------------------------------------------------------------------
-# Error model (numpy twin of quantizer.error_table, float32 like the MLX one).
-
-
-def _token_group_sq_range(x: np.ndarray, group: int) -> np.ndarray:
-    """Sum over (B, H, groups) of group * range^2 for per-token groups -> (T,)."""
-    B, H, T, D = x.shape
-    g = x.reshape(B, H, T, D // group, group)
-    r = g.max(axis=-1) - g.min(axis=-1)
-    return (group * r * r).sum(axis=(0, 1, 3))
-
-
-def _channel_sq_range(x: np.ndarray, group: int) -> np.ndarray:
-    """Per-token share of sum over channels of range^2 in windows of ``group``."""
-    B, H, T, D = x.shape
-    pad = (-T) % group
-    if pad:
-        x = np.concatenate([x, np.repeat(x[:, :, -1:], pad, axis=2)], axis=2)
-    w = x.reshape(B, H, (T + pad) // group, group, D)
-    r = w.max(axis=3) - w.min(axis=3)  # (B, H, W, D)
-    per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
-    return np.repeat(per_window, group)[:T]
-
-
 def error_table_np(
     keys: np.ndarray, values: np.ndarray, formats: list[Format], float_bits: int = 16
 ) -> np.ndarray:
-    """Expected squared reconstruction error per token and format.
+    """(2, T, F) expected squared K/V error per token and format (numpy arrays).
 
-    Uniform-rounding model ``(range / (2^b - 1))^2 / 12`` per element with
-    the group ranges of this cache (see ``quantizer.error_table``).
-
-    Args:
-        keys, values: (B, H, T, D) arrays of one layer.
-        formats: the format menu.
-        float_bits: storage bits of float tokens (16 or 32).
-
-    Returns:
-        (2, T, F) float64: key errors and value errors.
+    See :func:`qkvshare_mlx.controllers.error_table`.
     """
-    xk = np.asarray(keys, dtype=np.float32)
-    xv = np.asarray(values, dtype=np.float32)
-    quantized = [f for f in formats if not f.is_float]
-    ranges = {}
-    for f in quantized:
-        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
-        if kk not in ranges:
-            fn = _channel_sq_range if kk[0] == "kc" else _token_group_sq_range
-            ranges[kk] = fn(xk, f.key_group)
-        if ("vt", f.value_group) not in ranges:
-            ranges[("vt", f.value_group)] = _token_group_sq_range(xv, f.value_group)
-    ranges = {k: v.astype(np.float64) for k, v in ranges.items()}
-    T = xk.shape[2]
-    out = np.zeros((2, T, len(formats)), dtype=np.float64)
-    fl_eps = 2.0 ** (-2 * 11) / 3 if float_bits == 16 else 0.0
-    k2 = (xk * xk).sum(axis=(0, 1, 3)).astype(np.float64)
-    v2 = (xv * xv).sum(axis=(0, 1, 3)).astype(np.float64)
-    for i, f in enumerate(formats):
-        if f.is_float:
-            out[0, :, i] = k2 * fl_eps
-            out[1, :, i] = v2 * fl_eps
-            continue
-        denom = 12.0 * ((1 << f.bits) - 1) ** 2
-        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
-        out[0, :, i] = ranges[kk] / denom
-        out[1, :, i] = ranges[("vt", f.value_group)] / denom
-    return out
+    return controllers.error_table(
+        np.asarray(keys), np.asarray(values), formats, float_bits, xp=np
+    )
 
 
 # ----------------------------------------------------------------------------

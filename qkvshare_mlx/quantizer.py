@@ -317,77 +317,14 @@ def dequantize_cache(qkv: QuantizedKV, dtype=mx.float32):
     return [k for k, _ in pairs], [v for _, v in pairs]
 
 
-# ----------------------------------------------------------------------------
-# Error model: expected squared error of each token under each format.
-
-
-def _token_group_sq_range(x: mx.array, group: int) -> mx.array:
-    """Sum over (B, H, groups) of group * range^2 for per-token groups -> (T,)."""
-    B, H, T, D = x.shape
-    g = x.reshape(B, H, T, D // group, group)
-    r = g.max(axis=-1) - g.min(axis=-1)
-    return (group * r * r).sum(axis=(0, 1, 3))
-
-
-def _channel_sq_range(x: mx.array, group: int) -> mx.array:
-    """Sum over channels of range^2 in windows of `group` tokens, per token -> (T,)."""
-    B, H, T, D = x.shape
-    pad = (-T) % group
-    if pad:
-        x = mx.concatenate([x, mx.repeat(x[:, :, -1:], pad, axis=2)], axis=2)
-    w = x.reshape(B, H, (T + pad) // group, group, D)
-    r = w.max(axis=3) - w.min(axis=3)  # (B, H, W, D)
-    per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
-    return mx.repeat(per_window, group)[:T]
-
-
 def error_table(
     keys: mx.array, values: mx.array, formats: list[Format], float_bits: int = 16
 ) -> np.ndarray:
-    """Expected squared reconstruction error per token and format.
+    """(2, T, F) expected squared K/V error per token and format (MLX arrays).
 
-    Uses the uniform-rounding model ``(range / (2^b - 1))^2 / 12`` per element
-    with the group ranges measured on this cache.
-
-    Args:
-        keys, values: (B, H, T, D) arrays of one layer.
-        formats: the format menu.
-
-    Returns:
-        (2, T, F) float64: key errors and value errors.
+    See :func:`qkvshare_mlx.controllers.error_table`.
     """
-    x32k, x32v = keys.astype(mx.float32), values.astype(mx.float32)
-    need_k_tok = {
-        f.key_group for f in formats if not f.is_float and f.key_layout == "token"
-    }
-    need_k_ch = {
-        f.key_group for f in formats if not f.is_float and f.key_layout == "channel"
-    }
-    need_v = {f.value_group for f in formats if not f.is_float}
-    ranges = {}
-    for g in need_k_tok:
-        ranges[("kt", g)] = _token_group_sq_range(x32k, g)
-    for g in need_k_ch:
-        ranges[("kc", g)] = _channel_sq_range(x32k, g)
-    for g in need_v:
-        ranges[("vt", g)] = _token_group_sq_range(x32v, g)
-    mx.eval(list(ranges.values()))
-    ranges = {k: np.array(v, dtype=np.float64) for k, v in ranges.items()}
-    T = keys.shape[2]
-    out = np.zeros((2, T, len(formats)), dtype=np.float64)
-    fl_eps = 2.0 ** (-2 * 11) / 3 if float_bits == 16 else 0.0
-    k2 = np.array((x32k * x32k).sum(axis=(0, 1, 3)), dtype=np.float64)
-    v2 = np.array((x32v * x32v).sum(axis=(0, 1, 3)), dtype=np.float64)
-    for i, f in enumerate(formats):
-        if f.is_float:
-            out[0, :, i] = k2 * fl_eps
-            out[1, :, i] = v2 * fl_eps
-            continue
-        denom = 12.0 * ((1 << f.bits) - 1) ** 2
-        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
-        out[0, :, i] = ranges[kk] / denom
-        out[1, :, i] = ranges[("vt", f.value_group)] / denom
-    return out
+    return controllers.error_table(keys, values, formats, float_bits, xp=mx)
 
 
 # ----------------------------------------------------------------------------
