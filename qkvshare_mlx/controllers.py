@@ -489,3 +489,40 @@ def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp
         out[0, :, i] = ranges[kk] / denom
         out[1, :, i] = ranges[("vt", f.value_group)] / denom
     return out
+
+
+def check_kv(keys, values, *, xp=np) -> tuple[int, ...]:
+    """Validate per-layer (B, H, T, D) K/V lists of namespace ``xp``.
+
+    Returns:
+        (B, H, T, D_k, D_v).
+
+    Raises:
+        CacheShapeError: lists of different lengths, a tensor that is not
+            (B, H, T, D), layers of different shapes, or NaN/Inf values.
+    """
+    if len(keys) != len(values) or not keys:
+        raise CacheShapeError(
+            f"expected the same non-zero number of key and value layers, "
+            f"got {len(keys)} and {len(values)}"
+        )
+    ref = None
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if k.ndim != 4 or v.ndim != 4:
+            raise CacheShapeError(
+                f"layer {i}: expected (B, H, T, D) arrays, got shapes "
+                f"{tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.shape[:3] != v.shape[:3]:
+            raise CacheShapeError(
+                f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} "
+                "differ in (B, H, T)"
+            )
+        dims = (*k.shape, v.shape[3])
+        if ref is None:
+            ref = dims
+        elif dims != ref:
+            raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
+        if not (bool(xp.isfinite(k).all()) and bool(xp.isfinite(v).all())):
+            raise CacheShapeError(f"layer {i}: keys or values contain NaN or Inf")
+    return ref

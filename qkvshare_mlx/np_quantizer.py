@@ -29,31 +29,7 @@ def check_kv_np(keys: list[np.ndarray], values: list[np.ndarray]) -> tuple[int, 
         CacheShapeError: lists of different lengths, a tensor that is not
             (B, H, T, D), layers of different shapes, or NaN/Inf values.
     """
-    if len(keys) != len(values) or not keys:
-        raise CacheShapeError(
-            f"expected the same non-zero number of key and value layers, "
-            f"got {len(keys)} and {len(values)}"
-        )
-    ref = None
-    for i, (k, v) in enumerate(zip(keys, values)):
-        if k.ndim != 4 or v.ndim != 4:
-            raise CacheShapeError(
-                f"layer {i}: expected (B, H, T, D) arrays, got shapes "
-                f"{tuple(k.shape)} and {tuple(v.shape)}"
-            )
-        if k.shape[:3] != v.shape[:3]:
-            raise CacheShapeError(
-                f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} "
-                "differ in (B, H, T)"
-            )
-        dims = (*k.shape, v.shape[3])
-        if ref is None:
-            ref = dims
-        elif dims != ref:
-            raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
-        if not (np.isfinite(k).all() and np.isfinite(v).all()):
-            raise CacheShapeError(f"layer {i}: keys or values contain NaN or Inf")
-    return ref
+    return controllers.check_kv(keys, values, xp=np)
 
 
 def error_table_np(

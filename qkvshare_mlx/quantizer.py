@@ -33,31 +33,7 @@ _MX_FLOAT = {"float16": mx.float16, "float32": mx.float32}
 
 def check_kv(keys: list[mx.array], values: list[mx.array]) -> tuple[int, ...]:
     """Validate per-layer K/V lists; return (B, H, T, D_k, D_v)."""
-    if len(keys) != len(values) or not keys:
-        raise CacheShapeError(
-            f"expected the same non-zero number of key and value layers, "
-            f"got {len(keys)} and {len(values)}"
-        )
-    ref = None
-    for i, (k, v) in enumerate(zip(keys, values)):
-        if k.ndim != 4 or v.ndim != 4:
-            raise CacheShapeError(
-                f"layer {i}: expected (B, H, T, D) arrays, got shapes "
-                f"{tuple(k.shape)} and {tuple(v.shape)}"
-            )
-        if k.shape[:3] != v.shape[:3]:
-            raise CacheShapeError(
-                f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} "
-                "differ in (B, H, T)"
-            )
-        dims = (*k.shape, v.shape[3])
-        if ref is None:
-            ref = dims
-        elif dims != ref:
-            raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
-        if not mx.all(mx.isfinite(k)).item() or not mx.all(mx.isfinite(v)).item():
-            raise CacheShapeError(f"layer {i}: keys or values contain NaN or Inf")
-    return ref
+    return controllers.check_kv(keys, values, xp=mx)
 
 
 def _quantize(x: mx.array, bits: int, group: int):
