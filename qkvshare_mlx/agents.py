@@ -37,7 +37,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    KVCache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 from .capture import Prefill, fingerprint, prefill
 from .card import CacheCard
@@ -446,6 +451,200 @@ def _answer(model, chat, tokens, answerer, handoff, *, cache, card) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Several chains in lockstep, decoded as one batch
+
+
+@dataclass
+class _Lane:
+    handoff: Handoff
+    run: ChainRun
+    cache: list | None = None  # exact lanes: the running full-precision cache
+    cached: int = 0
+    card: CacheCard | None = None
+
+
+def generate_lanes(
+    model, lanes: list[tuple[list, list[int], int]], *, max_tokens: int, eos=()
+) -> tuple[list[list[int]], list[list], float]:
+    """Greedy continuations of several prompts, decoded as one batch.
+
+    Each lane is ``(cache, tokens, cached)``: an mlx-lm prompt cache holding
+    the first ``cached`` of ``tokens``. Each lane's uncached tokens but the
+    last are prefilled on their own (batch 1); then the caches are merged
+    into mlx-lm ``BatchKVCache`` s (left padding) and all lanes decode
+    together: the weights are read once per step for every lane.
+
+    Returns:
+        ``(replies, caches, ttft_s)``: per lane the generated ids (EOS
+        excluded) and an mlx-lm ``KVCache`` list holding a prefix of
+        ``tokens + reply`` (its ``offset`` says how much); the time to the
+        first token of the whole batch.
+    """
+    tic = time.perf_counter()
+    last = []
+    for cache, tokens, cached in lanes:
+        if not 0 <= cached < len(tokens):
+            raise ConfigError(
+                f"lane: expected 0 <= cached < len(tokens), got {cached} and "
+                f"{len(tokens)}"
+            )
+        if len(tokens) - cached > 1:
+            model(mx.array(tokens[cached:-1])[None], cache=cache)
+        last.append(tokens[-1])
+    batch = [
+        BatchKVCache.merge([lane[0][i] for lane in lanes])
+        for i in range(len(lanes[0][0]))
+    ]
+    y = mx.array(last)[:, None]
+    out = [[] for _ in lanes]
+    live = [True] * len(lanes)
+    ttft = None
+    for _ in range(max_tokens):
+        logits = model(y, cache=batch)[:, -1, :]
+        nxt = mx.argmax(logits, axis=-1)
+        ids = nxt.tolist()
+        if ttft is None:
+            ttft = time.perf_counter() - tic
+        for b, t in enumerate(ids):
+            if live[b]:
+                if t in eos:
+                    live[b] = False
+                else:
+                    out[b].append(t)
+        if not any(live):
+            break
+        y = nxt[:, None].astype(mx.int32)
+    caches = []
+    for b, (_, tokens, _) in enumerate(lanes):
+        lane_cache = [c.extract(b) for c in batch]
+        keep = len(tokens) + len(out[b])
+        if lane_cache[0].offset > keep:  # fed past this lane's EOS
+            trim_prompt_cache(lane_cache, lane_cache[0].offset - keep)
+        caches.append(lane_cache)
+    return out, caches, ttft
+
+
+def run_chains(
+    model,
+    tokenizer,
+    chat: ChatFormat,
+    task: str,
+    agents: list[Agent],
+    answerer: Agent,
+    handoffs: list[Handoff],
+    *,
+    finals=None,
+    first_reply: list[int] | None = None,
+) -> list[ChainRun]:
+    """:func:`run_chain` for several handoffs at once, decoded as one batch.
+
+    Every handoff gets its own chain (lane) over the same agents and task;
+    at each agent the lanes' replies are generated together by
+    :func:`generate_lanes` (lanes whose transcripts diverged simply carry
+    different caches). Cards, inheritance and ``topology`` plans are as in
+    :func:`run_chain`. Batched greedy decoding can differ from batch-1
+    decoding by float rounding; include an ``exact`` lane to measure that
+    against an unbatched reference.
+
+    Returns:
+        One :class:`ChainRun` per handoff; ``ttft_s`` values are the batch's.
+    """
+    tic = time.perf_counter()
+    n_hops = len(agents)
+    finals = tuple(finals or (n_hops,))
+    if not agents or not handoffs or any(not 1 <= h <= n_hops for h in finals):
+        raise ConfigError(
+            f"need agents, handoffs and finals in 1..{len(agents)}; got "
+            f"{len(agents)} agents, {len(handoffs)} handoffs, finals {finals}"
+        )
+    opening = chat.opening(task, agents[0].instruction)
+    lanes = [_Lane(h, ChainRun(tokens=list(opening))) for h in handoffs]
+    for k, agent in enumerate(agents):
+        for ln in lanes:
+            if k > 0:
+                ln.run.tokens = ln.run.tokens + chat.turn(agent.instruction)
+            _receive(model, ln, k)
+        if k == 0 and first_reply is not None:
+            replies, ttft = [list(first_reply)] * len(lanes), None
+            for ln in lanes:
+                if ln.handoff.mode == "exact":
+                    ln.cached = len(ln.run.tokens) + len(first_reply)
+                    model(mx.array(ln.run.tokens + first_reply)[None], cache=ln.cache)
+        else:
+            todo = [(ln.cache, ln.run.tokens, ln.cached) for ln in lanes]
+            replies, caches, ttft = generate_lanes(
+                model, todo, max_tokens=agent.max_tokens, eos=chat.eos
+            )
+            for ln, c in zip(lanes, caches):
+                ln.cache, ln.cached = c, c[0].offset
+        for ln, reply in zip(lanes, replies):
+            run, toks = ln.run, ln.run.tokens
+            if k > 0:
+                run.hops[-1]["receiver_ttft_s"] = ttft
+            run.replies.append((len(toks), len(toks) + len(reply)))
+            run.tokens = toks + list(reply)
+            if ln.handoff.uses_cards:
+                plan = HandoffPlan(hops_remaining=n_hops - 1 - k)
+                ln.card = hop_card(
+                    model,
+                    tokenizer,
+                    run.tokens,
+                    ln.handoff,
+                    inherited=ln.card,
+                    plan=plan,
+                )
+                _record_card(run, ln.card, k, None)
+            else:
+                run.hops.append({"hop": k + 1, "tokens": len(run.tokens)})
+        if k + 1 in finals:
+            todo = []
+            for ln in lanes:
+                prompt = ln.run.tokens + chat.turn(answerer.instruction)
+                if ln.handoff.mode == "exact":
+                    n = ln.cached
+                    cache = kv_cache(
+                        [c.keys for c in ln.cache], [c.values for c in ln.cache], n
+                    )
+                elif ln.handoff.uses_cards:
+                    cache, n = (
+                        inject(ln.card, model, mode="dequantize"),
+                        ln.card.n_tokens,
+                    )
+                else:
+                    cache, n = make_prompt_cache(model), 0
+                todo.append((cache, prompt, n))
+            replies, _, ttft = generate_lanes(
+                model, todo, max_tokens=answerer.max_tokens, eos=chat.eos
+            )
+            for ln, (_, prompt, _), reply in zip(lanes, todo, replies):
+                ln.run.finals[k + 1] = {
+                    "prompt": prompt,
+                    "reply": reply,
+                    "text": chat.text(reply),
+                    "ttft_s": ttft,
+                }
+        if k + 1 == max(finals):
+            break
+    wall = time.perf_counter() - tic
+    for ln in lanes:
+        ln.run.wall_s = wall
+    return [ln.run for ln in lanes]
+
+
+def _receive(model, ln: _Lane, k: int) -> None:
+    """Set the lane's cache to what agent ``k`` receives."""
+    if ln.handoff.mode == "exact" and k > 0:
+        return  # the running cache (ln.cached tokens of it are valid)
+    if ln.handoff.uses_cards and k > 0:
+        ln.cache, ln.cached = (
+            inject(ln.card, model, mode="dequantize"),
+            ln.card.n_tokens,
+        )
+    else:
+        ln.cache, ln.cached = make_prompt_cache(model), 0
+
+
+# ----------------------------------------------------------------------------
 # Teacher-forced fidelity along a reference transcript
 
 
@@ -478,11 +677,19 @@ def forced_logits(
 
 def compare_logits(ref: mx.array, got: mx.array) -> dict:
     """Mean KL(ref || got) and top-1 agreement over positions."""
-    lp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
-    lq = got - mx.logsumexp(got, axis=-1, keepdims=True)
-    kl = (mx.exp(lp) * (lp - lq)).sum(axis=-1).mean().item()
-    top1 = (ref.argmax(-1) == got.argmax(-1)).mean().item()
+    # numpy: MLX's CPU exp is several times slower than numpy's here
+    ref = np.asarray(ref.astype(mx.float32), dtype=np.float64)
+    got = np.asarray(got.astype(mx.float32), dtype=np.float64)
+    lp = ref - _logsumexp(ref)
+    lq = got - _logsumexp(got)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1).mean()
+    top1 = (ref.argmax(-1) == got.argmax(-1)).mean()
     return {"kl": float(kl), "top1_agreement": float(top1)}
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def reference_logits(model, pre: Prefill, ref: ChainRun, h: int) -> mx.array:

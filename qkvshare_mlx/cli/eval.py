@@ -239,56 +239,65 @@ def generated(state, ctx, i, problem, ref, progress) -> None:
                     "reply": ref.finals[h]["reply"],
                 }
             )
-    for c in ctx.gen_controllers:
-        for b in ctx.budgets:
-            if all(("gen", i, c, b, h) in state for h in ctx.gen_hops):
-                progress.step()
-                continue
-            groups = (
-                [(h,) for h in ctx.gen_hops]
-                if c == "topology"
-                else [tuple(ctx.gen_hops)]
-            )
-            for finals in groups:
-                middle, answerer = ctx.agents(max(finals))
-                run = A.run_chain(
-                    ctx.model,
-                    ctx.tokenizer,
-                    ctx.chat,
-                    problem["question"],
-                    middle,
-                    answerer,
-                    A.Handoff(c, b),
-                    finals=finals,
-                    first_reply=ref.reply_ids(0),
+    todo = [
+        A.Handoff(c, b)
+        for c in ctx.gen_controllers
+        for b in ctx.budgets
+        if not all(("gen", i, c, b, h) in state for h in ctx.gen_hops)
+    ]
+    if not todo:
+        progress.step()
+        return
+    # one batch of lanes: an exact lane (batched decoding vs the unbatched
+    # reference: the noise floor) and every configuration; topology plans
+    # for each chain length, so it gets a batch per hop count
+    plain = [A.Handoff("exact")] + [h for h in todo if h.mode != "topology"]
+    groups = [(plain, tuple(ctx.gen_hops))]
+    topo = [h for h in todo if h.mode == "topology"]
+    groups += [(topo, (n,)) for n in ctx.gen_hops if topo]
+    for handoffs, finals in groups:
+        middle, answerer = ctx.agents(max(finals))
+        runs = A.run_chains(
+            ctx.model,
+            ctx.tokenizer,
+            ctx.chat,
+            problem["question"],
+            middle,
+            answerer,
+            handoffs,
+            finals=finals,
+            first_reply=ref.reply_ids(0),
+        )
+        for handoff, run in zip(handoffs, runs):
+            for h in finals:
+                f = run.finals[h]
+                pred = gsm8k.extract_answer(f["text"])
+                exact = gsm8k.extract_answer(ref.finals[h]["text"])
+                card = run.hops[h - 1]
+                mode = "exact-batched" if handoff.mode == "exact" else handoff.mode
+                state.add(
+                    {
+                        "kind": "gen",
+                        "problem": i,
+                        "mode": mode,
+                        "budget_bits": handoff.budget_bits,
+                        "hops": h,
+                        "answer": pred,
+                        "correct": A.numeric_match(pred, gold),
+                        "agreement": pred == exact,
+                        "first_divergence": A.first_divergence(
+                            ref.finals[h]["reply"], f["reply"]
+                        ),
+                        "chain_identical": run.tokens[: ref.replies[h - 1][1]]
+                        == ref.tokens[: ref.replies[h - 1][1]],
+                        "effective_bits": card.get("effective_bits"),
+                        "payload_bytes": card.get("payload_bytes"),
+                        "ttft_s": f["ttft_s"],
+                        "wall_s": run.wall_s,
+                        "lanes": len(handoffs),
+                    }
                 )
-                for h in finals:
-                    f = run.finals[h]
-                    pred = gsm8k.extract_answer(f["text"])
-                    exact = gsm8k.extract_answer(ref.finals[h]["text"])
-                    card = run.hops[h - 1]
-                    state.add(
-                        {
-                            "kind": "gen",
-                            "problem": i,
-                            "mode": c,
-                            "budget_bits": b,
-                            "hops": h,
-                            "answer": pred,
-                            "correct": A.numeric_match(pred, gold),
-                            "agreement": pred == exact,
-                            "first_divergence": A.first_divergence(
-                                ref.finals[h]["reply"], f["reply"]
-                            ),
-                            "chain_identical": run.tokens[: ref.replies[h - 1][1]]
-                            == ref.tokens[: ref.replies[h - 1][1]],
-                            "effective_bits": card["effective_bits"],
-                            "payload_bytes": card["payload_bytes"],
-                            "ttft_s": f["ttft_s"],
-                            "wall_s": run.wall_s,
-                        }
-                    )
-            progress.step(f"p{i} gen {c}@{b}")
+    progress.step(f"p{i} gen x{len(todo)}")
 
 
 # ----------------------------------------------------------------------------
@@ -318,7 +327,7 @@ def _all(flags):
 def aggregate(state, args) -> list[dict]:
     tf, gen = {}, {}
     tf_size = len(args.hops) * len(args.budgets) * len(args.controllers)
-    gen_size = len(args.gen_hops) * (len(args.budgets) * len(args.gen_controllers) + 1)
+    gen_size = len(args.gen_hops) * (len(args.budgets) * len(args.gen_controllers) + 2)
     for r in complete(state.of_kind("tf"), tf_size):
         tf.setdefault((r["mode"], r["budget_bits"], r["hops"]), []).append(r)
     for r in complete(state.of_kind("gen"), gen_size):
@@ -601,17 +610,21 @@ def run(args, command: str) -> dict:
         model, tokenizer = load_model(args.model)
         ctx = Context(args, model, tokenizer)
         problems = gsm8k.load_problems("test", max(args.problems, gen_problems))
-        n_tf = len(ctx.controllers) * len(ctx.budgets)
-        prog = Progress(args.problems * n_tf, "reference + teacher-forced")
-        for i in range(args.problems):
+        # per problem: reference, teacher-forced grid, generation; so a run
+        # stopped at any point leaves whole problems behind
+        n = max(args.problems, gen_problems)
+        per = len(ctx.controllers) * len(ctx.budgets) + 1
+        prog = Progress(n * per, "problems")
+        for i in range(n):
             ref = get_reference(state, ctx, i, problems[i])
-            teacher_forced(state, ctx, i, ref, prog)
-        prog = Progress(
-            gen_problems * len(ctx.gen_controllers) * len(ctx.budgets), "generation"
-        )
-        for i in range(gen_problems):
-            ref = get_reference(state, ctx, i, problems[i])
-            generated(state, ctx, i, problems[i], ref, prog)
+            if i < args.problems:
+                teacher_forced(state, ctx, i, ref, prog)
+            else:
+                prog.done += per - 1
+            if i < gen_problems:
+                generated(state, ctx, i, problems[i], ref, prog)
+            else:
+                prog.step()
     return report(state, args, meta)
 
 
