@@ -55,6 +55,7 @@ from .inject import inject
 from .quantizer import quantize_cache
 
 TEXT_MODES = ("reprefill", "exact")
+_NO_PROBE = ("uniform", "sink-recent")
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,8 @@ def hop_card(
         plan=plan,
         inherited=inherited,
         user=user,
+        # controllers that ignore attention skip the probe
+        probe_queries=0 if handoff.mode in _NO_PROBE else 32,
     )
 
 

@@ -45,6 +45,7 @@ import numpy as np
 
 from .. import agents as A
 from .. import gsm8k
+from ..errors import ConfigError
 from ..models import load_model
 
 mx = A.mx
@@ -526,6 +527,16 @@ def _list(kind):
     return lambda s: [kind(x) for x in s.split(",") if x]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise ConfigError(f"--shard must be K/N with 0 <= K < N but got {text!r}")
+    return k, n
+
+
 def setup_arg_parser(default_json: str = DEFAULT_JSON) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qkvshare eval",
@@ -555,6 +566,12 @@ def setup_arg_parser(default_json: str = DEFAULT_JSON) -> argparse.ArgumentParse
         "--state", default=None, help="JSONL state (default: <json>.state.jsonl)"
     )
     p.add_argument("--json", default=default_json, help="aggregated results")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="K/N: only problems i with i %% N == K (run N processes, one "
+        "state file each, then concatenate the states and --report)",
+    )
     p.add_argument("--quick", action="store_true", help="1 problem, tiny grid, < 60 s")
     p.add_argument("--report", action="store_true", help="only aggregate the state")
     return p
@@ -615,7 +632,11 @@ def run(args, command: str) -> dict:
         n = max(args.problems, gen_problems)
         per = len(ctx.controllers) * len(ctx.budgets) + 1
         prog = Progress(n * per, "problems")
+        k, of = _shard(args.shard)
         for i in range(n):
+            if i % of != k:
+                prog.done += per
+                continue
             ref = get_reference(state, ctx, i, problems[i])
             if i < args.problems:
                 teacher_forced(state, ctx, i, ref, prog)
