@@ -54,33 +54,122 @@ def _code_table(bits: int) -> np.ndarray:
     return packed.astype(f"<u{per}")
 
 
-def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
-    """Unpack uint32 words (..., W) into codes (..., W*32/bits) as uint8.
+@functools.cache
+def _float_table(bits: int) -> np.ndarray:
+    """Chunk value -> its codes as float32, shape (2**chunk_bits, codes per chunk)."""
+    table = _code_table(bits)
+    return table.view(np.uint8).reshape(table.shape[0], -1).astype(np.float32)
 
-    Codes are read a chunk at a time through a lookup table (one gather per
-    chunk), several times faster than shifting out each code.
+
+def _chunks(words: np.ndarray, bits: int) -> np.ndarray:
+    """The bit stream of each row of words, cut into chunks of whole codes.
+
+    (..., W) words -> (..., n_chunks) chunk values (uint8 or uint16).
     """
     stream = np.ascontiguousarray(words, dtype="<u4")
     *lead, n_words = stream.shape
     b = stream.view(np.uint8)  # (..., 4W): the little-endian bit stream
     chunk = _CHUNK_BITS[bits]
     if chunk == 8:
-        chunks = b
-    else:
-        unit = chunk // 2 if chunk == 12 else 5  # bytes holding whole chunks
-        u = b.reshape(*lead, n_words * 4 // unit, unit)
-        wide = np.uint32 if unit <= 4 else np.uint64
-        v = u[..., 0].astype(wide)
-        for i in range(1, unit):
-            v |= u[..., i].astype(wide) << wide(8 * i)
-        per_unit = unit * 8 // chunk
-        chunks = np.empty((*u.shape[:-1], per_unit), dtype=np.uint16)
-        for j in range(per_unit):
-            chunks[..., j] = (v >> wide(chunk * j)) & wide((1 << chunk) - 1)
+        return b
+    unit = chunk // 2 if chunk == 12 else 5  # bytes holding whole chunks
+    per_unit = unit * 8 // chunk
+    rows, n_units = int(np.prod(lead, dtype=np.int64)), n_words * 4 // unit
+    chunks = np.empty((rows, n_units, per_unit), dtype=np.uint16)
+    for j in range(per_unit):
+        # chunk j: the 16-bit little-endian word at its first byte, shifted
+        byte, shift = divmod(chunk * j, 8)
+        w = np.ndarray(
+            (rows, n_units),
+            dtype="<u2",
+            buffer=b,
+            offset=byte,
+            strides=(4 * n_words, unit),
+        )
+        np.bitwise_and(w >> shift, (1 << chunk) - 1, out=chunks[:, :, j])
+    return chunks.reshape(*lead, n_units * per_unit)
+
+
+def unpack_codes(
+    words: np.ndarray, bits: int, dtype=np.uint8, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Unpack uint32 words (..., W) into codes (..., W*32/bits).
+
+    Codes are read a chunk at a time through a lookup table (one gather per
+    chunk), several times faster than shifting out each code. ``dtype``:
+    ``np.uint8`` or ``np.float32`` (the table holds the codes as floats, so
+    no separate conversion pass). ``out``: a contiguous float32 array of the
+    result's size to write to (float32 only).
+    """
+    *lead, n_words = np.shape(words)
+    n = n_words * 32 // bits
+    chunks = _chunks(words, bits)
+    if dtype == np.float32:
+        table = _float_table(bits)
+        dest = None if out is None else out.reshape(*chunks.shape, table.shape[1])
+        q = np.take(table, chunks, axis=0, out=dest, mode="clip")
+        return q.reshape(*lead, n)
     if bits == 8:
         return chunks.copy()  # not a view of the caller's words
-    codes = np.take(_code_table(bits), chunks).view(np.uint8)
-    return codes.reshape(*lead, n_words * 32 // bits)
+    return np.take(_code_table(bits), chunks).view(np.uint8).reshape(*lead, n)
+
+
+def _unpack_columns(
+    words: np.ndarray, bits: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-channel codes (..., D, W) -> float32 codes (..., n, D), token rows.
+
+    Unpacked one byte per code, then transposed and widened in one copy
+    (faster here than any transposing table lookup tried).
+    """
+    q = unpack_codes(words, bits)  # (..., D, n)
+    shape = (*q.shape[:-2], q.shape[-1], q.shape[-2])
+    out = np.empty(shape, np.float32) if out is None else out.reshape(shape)
+    np.copyto(out, q.swapaxes(-1, -2))
+    return out
+
+
+def dequantize_rows(
+    enc: Encoded,
+    bits: int,
+    out: np.ndarray | None = None,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
+    """Decode a quantized :class:`Encoded` to (B, H, n, D) float32 token rows.
+
+    ``scale * code + bias`` per group, the float32 operations of
+    :func:`dequantize_groups` (same values, bit for bit), written to ``out``
+    if given: any (B, H, n, D) float32 array or view (e.g. a slice of a
+    preallocated cache), so the rows are written once, where they belong.
+    Per-channel keys are unpacked straight into token rows. ``scratch``: a
+    contiguous float32 buffer of at least B*H*n*D elements for the unpacked
+    codes (reused across calls, fresh memory costs a page fault per 4 KiB);
+    without ``out`` the result is written there.
+    """
+    s = np.asarray(enc.scales).astype(np.float32)
+    b = np.asarray(enc.biases).astype(np.float32)
+    g = enc.group
+    if enc.layout == "token":
+        B, H, n, W = np.shape(enc.codes)
+        D = W * 32 // bits
+        split = (B, H, n, D // g, g)
+        s, b = s[..., None], b[..., None]
+    else:  # codes (B, H, D, W): groups of g tokens per channel
+        B, H, D, W = np.shape(enc.codes)
+        n = W * 32 // bits
+        split = (B, H, n // g, g, D)
+        s, b = s.swapaxes(-1, -2)[..., None, :], b.swapaxes(-1, -2)[..., None, :]
+    q = None if scratch is None else scratch[: B * H * n * D]
+    if enc.layout == "token":
+        q = unpack_codes(enc.codes, bits, np.float32, out=q)
+    else:
+        q = _unpack_columns(enc.codes, bits, out=q)
+    if out is None:
+        out = q  # in place
+    o = np.reshape(out, split, copy=False)
+    np.multiply(np.reshape(q, split), s, out=o)
+    np.add(o, b, out=o)
+    return out
 
 
 def quantize_groups(

@@ -12,6 +12,9 @@ decided by :mod:`qkvshare_mlx.controllers`.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import mlx.core as mx
 import numpy as np
 
@@ -29,6 +32,8 @@ from .formats import (
 )
 
 _MX_FLOAT = {"float16": mx.float16, "float32": mx.float32}
+# numpy releases the GIL in the decode loops: keys and values in parallel
+_DECODE_THREADS = min(2, os.cpu_count() or 1)
 
 
 def check_kv(keys: list[mx.array], values: list[mx.array]) -> tuple[int, ...]:
@@ -210,43 +215,21 @@ def _bucket_key(enc: Encoded, bits: int) -> tuple:
     return (enc.layout, bits, enc.group)
 
 
-def _decode_bucket(key: tuple, encs: list[Encoded], dtype) -> mx.array:
-    """Decode same-format pieces in one call: row-major (B, H, sum n, D) in ``dtype``.
-
-    Codes are unpacked in numpy (codec.unpack_codes: one table lookup per
-    chunk, one byte per code); per-channel keys are transposed to token rows
-    there, while still one byte per code. MLX then computes ``scale * code +
-    bias`` in float32 once, already in (B, H, n, D) order: the same float32
-    values as :func:`dequantize` on the CPU, bit for bit.
-    """
-    if key[0] == "float":
-        return mx.array(np.concatenate([np.asarray(e.data) for e in encs], 2)).astype(
-            dtype
-        )
-    layout, bits, group = key
-    axis = 2 if layout == "token" else 3  # along tokens: rows, or code words
+def _cat(encs: list[Encoded]) -> Encoded:
+    """Same-format pieces as one Encoded (numpy), concatenated along tokens."""
+    e = encs[0]
+    axis = 3 if e.layout == "channel" else 2  # channel codes: words along tokens
 
     def cat(name):
-        parts = [np.asarray(getattr(e, name)) for e in encs]
+        parts = [np.asarray(getattr(x, name)) for x in encs]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis)
 
-    q = codec.unpack_codes(cat("codes"), bits)
-    scales, biases = cat("scales"), cat("biases")
-    if layout == "channel":  # (B, H, D, n) -> token rows (B, H, n, D)
-        q = np.ascontiguousarray(q.swapaxes(-1, -2))
-        scales = np.ascontiguousarray(scales.swapaxes(-1, -2))
-        biases = np.ascontiguousarray(biases.swapaxes(-1, -2))
-    B, H, n, D = q.shape
-    s = mx.array(scales).astype(mx.float32)
-    b = mx.array(biases).astype(mx.float32)
-    if layout == "token":  # groups along D
-        q = mx.array(q).reshape(B, H, n, D // group, group)
-        s, b = s[..., None], b[..., None]
-    else:  # groups along tokens
-        q = mx.array(q).reshape(B, H, n // group, group, D)
-        s, b = s[..., None, :], b[..., None, :]
-    x = (q.astype(mx.float32) * s + b).reshape(B, H, n, D)
-    return x if dtype == mx.float32 else x.astype(dtype)
+    return Encoded(e.layout, e.group, **{name: cat(name) for name in e.arrays()})
+
+
+def _contiguous(index: np.ndarray) -> bool:
+    n = index.shape[0]
+    return n > 0 and (n == 1 or bool((np.diff(index) == 1).all()))
 
 
 def _host_view(a: mx.array) -> np.ndarray:
@@ -254,6 +237,43 @@ def _host_view(a: mx.array) -> np.ndarray:
     # np.array(a, copy=False) is a view of it, and writes to the view are
     # writes to the array (MLX docs, "Conversion to NumPy").
     return np.array(a, copy=False)
+
+
+def _write_bucket(
+    key: tuple, items: list, dst: list[np.ndarray], scratch: np.ndarray
+) -> None:
+    """Decode one format's pieces (layer, Segment, Encoded) into their rows of dst.
+
+    ``scratch``: a float32 buffer as large as the largest bucket, reused.
+    """
+    if key[0] == "float":  # converted by the copy into place
+        src = _cat([e for *_, e in items]).data
+        decoded = items
+    else:
+        bits = key[1]
+        scattered = []
+        for li, s, e in items:
+            index = np.asarray(s.index)
+            if _contiguous(index):  # straight into place
+                rows = dst[li][:, :, index[0] : index[0] + len(index)]
+                codec.dequantize_rows(e, bits, out=rows, scratch=scratch)
+            else:
+                scattered.append((li, s, e))
+        if not scattered:
+            return
+        src = codec.dequantize_rows(
+            _cat([e for *_, e in scattered]), bits, scratch=scratch
+        )
+        decoded = scattered
+    t = 0
+    for li, s, _ in decoded:
+        index = np.asarray(s.index)
+        n = index.shape[0]
+        if _contiguous(index):
+            dst[li][:, :, index[0] : index[0] + n] = src[:, :, t : t + n]
+        else:
+            dst[li][:, :, index] = src[:, :, t : t + n]
+        t += n
 
 
 def _check_cover(layer: list[Segment], n_tokens: int, li: int) -> None:
@@ -272,6 +292,18 @@ def _check_cover(layer: list[Segment], n_tokens: int, li: int) -> None:
         )
 
 
+def _row_shape(enc: Encoded, bits: int) -> tuple[int, int, int]:
+    """(B, H, D) of the tokens an Encoded holds."""
+    if enc.layout == "float":
+        B, H, _, D = np.shape(enc.data)
+    elif enc.layout == "token":
+        B, H, _, W = np.shape(enc.codes)
+        D = W * 32 // bits
+    else:
+        B, H, D, _ = np.shape(enc.codes)
+    return B, H, D
+
+
 def dequantize_layers(
     layers: list[list[Segment]],
     n_tokens: int,
@@ -280,16 +312,18 @@ def dequantize_layers(
     capacity: int = 0,
     layers_per_pass: int = 2,
 ) -> list[tuple[mx.array, mx.array]]:
-    """:func:`dequantize_layer` for many layers, fused: one decode per format.
+    """:func:`dequantize_layer` for many layers, fast: each token written once.
 
-    A mixed-precision card has ~10 segments per layer; decoding them one by
-    one costs hundreds of small ops per cache. Here the pieces of
-    ``layers_per_pass`` layers that share a storage format are decoded
-    together (:func:`_decode_bucket`), then each layer's tokens are written
-    once, in order, into its final buffer: a row-major (B, H, capacity, D)
-    array, zeros past T. Row-major matters: attention over a cache laid out
-    token-major (what ``mx.take`` along the token axis returns) ran ~3x slower
-    per decoding step. Results equal :func:`dequantize_layer`'s bit for bit.
+    Each layer's keys and values get a preallocated row-major (B, H,
+    capacity, D) buffer, zeros past T (room for an mlx-lm ``KVCache`` to
+    append in place). Segments are decoded in numpy (codec.dequantize_rows:
+    table-lookup unpack, then ``scale * code + bias`` in float32) straight
+    into their rows when their tokens are consecutive; otherwise the pieces
+    of ``layers_per_pass`` layers that share a format are decoded together
+    and their rows copied into place. Row-major matters: attention over a
+    token-major cache (what ``mx.take`` along the token axis returns) ran ~3x
+    slower per decoding step. Results equal :func:`dequantize_layer`'s bit
+    for bit.
 
     Returns:
         Per layer, evaluated (B, H, max(T, capacity), D) keys and values.
@@ -298,47 +332,44 @@ def dequantize_layers(
     n_pos = max(int(capacity), T)
     for li, layer in enumerate(layers):
         _check_cover(layer, T, li)
-    # numpy has no bfloat16: such buffers are filled as raw 16-bit words
-    store = mx.uint16 if dtype == mx.bfloat16 else dtype
+    scratch = {"keys": np.empty(0, np.float32), "values": np.empty(0, np.float32)}
+
+    def fill(chunk, kv, dst):  # numpy only, so keys and values run in parallel
+        buckets: dict[tuple, list] = {}
+        for li, layer in enumerate(chunk):
+            for s in layer:
+                enc = getattr(s, kv)
+                buckets.setdefault(_bucket_key(enc, s.bits), []).append((li, s, enc))
+        if scratch[kv].size < dst[0][..., :T, :].size * len(chunk):
+            scratch[kv] = np.empty(dst[0][..., :T, :].size * len(chunk), np.float32)
+        for key, items in buckets.items():
+            _write_bucket(key, items, dst, scratch[kv])
+
     out: list[tuple[mx.array, mx.array]] = []
-    for c0 in range(0, len(layers), max(layers_per_pass, 1)):
-        chunk = layers[c0 : c0 + layers_per_pass]
-        pair = []
-        for kv in ("keys", "values"):
-            buckets: dict[tuple, list] = {}
-            for li, layer in enumerate(chunk):
-                for s in layer:
-                    enc = getattr(s, kv)
-                    buckets.setdefault(_bucket_key(enc, s.bits), []).append((li, s))
-            decoded = {
-                key: _decode_bucket(key, [getattr(s, kv) for _, s in items], dtype)
-                for key, items in buckets.items()
-            }
-            if store != dtype:
-                decoded = {k: x.view(store) for k, x in decoded.items()}
-            B, H, _, D = next(iter(decoded.values())).shape
-            bufs = [mx.zeros((B, H, n_pos, D), store) for _ in chunk]
-            mx.eval(bufs, list(decoded.values()))
-            dst = [_host_view(a) for a in bufs]
-            for key, items in buckets.items():
-                src, t = _host_view(decoded[key]), 0
-                for li, s in items:
-                    index = np.asarray(s.index)
-                    n = index.shape[0]
-                    if n and index[-1] - index[0] == n - 1 and _increasing(index):
-                        dst[li][:, :, index[0] : index[0] + n] = src[:, :, t : t + n]
-                    else:
-                        dst[li][:, :, index] = src[:, :, t : t + n]
-                    t += n
-            del decoded, src  # this pass's pieces are freed before the next
-            pair.append([a if store == dtype else a.view(dtype) for a in bufs])
-        mx.eval(pair)
-        out += list(zip(*pair))
+    with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
+        for c0 in range(0, len(layers), max(layers_per_pass, 1)):
+            chunk = layers[c0 : c0 + layers_per_pass]
+            # 1. the final buffers, allocated and zeroed by MLX
+            bufs = {}
+            for kv in ("keys", "values"):
+                B, H, D = _row_shape(getattr(chunk[0][0], kv), chunk[0][0].bits)
+                bufs[kv] = [mx.zeros((B, H, n_pos, D), mx.float32) for _ in chunk]
+            mx.eval(bufs)
+            # 2. numpy writes every token's row into them, through views
+            jobs = [
+                pool.submit(fill, chunk, kv, [_host_view(a) for a in bufs[kv]])
+                for kv in ("keys", "values")
+            ]
+            for job in jobs:
+                job.result()
+            # 3. other dtypes: from float32, as dequantize_layer does
+            pair = [
+                [a if dtype == mx.float32 else a.astype(dtype) for a in bufs[kv]]
+                for kv in ("keys", "values")
+            ]
+            mx.eval(pair)
+            out += list(zip(*pair))
     return out
-
-
-def _increasing(index: np.ndarray) -> bool:
-    return index.shape[0] < 2 or bool((np.diff(index) == 1).all())
 
 
 def dequantize_cache(qkv: QuantizedKV, dtype=mx.float32):

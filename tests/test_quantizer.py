@@ -343,3 +343,32 @@ def test_saliency_without_stats_is_a_config_error():
     keys, values = _kv()
     with pytest.raises(ConfigError, match="statistics"):
         quantize_cache(keys, values, controller="saliency", budget_bits=4.5)
+
+
+@pytest.mark.parametrize("bits", CODE_BITS)
+def test_fast_unpack_equals_shifting_out_each_code(bits):
+    rng = np.random.default_rng(bits)
+    words = rng.integers(0, 2**32, (2, 3, 5 * bits), dtype=np.uint32)
+    # the stream, one bit at a time: code i is bits [i*bits, (i+1)*bits)
+    stream = (words[..., :, None] >> np.arange(32, dtype=np.uint32)) & 1
+    stream = stream.reshape(2, 3, -1, bits).astype(np.uint32)
+    expect = (stream << np.arange(bits, dtype=np.uint32)).sum(-1)
+    assert np.array_equal(codec.unpack_codes(words, bits), expect)
+    as_float = codec.unpack_codes(words, bits, np.float32)
+    assert as_float.dtype == np.float32 and np.array_equal(as_float, expect)
+
+
+@pytest.mark.parametrize("bits", CODE_BITS)
+@pytest.mark.parametrize("layout", ["token", "channel"])
+@pytest.mark.parametrize("group", [32, 64])
+def test_dequantize_rows_into_a_view_equals_decode(bits, layout, group):
+    rng = np.random.default_rng(bits * group)
+    x = rng.standard_normal((1, 2, 128, 64)).astype(np.float32) * 3
+    enc = codec.encode(x, bits, layout, group, None)
+    ref = codec.decode(enc, bits)
+    assert np.array_equal(codec.dequantize_rows(enc, bits), ref)
+    cache = np.zeros((1, 2, 200, 64), np.float32)  # rows 10..137 of a bigger buffer
+    scratch = np.full(2 * 128 * 64 + 7, np.nan, np.float32)
+    codec.dequantize_rows(enc, bits, out=cache[:, :, 10:138], scratch=scratch)
+    assert np.array_equal(cache[:, :, 10:138], ref)
+    assert not cache[:, :, :10].any() and not cache[:, :, 138:].any()
