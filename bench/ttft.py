@@ -683,6 +683,20 @@ def acceptance(rows) -> list[dict]:
                 ),
                 ("card_adaptive (memory/file) <= 1/2.6 reprefill", b, rp, 1 / 2.6),
             ]
+            ca = bytes_of(ctx, "card_adaptive")
+            if floor and ca:
+                # what no card of these bytes can beat on this machine: the
+                # suffix forward itself plus the card's time on the link
+                bound = floor + 1000 * ca * 8 / 1e9
+                found.append(
+                    (
+                        "1 Gbit/s modelled: lower bound (floor + card bytes on the "
+                        "link) / mlx_prompt_cache fp",
+                        (bound, "floor+transfer", "bound"),
+                        m1,
+                        None,
+                    )
+                )
             for name, cand, ref, limit in found:
                 if not cand or not ref:
                     continue
