@@ -78,6 +78,8 @@ class State:
 
     @staticmethod
     def key(row: dict) -> tuple:
+        if row["kind"] == "meta":  # every command that wrote to this state
+            return ("meta", row["problem"], row.get("command"), None, row["hops"])
         budget = row.get("budget_bits")
         return (
             row["kind"],
