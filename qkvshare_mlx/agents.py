@@ -439,18 +439,25 @@ def _record_card(run: ChainRun, card: CacheCard, k: int, save_cards) -> None:
 def _answer(model, chat, tokens, answerer, handoff, *, cache, card) -> dict:
     """The answerer's reply after the sender's turn (the chain is not changed)."""
     prompt = tokens + chat.turn(answerer.instruction)
-    if handoff.mode == "exact":
-        # fork the running cache: the chain may continue after this answer
-        cached = cache[0].offset
-        cache = kv_cache([c.keys for c in cache], [c.values for c in cache], cached)
-    elif handoff.uses_cards:
-        cache, cached = inject(card, model, mode="dequantize"), card.n_tokens
-    else:
-        cache, cached = make_prompt_cache(model), 0
+    n = cache[0].offset if handoff.mode == "exact" else 0
+    cache, cached = _answerer_cache(model, handoff, cache, n, card)
     reply, ttft = generate(
         model, cache, prompt, cached, max_tokens=answerer.max_tokens, eos=chat.eos
     )
     return {"prompt": prompt, "reply": reply, "text": chat.text(reply), "ttft_s": ttft}
+
+
+def _answerer_cache(model, handoff: Handoff, cache, cached: int, card):
+    """``(cache, cached)`` the answerer starts from: a fork of the running
+    exact cache's first ``cached`` tokens (the chain may continue after this
+    answer), the injected card, or nothing (re-prefill)."""
+    if handoff.mode == "exact":
+        return kv_cache(
+            [c.keys for c in cache], [c.values for c in cache], cached
+        ), cached
+    if handoff.uses_cards:
+        return inject(card, model, mode="dequantize"), card.n_tokens
+    return make_prompt_cache(model), 0
 
 
 # ----------------------------------------------------------------------------
@@ -603,18 +610,9 @@ def run_chains(
             todo = []
             for ln in lanes:
                 prompt = ln.run.tokens + chat.turn(answerer.instruction)
-                if ln.handoff.mode == "exact":
-                    n = ln.cached
-                    cache = kv_cache(
-                        [c.keys for c in ln.cache], [c.values for c in ln.cache], n
-                    )
-                elif ln.handoff.uses_cards:
-                    cache, n = (
-                        inject(ln.card, model, mode="dequantize"),
-                        ln.card.n_tokens,
-                    )
-                else:
-                    cache, n = make_prompt_cache(model), 0
+                cache, n = _answerer_cache(
+                    model, ln.handoff, ln.cache, ln.cached, ln.card
+                )
                 todo.append((cache, prompt, n))
             replies, _, ttft = generate_lanes(
                 model, todo, max_tokens=answerer.max_tokens, eos=chat.eos
