@@ -425,6 +425,33 @@ def pivot(rows) -> list[str]:
     return lines
 
 
+def _panels(plt, tf, ctrls, panel, x, title, xlabel, path, width, log_x=False):
+    """One figure: a panel per value of ``panel``, KL vs ``x`` per controller."""
+    values = sorted({r[panel] for r in tf})
+    fig, axes = plt.subplots(
+        1, len(values), figsize=(width * len(values), 4), sharey=True
+    )
+    axes = np.atleast_1d(axes)
+    for ax, v in zip(axes, values):
+        for c in ctrls:
+            pts = sorted(
+                (r[x], r["kl"]) for r in tf if r["controller"] == c and r[panel] == v
+            )
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=c)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(title.format(v))
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("teacher-forced KL vs exact")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot(rows, prefix: Path) -> list[str]:
     import matplotlib
 
@@ -435,50 +462,31 @@ def plot(rows, prefix: Path) -> list[str]:
     if not tf:
         return []
     ctrls = sorted({r["controller"] for r in tf})
-    hops = sorted({r["hops"] for r in tf})
-    paths = []
-    fig, axes = plt.subplots(1, len(hops), figsize=(4 * len(hops), 4), sharey=True)
-    for ax, h in zip(np.atleast_1d(axes), hops):
-        for c in ctrls:
-            pts = sorted(
-                (r["effective_bits"], r["kl"])
-                for r in tf
-                if r["controller"] == c and r["hops"] == h
-            )
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=c)
-        ax.set_yscale("log")
-        ax.set_title(f"{h} hop(s)")
-        ax.set_xlabel("effective bits")
-        ax.grid(True, alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("teacher-forced KL vs exact")
-    np.atleast_1d(axes)[0].legend()
-    fig.tight_layout()
-    paths.append(str(prefix) + "_bits.png")
-    fig.savefig(paths[-1], dpi=110)
-    budgets = sorted({r["budget_bits"] for r in tf})
-    fig, axes = plt.subplots(
-        1, len(budgets), figsize=(3.5 * len(budgets), 4), sharey=True
-    )
-    for ax, b in zip(np.atleast_1d(axes), budgets):
-        for c in ctrls:
-            pts = sorted(
-                (r["hops"], r["kl"])
-                for r in tf
-                if r["controller"] == c and r["budget_bits"] == b
-            )
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=c)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"budget {b} bits")
-        ax.set_xlabel("hops")
-        ax.grid(True, alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("teacher-forced KL vs exact")
-    np.atleast_1d(axes)[0].legend()
-    fig.tight_layout()
-    paths.append(str(prefix) + "_hops.png")
-    fig.savefig(paths[-1], dpi=110)
+    paths = [
+        _panels(
+            plt,
+            tf,
+            ctrls,
+            "hops",
+            "effective_bits",
+            "{} hop(s)",
+            "effective bits",
+            str(prefix) + "_bits.png",
+            4,
+        ),
+        _panels(
+            plt,
+            tf,
+            ctrls,
+            "budget_bits",
+            "hops",
+            "budget {} bits",
+            "hops",
+            str(prefix) + "_hops.png",
+            3.5,
+            log_x=True,
+        ),
+    ]
     plt.close("all")
     return paths
 
