@@ -389,12 +389,7 @@ def run_chain(
         if k > 0:
             run.tokens = run.tokens + chat.turn(agent.instruction)
         toks = run.tokens
-        if handoff.mode == "exact" and k > 0:
-            cached = cache[0].offset
-        elif handoff.uses_cards and k > 0:  # the receiver of card k-1
-            cache, cached = inject(card, model, mode="dequantize"), card.n_tokens
-        else:
-            cache, cached = make_prompt_cache(model), 0
+        cache, cached = _received(model, handoff, k, cache, card)
         # 2. its reply (agent 0's does not depend on the handoff)
         if k == 0 and first_reply is not None:
             reply, ttft = list(first_reply), None
@@ -404,19 +399,9 @@ def run_chain(
             reply, ttft = generate(
                 model, cache, toks, cached, max_tokens=agent.max_tokens, eos=eos
             )
-        if k > 0:
-            run.hops[-1]["receiver_ttft_s"] = ttft
-        run.replies.append((len(toks), len(toks) + len(reply)))
-        run.tokens = toks + reply
+        _add_reply(run, reply, ttft, k)
         # 3. hand on: agent k's card (its tokens quantized, earlier codes kept)
-        if handoff.uses_cards:
-            plan = HandoffPlan(hops_remaining=n_hops - 1 - k)
-            card = hop_card(
-                model, tokenizer, run.tokens, handoff, inherited=card, plan=plan
-            )
-            _record_card(run, card, k, save_cards)
-        else:
-            run.hops.append({"hop": k + 1, "tokens": len(run.tokens)})
+        card = _hand_on(model, tokenizer, run, handoff, card, k, n_hops, save_cards)
         # 4. the answerer, if the chain ends here for some hop count
         if k + 1 in finals:
             run.finals[k + 1] = _answer(
@@ -428,12 +413,38 @@ def run_chain(
     return run
 
 
-def _record_card(run: ChainRun, card: CacheCard, k: int, save_cards) -> None:
+def _received(model, handoff: Handoff, k: int, cache, card):
+    """``(cache, cached)`` agent ``k`` starts from: the running exact cache
+    (all its tokens valid), the injected card k-1, or nothing (re-prefill)."""
+    if handoff.mode == "exact" and k > 0:
+        return cache, cache[0].offset
+    if handoff.uses_cards and k > 0:
+        return inject(card, model, mode="dequantize"), card.n_tokens
+    return make_prompt_cache(model), 0
+
+
+def _add_reply(run: ChainRun, reply: list[int], ttft, k: int) -> None:
+    """Append agent ``k``'s reply to the transcript (its TTFT to hop k's row)."""
+    if k > 0:
+        run.hops[-1]["receiver_ttft_s"] = ttft
+    run.replies.append((len(run.tokens), len(run.tokens) + len(reply)))
+    run.tokens = run.tokens + list(reply)
+
+
+def _hand_on(model, tokenizer, run, handoff, card, k, n_hops, save_cards):
+    """Agent ``k``'s card (its tokens quantized, ``card``'s codes kept), or
+    just the hop's row for text handoffs; returns the card handed on."""
+    if not handoff.uses_cards:
+        run.hops.append({"hop": k + 1, "tokens": len(run.tokens)})
+        return card
+    plan = HandoffPlan(hops_remaining=n_hops - 1 - k)
+    card = hop_card(model, tokenizer, run.tokens, handoff, inherited=card, plan=plan)
     run.cards.append(card)
     run.hops.append({"hop": k + 1, **_card_info(card)})
     if save_cards is not None:
         Path(save_cards).mkdir(parents=True, exist_ok=True)
         card.save(Path(save_cards) / f"hop{k + 1}.qkv")
+    return card
 
 
 def _answer(model, chat, tokens, answerer, handoff, *, cache, card) -> dict:
@@ -573,7 +584,7 @@ def run_chains(
         for ln in lanes:
             if k > 0:
                 ln.run.tokens = ln.run.tokens + chat.turn(agent.instruction)
-            _receive(model, ln, k)
+            ln.cache, ln.cached = _received(model, ln.handoff, k, ln.cache, ln.card)
         if k == 0 and first_reply is not None:
             replies, ttft = [list(first_reply)] * len(lanes), None
             for ln in lanes:
@@ -588,24 +599,10 @@ def run_chains(
             for ln, c in zip(lanes, caches):
                 ln.cache, ln.cached = c, c[0].offset
         for ln, reply in zip(lanes, replies):
-            run, toks = ln.run, ln.run.tokens
-            if k > 0:
-                run.hops[-1]["receiver_ttft_s"] = ttft
-            run.replies.append((len(toks), len(toks) + len(reply)))
-            run.tokens = toks + list(reply)
-            if ln.handoff.uses_cards:
-                plan = HandoffPlan(hops_remaining=n_hops - 1 - k)
-                ln.card = hop_card(
-                    model,
-                    tokenizer,
-                    run.tokens,
-                    ln.handoff,
-                    inherited=ln.card,
-                    plan=plan,
-                )
-                _record_card(run, ln.card, k, None)
-            else:
-                run.hops.append({"hop": k + 1, "tokens": len(run.tokens)})
+            _add_reply(ln.run, reply, ttft, k)
+            ln.card = _hand_on(
+                model, tokenizer, ln.run, ln.handoff, ln.card, k, n_hops, None
+            )
         if k + 1 in finals:
             todo = []
             for ln in lanes:
@@ -630,19 +627,6 @@ def run_chains(
     for ln in lanes:
         ln.run.wall_s = wall
     return [ln.run for ln in lanes]
-
-
-def _receive(model, ln: _Lane, k: int) -> None:
-    """Set the lane's cache to what agent ``k`` receives."""
-    if ln.handoff.mode == "exact" and k > 0:
-        return  # the running cache (ln.cached tokens of it are valid)
-    if ln.handoff.uses_cards and k > 0:
-        ln.cache, ln.cached = (
-            inject(ln.card, model, mode="dequantize"),
-            ln.card.n_tokens,
-        )
-    else:
-        ln.cache, ln.cached = make_prompt_cache(model), 0
 
 
 # ----------------------------------------------------------------------------
