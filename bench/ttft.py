@@ -302,7 +302,7 @@ def _checksum_ms(data) -> float:
         tensors[name] = arr.reshape(info["shape"])
     raw = meta["card"].encode()
     t0 = time.perf_counter()
-    card_mod._checksum(raw, tensors)
+    card_mod._checksum(raw, tensors, int(meta["version"]))
     return ms(t0, time.perf_counter())
 
 

@@ -50,9 +50,14 @@ from .formats import (
     Segment,
     width_histogram,
 )
+from .rotation import check_rotation
 
 FORMAT_NAME = "qkvshare.cachecard"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this library reads and writes
+# Versions read. Writers emit the lowest version that can hold the card:
+# 1 without a rotation (byte-identical to earlier releases), 2 with one, so
+# a version-1 reader refuses a rotated card instead of misreading it.
+READ_VERSIONS = (1, 2)
 DEFAULT_MAX_BYTES = 8 << 30  # refuse cards claiming more than 8 GiB
 MAX_HEADER_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32
@@ -396,7 +401,7 @@ class CacheCard:
         ]
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": self.version,
             "producer": self.producer,
             "model": self.model,
             "cache": self.cache,
@@ -405,8 +410,13 @@ class CacheCard:
             "user": self.user,
         }
 
+    @property
+    def version(self) -> int:
+        """The format version this card is written as (see READ_VERSIONS)."""
+        return _version_for(self.quant)
+
     def checksum(self) -> str:
-        return _checksum(_canonical(self._metadata()), self._tensors())
+        return _checksum(_canonical(self._metadata()), self._tensors(), self.version)
 
     def to_bytes(self) -> bytes:
         """Serialise to safetensors bytes (see docs/cachecard-format.md)."""
@@ -414,9 +424,9 @@ class CacheCard:
         tensors = self._tensors()
         header = {
             "format": FORMAT_NAME,
-            "version": str(FORMAT_VERSION),
+            "version": str(self.version),
             "card": meta.decode(),
-            "sha256": _checksum(meta, tensors),
+            "sha256": _checksum(meta, tensors, self.version),
         }
         return _write_safetensors(tensors, header)
 
@@ -541,9 +551,15 @@ def _canonical(obj) -> bytes:
     ).encode()
 
 
-def _checksum(meta: bytes, tensors: dict[str, np.ndarray]) -> str:
+def _version_for(quant: dict) -> int:
+    cfg = quant.get("config") if isinstance(quant, dict) else None
+    rotated = isinstance(cfg, dict) and cfg.get("rotation", "none") != "none"
+    return 2 if rotated else 1
+
+
+def _checksum(meta: bytes, tensors: dict[str, np.ndarray], version: int) -> str:
     h = hashlib.sha256()
-    h.update(f"{FORMAT_NAME}/{FORMAT_VERSION}\n".encode())
+    h.update(f"{FORMAT_NAME}/{version}\n".encode())
     h.update(struct.pack("<Q", len(meta)))
     h.update(meta)
     for name in sorted(tensors):
@@ -734,9 +750,10 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
             f"format: expected {FORMAT_NAME!r}, got {meta.get('format')!r}"
         )
     version = meta.get("version")
-    if version != str(FORMAT_VERSION):
+    if version not in [str(v) for v in READ_VERSIONS]:
         raise CardFormatError(
-            f"version: this reader knows version {FORMAT_VERSION}, card has {version!r}"
+            f"version: this reader knows versions {list(READ_VERSIONS)}, "
+            f"card has {version!r}"
         )
     for key in ("card", "sha256"):
         if key not in meta:
@@ -747,7 +764,7 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
         raise CardFormatError("card metadata: contains a lone surrogate") from None
     card_meta = _json(meta["card"], "card metadata")
     # 2. schema and tensor table, before touching tensor bytes
-    expected = _expected_tensors(card_meta)
+    expected = _expected_tensors(card_meta, int(version))
     names = set(header)
     if names != set(expected):
         missing = sorted(set(expected) - names)[:5]
@@ -769,7 +786,7 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
         tensors[name] = arr.reshape(info["shape"])
     # 3. integrity
     want = meta["sha256"]
-    got = _checksum(card_raw, tensors)
+    got = _checksum(card_raw, tensors, int(version))
     if got != want:
         raise CardIntegrityError(
             f"checksum mismatch: metadata says {want[:16]}..., content is {got[:16]}..."
@@ -790,18 +807,17 @@ def _req(obj, key, kind, where):
     return v
 
 
-def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not isinstance(m, dict):
         raise CardFormatError("card metadata is not a JSON object")
-    version = m.get("version")
     if (
         m.get("format") != FORMAT_NAME
-        or type(version) is not int
-        or version != FORMAT_VERSION
+        or type(m.get("version")) is not int
+        or m.get("version") != version
     ):
         raise CardFormatError(
             f"card metadata: format/version {m.get('format')!r}/{m.get('version')!r} "
-            f"is not {FORMAT_NAME!r}/{FORMAT_VERSION}"
+            f"is not {FORMAT_NAME!r}/{version} (the header's)"
         )
     c = _req(m, "cache", dict, "card")
     for k in (
@@ -825,8 +841,18 @@ def _expected_tensors(m) -> dict[str, tuple[str, tuple[int, ...]]]:
         )
     _check_fingerprint(m["model"])
     _check_quant(m["quant"])
+    if _version_for(m["quant"]) != version:
+        raise CardFormatError(
+            f"version {version}: quant.config.rotation "
+            f"{m['quant']['config'].get('rotation', 'none')!r} is written as "
+            f"version {_version_for(m['quant'])} (rotated cards are version 2)"
+        )
     L, B, H = c["n_layers"], c["batch"], c["n_kv_heads"]
     dk, dv, T = c["head_dim_k"], c["head_dim_v"], c["n_tokens"]
+    try:
+        check_rotation(m["quant"]["config"].get("rotation", "none"), dk, dv)
+    except ConfigError as e:
+        raise CardFormatError(f"quant.config.rotation: {e}") from None
     table = _req(m, "layers", list, "card")
     if len(table) != L:
         raise CardFormatError(
@@ -902,12 +928,15 @@ def _check_quant(quant: dict) -> None:
             raise CardFormatError(f"quant.{key}: expected 0..64 bits, got {v}")
     cfg = _req(quant, "config", dict, "quant")
     defaults = QuantConfig().to_dict()
-    if set(cfg) != set(defaults):
+    optional = {"rotation": "none"}  # written only when not the default
+    if not set(defaults) <= set(cfg) <= set(defaults) | set(optional):
         raise CardFormatError(
-            f"quant.config: expected keys {sorted(defaults)}, got {sorted(cfg)[:10]}"
+            f"quant.config: expected keys {sorted(defaults)} (optional "
+            f"{sorted(optional)}), got {sorted(cfg)[:10]}"
         )
-    for key, default in defaults.items():
-        _req(cfg, key, type(default), "quant.config")
+    for key, default in {**defaults, **optional}.items():
+        if key in cfg:
+            _req(cfg, key, type(default), "quant.config")
     widths = cfg["widths"]
     if not all(type(b) is int for b in widths):
         raise CardFormatError(f"quant.config.widths: expected ints, got {widths!r:.60}")

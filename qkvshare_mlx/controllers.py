@@ -379,6 +379,11 @@ def quantize_with(
                 f"{inherited.shape}, new cache {len(keys)} of {(B, H, dk, dv)}"
             )
         start = inherited.n_tokens
+        if inherited.config.rotation != config.rotation:
+            raise ConfigError(
+                f"inherited cache has rotation {inherited.config.rotation!r}, "
+                f"new tokens {config.rotation!r}: a card keeps one rotation"
+            )
         if start > T:
             raise CacheShapeError(f"inherited cache covers {start} tokens but T={T}")
     formats = config.menu(dk)

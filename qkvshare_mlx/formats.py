@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .rotation import check_rotation
 
 CODE_BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_BITS = 16
@@ -98,6 +99,10 @@ class QuantConfig:
         widths: the code widths a controller may choose from.
         adaptive_groups: let controllers also pick the group sizes per token
             (cheaper or finer scales), not only the width.
+        rotation: ``"none"`` or ``"hadamard"``: rotate each token's K/V
+            vectors before quantizing (see :mod:`qkvshare_mlx.rotation`;
+            needs power-of-two head dims). Width-16 tokens are then exact up
+            to float32 rounding of the rotation, not bit for bit.
     """
 
     group_size: int = 64
@@ -106,6 +111,7 @@ class QuantConfig:
     float_dtype: str = "float16"
     widths: tuple[int, ...] = ALL_BITS
     adaptive_groups: bool = True
+    rotation: str = "none"
 
     def __post_init__(self):
         validate_group(self.group_size)
@@ -124,6 +130,7 @@ class QuantConfig:
             raise ConfigError("widths must not be empty")
         for b in self.widths:
             validate_bits(b)
+        check_rotation(self.rotation)
 
     @property
     def float_bits(self) -> int:
@@ -171,6 +178,9 @@ class QuantConfig:
             "float_dtype": self.float_dtype,
             "widths": list(self.widths),
             "adaptive_groups": self.adaptive_groups,
+            # written only when used: readers without rotation support then
+            # reject the card (unknown config key) instead of misreading it
+            **({"rotation": self.rotation} if self.rotation != "none" else {}),
         }
 
 

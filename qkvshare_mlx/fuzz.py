@@ -130,9 +130,16 @@ def forge(
     tensors: dict[str, np.ndarray],
     *,
     card_text: str | None = None,
-    version: str = str(C.FORMAT_VERSION),
+    version: str | None = None,
 ) -> bytes:
-    """Serialise metadata + tensors with a *valid* checksum, via the writer."""
+    """Serialise metadata + tensors with a *valid* checksum, via the writer.
+
+    ``version``: the header's (default: the version the writer would use
+    for ``card_meta``, 1 without metadata); the checksum follows it.
+    """
+    if version is None:
+        meta_ok = isinstance(card_meta, dict)
+        version = str(C._version_for(card_meta.get("quant")) if meta_ok else 1)
     if card_text is None:
         card_text = C._canonical(card_meta).decode()
     raw = card_text.encode("utf-8", "surrogatepass")
@@ -140,13 +147,14 @@ def forge(
         "format": C.FORMAT_NAME,
         "version": version,
         "card": card_text,
-        "sha256": _checksum_raw(raw, tensors),
+        "sha256": _checksum_raw(raw, tensors, version),
     }
     return C._write_safetensors(tensors, header)
 
 
-def _checksum_raw(raw: bytes, tensors: dict[str, np.ndarray]) -> str:
-    return C._checksum(raw, tensors)
+def _checksum_raw(raw: bytes, tensors: dict[str, np.ndarray], version="1") -> str:
+    # the checksum's prefix names the version; a non-numeric one hashes as is
+    return C._checksum(raw, tensors, version)
 
 
 def _region(data: bytes) -> tuple[int, int]:
@@ -479,11 +487,13 @@ def forged_nan_scales(data: bytes, rng) -> bytes:
 def forged_future_version(data: bytes, rng) -> bytes:
     """A version from the future in the header, the card metadata, or both."""
     m, t = _ok(data)
-    v = int(rng.integers(2, 1000))
+    v = int(rng.integers(C.FORMAT_VERSION + 1, 1000))
     where = _pick(rng, ["header", "card", "both", "header0"])
     if where in ("card", "both"):
         m["version"] = v
-    version = str(v) if where in ("header", "both") else str(C.FORMAT_VERSION)
+    version = str(v) if where in ("header", "both") else str(m["version"])
+    if where == "card":
+        version = str(C._version_for(m["quant"]))
     if where == "header0":
         version = _pick(rng, ["0", "1.0", " 1", "01", "v1", ""])
     return forge(m, t, version=version)

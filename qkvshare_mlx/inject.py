@@ -46,7 +46,8 @@ from .errors import (
     PromptMismatchError,
 )
 from .formats import FLOAT_BITS, Encoded, QuantizedKV, Segment
-from .quantizer import decode, dequantize_layers
+from .quantizer import decode, dequantize_layers, unrotate
+from .rotation import check_rotation
 
 MODES = ("dequantize", "compressed")
 POLICIES = ("prefix", "strict")
@@ -81,6 +82,7 @@ class MixedQuantizedKVCache(_BaseCache):
         segments: one layer's segments (numpy or MLX arrays).
         n_tokens: tokens the segments cover.
         start: RoPE position of the card's first token (the card's offset).
+        rotation: the card's ``QuantConfig.rotation``, undone on decoding.
     """
 
     step = 64  # tail growth: small, so the tail never dwarfs a compressed card
@@ -91,7 +93,10 @@ class MixedQuantizedKVCache(_BaseCache):
         n_tokens: int = 0,
         *,
         start: int = 0,
+        rotation: str = "none",
     ):
+        check_rotation(rotation)
+        self.rotation = rotation
         self.segments = [_to_mx(s) for s in segments or []]
         self.n_card = int(n_tokens)
         self.n_visible = self.n_card
@@ -123,10 +128,16 @@ class MixedQuantizedKVCache(_BaseCache):
     def _card_kv(self, dtype) -> tuple[mx.array, mx.array] | None:
         if self.n_visible == 0:
             return None
+        out_dtype, rotated = dtype, self.rotation != "none"
+        if rotated:  # decode and un-rotate in float32
+            dtype = mx.float32
         ks = [decode(s.keys, s.bits, dtype) for s in self.segments]
         vs = [decode(s.values, s.bits, dtype) for s in self.segments]
         k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=2)
         v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=2)
+        if rotated:
+            k = unrotate(k, self.rotation, out_dtype)
+            v = unrotate(v, self.rotation, out_dtype)
         if self._order is not None:
             k, v = mx.take(k, self._order, axis=2), mx.take(v, self._order, axis=2)
         if self.n_visible < self.n_card:
@@ -257,6 +268,8 @@ class MixedQuantizedKVCache(_BaseCache):
         self.tail_keys, self.tail_values = (rest + [None, None])[:2]
         self.n_card, self.n_visible = meta["n_card"], meta["n_visible"]
         self.n_tail, self.start = meta["n_tail"], meta["start"]
+        self.rotation = meta.get("rotation", "none")
+        check_rotation(self.rotation)
         self.offset = self.start + self.n_visible + self.n_tail
         self._set_order()
 
@@ -277,6 +290,8 @@ class MixedQuantizedKVCache(_BaseCache):
             "n_tail": self.n_tail,
             "start": self.start,
         }
+        if self.rotation != "none":
+            meta["rotation"] = self.rotation
         return (json.dumps(meta),)
 
     @meta_state.setter
@@ -452,13 +467,18 @@ def inject(
     dtype = _resolve_dtype(dtype, model, card_dtype)
     T = qkv.n_tokens
 
+    rotation = qkv.config.rotation
     if mode == "compressed":
         uniform = _uniform_token_format(qkv)
-        if uniform is not None and offset == 0:
+        # mlx-lm's quantized attention reads the codes as they are: no rotation
+        if uniform is not None and offset == 0 and rotation == "none":
             return [
                 _quantized_kv_cache(layer, T, *uniform, dtype) for layer in qkv.layers
             ]
-        return [MixedQuantizedKVCache(layer, T, start=offset) for layer in qkv.layers]
+        return [
+            MixedQuantizedKVCache(layer, T, start=offset, rotation=rotation)
+            for layer in qkv.layers
+        ]
 
     if offset != 0:
         raise ConfigError(
@@ -470,7 +490,9 @@ def inject(
     # instead of copying the whole cache into a larger buffer.
     capacity = (T // KVCache.step + 1) * KVCache.step
     caches = []
-    for k, v in dequantize_layers(qkv.layers, T, dtype, capacity=capacity):
+    for k, v in dequantize_layers(
+        qkv.layers, T, dtype, capacity=capacity, rotation=rotation
+    ):
         c = KVCache()
         c.keys, c.values, c.offset = k, v, T
         caches.append(c)

@@ -18,6 +18,7 @@ import numpy as np
 from . import codec, controllers
 from .errors import CacheShapeError
 from .formats import Format, QuantConfig, QuantizedKV, Segment
+from .rotation import check_rotation, rotation_matrix
 
 _NP_FLOAT = {"float16": np.float16, "float32": np.float32}
 
@@ -113,6 +114,14 @@ def quantize_cache_np(
     keys = [np.asarray(k) for k in keys]
     values = [np.asarray(v) for v in values]
     B, H, T, dk, dv = check_kv_np(keys, values)
+    if config.rotation != "none":  # quantize in the rotated basis
+        check_rotation(config.rotation, dk, dv)
+        keys = [
+            k.astype(np.float32) @ rotation_matrix(config.rotation, dk) for k in keys
+        ]
+        values = [
+            v.astype(np.float32) @ rotation_matrix(config.rotation, dv) for v in values
+        ]
     return controllers.quantize_with(
         keys,
         values,
@@ -140,6 +149,8 @@ def dequantize_cache_np(qkv: QuantizedKV) -> tuple[list[np.ndarray], list[np.nda
             k, v = codec.decode_layer(layer, qkv.n_tokens)
         except ValueError as e:
             raise CacheShapeError(f"layer {li}: {e}") from None
-        keys.append(k)
-        values.append(v)
+        rk = rotation_matrix(qkv.config.rotation, k.shape[-1])
+        rv = rotation_matrix(qkv.config.rotation, v.shape[-1])
+        keys.append(k if rk is None else k @ rk.T)
+        values.append(v if rv is None else v @ rv.T)
     return keys, values

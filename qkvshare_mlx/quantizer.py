@@ -30,6 +30,7 @@ from .formats import (
     Segment,
     split_for_layout,
 )
+from .rotation import check_rotation, rotation_matrix
 
 _MX_FLOAT = {"float16": mx.float16, "float32": mx.float32}
 # numpy releases the GIL in the decode loops: keys and values in parallel
@@ -166,8 +167,27 @@ def quantize_layer(
     return out
 
 
+def rotate(x: mx.array, rotation: str) -> mx.array:
+    """(..., D) vectors in the rotated basis, float32 (``x @ R``)."""
+    r = rotation_matrix(rotation, x.shape[-1])
+    return x if r is None else x.astype(mx.float32) @ mx.array(r)
+
+
+def unrotate(x: mx.array, rotation: str, dtype=None) -> mx.array:
+    """Undo :func:`rotate` (``x @ R.T``, in float32), cast to ``dtype``."""
+    r = rotation_matrix(rotation, x.shape[-1])
+    if r is not None:
+        x = x.astype(mx.float32) @ mx.array(r.T)
+    return x if dtype is None else x.astype(dtype)
+
+
 def dequantize_layer(
-    segments: list[Segment], n_tokens: int, dtype=mx.float32, *, capacity: int = 0
+    segments: list[Segment],
+    n_tokens: int,
+    dtype=mx.float32,
+    *,
+    capacity: int = 0,
+    rotation: str = "none",
 ) -> tuple[mx.array, mx.array]:
     """Reassemble (B, H, T, D) keys and values from one layer's segments.
 
@@ -179,7 +199,17 @@ def dequantize_layer(
             along axis 2, zeros after T (room for new tokens, so an mlx-lm
             ``KVCache`` can append without reallocating). Built in the same
             single gather that puts tokens in order: no extra pass.
+        rotation: the cache's ``QuantConfig.rotation``, undone after decoding.
     """
+    if rotation != "none":
+        k, v = dequantize_layer(segments, n_tokens, mx.float32)
+        k, v = unrotate(k, rotation, dtype), unrotate(v, rotation, dtype)
+        pad = max(int(capacity) - n_tokens, 0)
+        if pad:
+            B, H = k.shape[:2]
+            k = mx.concatenate([k, mx.zeros((B, H, pad, k.shape[3]), dtype)], 2)
+            v = mx.concatenate([v, mx.zeros((B, H, pad, v.shape[3]), dtype)], 2)
+        return k, v
     ks = [decode(s.keys, s.bits, dtype) for s in segments]
     vs = [decode(s.values, s.bits, dtype) for s in segments]
     index = np.concatenate([np.asarray(s.index) for s in segments])
@@ -311,6 +341,7 @@ def dequantize_layers(
     *,
     capacity: int = 0,
     layers_per_pass: int = 2,
+    rotation: str = "none",
 ) -> list[tuple[mx.array, mx.array]]:
     """:func:`dequantize_layer` for many layers, fast: each token written once.
 
@@ -323,7 +354,8 @@ def dequantize_layers(
     and their rows copied into place. Row-major matters: attention over a
     token-major cache (what ``mx.take`` along the token axis returns) ran ~3x
     slower per decoding step. Results equal :func:`dequantize_layer`'s bit
-    for bit.
+    for bit. A ``rotation`` is undone in place (numpy, float32) before any
+    cast to ``dtype``.
 
     Returns:
         Per layer, evaluated (B, H, max(T, capacity), D) keys and values.
@@ -332,6 +364,7 @@ def dequantize_layers(
     n_pos = max(int(capacity), T)
     for li, layer in enumerate(layers):
         _check_cover(layer, T, li)
+    check_rotation(rotation)
     scratch = {"keys": np.empty(0, np.float32), "values": np.empty(0, np.float32)}
 
     def fill(chunk, kv, dst):  # numpy only, so keys and values run in parallel
@@ -344,6 +377,10 @@ def dequantize_layers(
             scratch[kv] = np.empty(dst[0][..., :T, :].size * len(chunk), np.float32)
         for key, items in buckets.items():
             _write_bucket(key, items, dst, scratch[kv])
+        for d in dst:
+            r = rotation_matrix(rotation, d.shape[-1])
+            if r is not None:
+                d[..., :T, :] = d[..., :T, :] @ r.T
 
     out: list[tuple[mx.array, mx.array]] = []
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
@@ -374,7 +411,11 @@ def dequantize_layers(
 
 def dequantize_cache(qkv: QuantizedKV, dtype=mx.float32):
     """All layers of a :class:`QuantizedKV` as lists of (B, H, T, D) keys, values."""
-    pairs = [dequantize_layer(layer, qkv.n_tokens, dtype) for layer in qkv.layers]
+    rot = qkv.config.rotation
+    pairs = [
+        dequantize_layer(layer, qkv.n_tokens, dtype, rotation=rot)
+        for layer in qkv.layers
+    ]
     return [k for k, _ in pairs], [v for _, v in pairs]
 
 
@@ -421,6 +462,10 @@ def quantize_cache(
     """
     config = config or QuantConfig()
     B, H, T, dk, dv = check_kv(keys, values)
+    if config.rotation != "none":  # quantize in the rotated basis
+        check_rotation(config.rotation, dk, dv)
+        keys = [rotate(k, config.rotation) for k in keys]
+        values = [rotate(v, config.rotation) for v in values]
     return controllers.quantize_with(
         keys,
         values,

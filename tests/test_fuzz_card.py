@@ -231,9 +231,10 @@ def test_deeply_nested_user_metadata():
 @pytest.mark.parametrize("where", ["header", "card"])
 def test_version_from_the_future(where):
     _, m, t = F.parts(ORIGINAL)
+    future = C.FORMAT_VERSION + 1
     if where == "card":
-        m["version"] = 2
-    data = F.forge(m, t, version="2" if where == "header" else "1")
+        m["version"] = future
+    data = F.forge(m, t, version=str(future) if where == "header" else "1")
     _raises(data, CardFormatError, "version" if where == "header" else "format/version")
 
 
@@ -331,7 +332,7 @@ def test_header_json_is_what_the_writer_produces():
     # the fuzz helpers must start from a layout the writer really emits
     header, _ = F.split(ORIGINAL)
     assert F.header_bytes(header) == ORIGINAL[8 : F._region(ORIGINAL)[1]]
-    assert json.loads(header["__metadata__"]["card"])["version"] == C.FORMAT_VERSION
+    assert json.loads(header["__metadata__"]["card"])["version"] == 1  # no rotation
 
 
 def test_every_error_is_a_card_error():
@@ -344,3 +345,15 @@ def test_every_error_is_a_card_error():
                 _load(data)
             except CardError:
                 pass
+
+
+@pytest.mark.parametrize("rotation, version", [("hadamard", "1"), ("none", "2")])
+def test_version_must_match_the_rotation(rotation, version):
+    # a rotated card claiming version 1 would be misread by a version-1 reader
+    _, m, t = F.parts(ORIGINAL)
+    m["version"] = int(version)
+    if rotation != "none":
+        m["quant"]["config"]["rotation"] = rotation
+    else:
+        m["quant"]["config"].pop("rotation", None)
+    _raises(F.forge(m, t, version=version), CardFormatError, "rotation")

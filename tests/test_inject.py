@@ -70,11 +70,15 @@ def test_float32_card_continues_like_no_handoff(model, ids, mode):
     )
 
 
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
 @pytest.mark.parametrize("mode", ["dequantize", "compressed"])
-def test_offset_continues_rope(model, ids, mode):
+def test_offset_continues_rope(model, ids, mode, rotation):
     # card of the first N tokens + feeding the rest == prefill of everything
+    # (a rotated float32 card: exact up to float32 rounding of the rotation)
     n = 100
-    card, _ = card_of(model, ids[:n])
+    config = QuantConfig(float_dtype="float32", rotation=rotation)
+    card, _ = card_of(model, ids[:n], config=config)
+    assert card.quant["config"].get("rotation", "none") == rotation
     cache = inject(card, model, mode=mode)
     assert cache[0].offset == n
     got = last_logits(model, cache, ids[n:])

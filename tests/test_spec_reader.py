@@ -31,10 +31,12 @@ def spec_header(data: bytes) -> tuple[dict, dict]:
     return header.pop("__metadata__"), header
 
 
-def spec_checksum(card_text: str, tensors: dict[str, np.ndarray], header) -> str:
+def spec_checksum(
+    card_text: str, tensors: dict[str, np.ndarray], header, header_version="1"
+) -> str:
     """Section 6, byte for byte."""
     u64 = lambda x: struct.pack("<Q", x)  # noqa: E731
-    h = hashlib.sha256(b"qkvshare.cachecard/1\n")
+    h = hashlib.sha256(f"qkvshare.cachecard/{header_version}\n".encode())
     c = card_text.encode("utf-8")
     h.update(u64(len(c)) + c)
     for name in sorted(tensors):
@@ -102,13 +104,34 @@ def spec_decode(sl: Slicer, enc: dict, bits: int, shape) -> np.ndarray:
     return x
 
 
+def spec_rotation(dim: int) -> np.ndarray:
+    """Section 5.1: the randomized Hadamard matrix R (D, D)."""
+    stream = b""
+    counter = 0
+    while len(stream) * 8 < dim:
+        stream += hashlib.sha256(
+            f"qkvshare-mlx/hadamard/{dim}/{counter}".encode()
+        ).digest()
+        counter += 1
+    bit = lambda i: (stream[i // 8] >> (7 - i % 8)) & 1  # noqa: E731
+    signs = np.array([-1.0 if bit(i) else 1.0 for i in range(dim)])
+    h = np.array([[1.0]])
+    while h.shape[0] < dim:
+        h = np.block([[h, h], [h, -h]])
+    return signs[:, None] * h / np.sqrt(dim)
+
+
 def spec_read(data: bytes):
     """Decode a card into (meta, tokens, [K per layer], [V per layer])."""
     meta, header = spec_header(data)
-    assert meta["format"] == "qkvshare.cachecard" and meta["version"] == "1"
+    assert meta["format"] == "qkvshare.cachecard" and meta["version"] in ("1", "2")
     card = json.loads(meta["card"])
+    assert card["version"] == int(meta["version"])
     tensors = st_load(data)
-    assert spec_checksum(meta["card"], tensors, header) == meta["sha256"]
+    checksum = spec_checksum(meta["card"], tensors, header, meta["version"])
+    assert checksum == meta["sha256"]
+    rotation = card["quant"]["config"].get("rotation", "none")
+    assert (rotation != "none") == (meta["version"] == "2")
     c = card["cache"]
     T, B, H = c["n_tokens"], c["batch"], c["n_kv_heads"]
     float_dtype = {"float16": np.float16, "float32": np.float32}[
@@ -132,6 +155,9 @@ def spec_read(data: bytes):
         v = np.empty((c["batch"], c["n_kv_heads"], T, c["head_dim_v"]), np.float32)
         k[:, :, idx] = np.concatenate(parts_k, axis=2)
         v[:, :, idx] = np.concatenate(parts_v, axis=2)
+        if rotation == "hadamard":  # stored rows are x @ R
+            k = (k @ spec_rotation(k.shape[-1]).T).astype(np.float32)
+            v = (v @ spec_rotation(v.shape[-1]).T).astype(np.float32)
         keys.append(k)
         values.append(v)
     return card, tensors["tokens"], keys, values
@@ -163,6 +189,9 @@ CASES = [
     # Menus that force float tokens next to straddling code widths.
     ("saliency", 8.0, QuantConfig(widths=(3, 5, 16), float_dtype="float32")),
     ("sink-recent", 9.0, QuantConfig(widths=(3, 6, 16), key_layout="token")),
+    # Version 2: rotated before quantizing.
+    ("saliency", 3.5, QuantConfig(rotation="hadamard")),
+    ("uniform", 4.5, QuantConfig(rotation="hadamard", key_layout="token")),
 ]
 
 
@@ -182,8 +211,11 @@ def test_spec_reader_matches_mlx_path(controller, budget, config):
     assert meta["cache"]["n_tokens"] == T
     k_mlx, v_mlx = dequantize_cache(qkv, mx.float32)
     for li in range(len(ks)):
-        assert np.abs(k_spec[li] - np.array(k_mlx[li])).max() <= 1e-6
-        assert np.abs(v_spec[li] - np.array(v_mlx[li])).max() <= 1e-6
+        for got, want in ((k_spec[li], k_mlx[li]), (v_spec[li], v_mlx[li])):
+            want = np.array(want)
+            # un-rotated in float64 here, float32 there: float32 rounding apart
+            tol = 1e-6 if config.rotation == "none" else 1e-6 * np.abs(want).max()
+            assert np.abs(got - want).max() <= tol
         # And the result is a real reconstruction, not two equal wrong answers.
         assert np.abs(k_spec[li] - np.array(ks[li])).mean() < 0.5
 

@@ -36,6 +36,7 @@ from ..controllers import CONTROLLERS, HandoffPlan
 from ..errors import ConfigError
 from ..formats import GROUP_SIZES, KEY_LAYOUTS, QuantConfig
 from ..inject import MODES, POLICIES
+from ..rotation import ROTATIONS
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         choices=KEY_LAYOUTS,
         default="channel",
         help="group keys per channel (KIVI) or per token",
+    )
+    s.add_argument(
+        "--rotation",
+        choices=ROTATIONS,
+        default="none",
+        help="rotate K/V by a Hadamard matrix before quantizing (lower error "
+        "at 3-6 bits; power-of-two head dims)",
     )
     s.add_argument(
         "--hops-remaining",
@@ -156,6 +164,7 @@ def _quant_config(args) -> QuantConfig:
         group_size=args.group_size,
         key_layout=args.key_layout,
         key_group=args.group_size,
+        rotation=args.rotation,
     )
 
 

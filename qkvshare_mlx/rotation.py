@@ -1,0 +1,69 @@
+"""Orthogonal rotations of the head dimension, applied before quantization.
+
+A few channels of keys (and some of values) carry most of the magnitude;
+with per-group scales those outliers waste the code range of the whole
+group. Multiplying each token's (D,) vector by an orthogonal matrix R
+spreads every outlier over all channels, so the groups quantize with less
+error (QuaRot, arXiv:2404.00456, rotates the KV cache the same way). The
+receiver undoes it after decoding, ``x = x_rot @ R.T``, so attention sees
+the original basis: nothing in the model changes.
+
+R is a randomized Hadamard matrix, ``R = diag(s) @ H_D / sqrt(D)`` (Sylvester
+construction, D a power of two), with signs ``s`` taken from the bits of
+SHA-256(b"qkvshare-mlx/hadamard/<D>"), so a card names its rotation with one
+word and every reader rebuilds the same matrix. This module knows nothing
+about MLX: it returns numpy matrices; callers multiply in their own library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import ConfigError
+
+ROTATIONS = ("none", "hadamard")
+
+
+def check_rotation(kind: str, *dims: int) -> None:
+    """Raise ConfigError unless ``kind`` is known and fits every head dim."""
+    if kind not in ROTATIONS:
+        raise ConfigError(f"rotation must be one of {list(ROTATIONS)} but got {kind!r}")
+    if kind == "hadamard":
+        for d in dims:
+            if d < 1 or d & (d - 1):
+                raise ConfigError(
+                    f"rotation 'hadamard' needs power-of-two head dims, got {d}"
+                )
+
+
+def _signs(dim: int) -> np.ndarray:
+    bits = np.zeros(0, np.uint8)
+    counter = 0
+    while bits.size < dim:
+        digest = hashlib.sha256(f"qkvshare-mlx/hadamard/{dim}/{counter}".encode())
+        bits = np.concatenate(
+            [bits, np.unpackbits(np.frombuffer(digest.digest(), np.uint8))]
+        )
+        counter += 1
+    return np.where(bits[:dim] == 1, -1.0, 1.0)
+
+
+@lru_cache(maxsize=16)
+def rotation_matrix(kind: str, dim: int) -> np.ndarray | None:
+    """The (D, D) float32 orthogonal matrix of a rotation (None for "none").
+
+    Rows are stored rotated as ``x @ R``; ``x_rot @ R.T`` undoes it.
+    The returned array is read-only (shared by the cache).
+    """
+    check_rotation(kind, dim)
+    if kind == "none":
+        return None
+    h = np.ones((1, 1))
+    while h.shape[0] < dim:
+        h = np.block([[h, h], [h, -h]])
+    r = (_signs(dim)[:, None] * h / np.sqrt(dim)).astype(np.float32)
+    r.setflags(write=False)
+    return r
