@@ -90,13 +90,26 @@ class Handoff:
         if self.mode not in TEXT_MODES and self.budget_bits is None:
             raise ConfigError(f"handoff mode {self.mode!r} needs budget_bits")
 
+    @classmethod
+    def named(cls, name: str, budget_bits: float | None = None) -> Handoff:
+        """A handoff from its :attr:`name`: a mode, optionally with a
+        rotation suffix (``"saliency+hadamard"``)."""
+        mode, plus, rotation = name.partition("+")
+        return cls(mode, budget_bits, QuantConfig(rotation=rotation) if plus else None)
+
+    @property
+    def name(self) -> str:
+        """The mode, plus ``+<rotation>`` when the cards are rotated."""
+        rotation = self.config.rotation if self.config is not None else "none"
+        return self.mode if rotation == "none" else f"{self.mode}+{rotation}"
+
     @property
     def uses_cards(self) -> bool:
         return self.mode not in TEXT_MODES
 
     @property
     def label(self) -> str:
-        return self.mode if not self.uses_cards else f"{self.mode}@{self.budget_bits}"
+        return self.name if not self.uses_cards else f"{self.name}@{self.budget_bits}"
 
 
 # ----------------------------------------------------------------------------

@@ -318,3 +318,20 @@ def test_bench_report_averages_complete_problems(tmp_path):
     assert json.loads((tmp_path / "out.json").read_text())["rows"] == res["rows"]
     for p in res["plots"]:
         assert Path(p).stat().st_size > 1000
+
+
+def test_handoff_names_carry_the_rotation():
+    h = A.Handoff.named("saliency+hadamard", 3.0)
+    assert h.mode == "saliency" and h.config.rotation == "hadamard"
+    assert h.name == "saliency+hadamard" and h.label == "saliency+hadamard@3.0"
+    assert A.Handoff.named("uniform", 4.0).name == "uniform"
+    for bad in ("saliency+spin", "bogus+hadamard"):
+        with pytest.raises(ConfigError):
+            A.Handoff.named(bad, 3.0)
+
+
+def test_rotated_chain_keeps_hop1_codes(tiny):
+    """A rotated handoff runs a whole chain; inherited codes stay identical."""
+    run = _chain(tiny, A.Handoff.named("saliency+hadamard", 4.0), hops=3)
+    assert all(c.quant["config"]["rotation"] == "hadamard" for c in run.cards)
+    assert A.inherited_bits_identical(run.cards[0], run.cards[-1])

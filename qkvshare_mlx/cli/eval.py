@@ -24,6 +24,9 @@ Per problem, in one process:
    exact run, first generated token of the answerer that differs from the
    exact run's.
 
+Controller names may carry a rotation (``saliency+hadamard``: cards quantized
+after a Hadamard rotation, ``QuantConfig.rotation``).
+
 Resumable: every result is appended to ``--state`` (JSON lines keyed by
 kind, problem, mode, budget, hops); a rerun skips what is done. ``--report``
 only aggregates the state into ``--json``, a markdown table beside it and
@@ -200,9 +203,10 @@ def teacher_forced(state, ctx, i, ref, progress) -> None:
             if (c, b) not in todo:
                 progress.step()
                 continue
-            handoff = A.Handoff(c, b)
+            handoff = A.Handoff.named(c, b)
             # topology plans for the chain's own length: one replay per depth
-            groups = [(h,) for h in ctx.hops] if c == "topology" else [tuple(ctx.hops)]
+            topology = handoff.mode == "topology"
+            groups = [(h,) for h in ctx.hops] if topology else [tuple(ctx.hops)]
             for finals in groups:
                 res = A.replay_cards(
                     ctx.model, ctx.tokenizer, ref, handoff, finals, pre, ref_logits
@@ -243,7 +247,7 @@ def generated(state, ctx, i, problem, ref, progress) -> None:
                 }
             )
     todo = [
-        A.Handoff(c, b)
+        A.Handoff.named(c, b)
         for c in ctx.gen_controllers
         for b in ctx.budgets
         if not all(("gen", i, c, b, h) in state for h in ctx.gen_hops)
@@ -277,7 +281,7 @@ def generated(state, ctx, i, problem, ref, progress) -> None:
                 pred = gsm8k.extract_answer(f["text"])
                 exact = gsm8k.extract_answer(ref.finals[h]["text"])
                 card = run.hops[h - 1]
-                mode = "exact-batched" if handoff.mode == "exact" else handoff.mode
+                mode = "exact-batched" if handoff.mode == "exact" else handoff.name
                 state.add(
                     {
                         "kind": "gen",
