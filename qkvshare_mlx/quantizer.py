@@ -378,9 +378,7 @@ def dequantize_layers(
         for key, items in buckets.items():
             _write_bucket(key, items, dst, scratch[kv])
         for d in dst:
-            r = rotation_matrix(rotation, d.shape[-1])
-            if r is not None:
-                d[..., :T, :] = d[..., :T, :] @ r.T
+            _unrotate_rows(d, T, rotation)
 
     out: list[tuple[mx.array, mx.array]] = []
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
@@ -407,6 +405,26 @@ def dequantize_layers(
             mx.eval(pair)
             out += list(zip(*pair))
     return out
+
+
+def _unrotate_rows(d: np.ndarray, T: int, rotation: str, chunk: int = 1024) -> None:
+    """Undo a rotation in place on rows ``:T`` of a (B, H, n, D) float32 view.
+
+    Chunk by chunk through a small scratch buffer (cache-resident, no fresh
+    pages), each row range of one head being contiguous."""
+    r = rotation_matrix(rotation, d.shape[-1])
+    if r is None:
+        return
+    rt = np.ascontiguousarray(r.T)
+    scratch = np.empty((min(chunk, T), d.shape[-1]), np.float32)
+    B, H = d.shape[:2]
+    for b in range(B):
+        for h in range(H):
+            for a in range(0, T, chunk):
+                rows = d[b, h, a : min(a + chunk, T)]
+                out = scratch[: rows.shape[0]]
+                np.matmul(rows, rt, out=out)
+                rows[...] = out
 
 
 def dequantize_cache(qkv: QuantizedKV, dtype=mx.float32):
