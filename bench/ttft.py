@@ -14,7 +14,9 @@ token:
   ``QuantizedKVCache``);
 - ``card_exact`` (16-bit), ``card_uniform4`` (4.5 effective bits),
   ``card_adaptive`` (saliency, 3 effective bits), each injected in
-  ``dequantize`` and ``compressed`` mode.
+  ``dequantize`` and ``compressed`` mode; ``card_adaptive_rot``, the same
+  with ``rotation="hadamard"``, in ``dequantize`` mode, in memory only (what
+  undoing the rotation costs).
 
 File-based modes cross every transport: ``memory`` (bytes in this process;
 mlx-lm's file goes through an in-memory file object), ``file`` (a local file:
@@ -70,6 +72,7 @@ from mlx_lm.models.cache import (
 from qkvshare_mlx import card as card_mod
 from qkvshare_mlx.capture import fingerprint, prefill
 from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.inject import align, inject, model_dtype
 from qkvshare_mlx.models import load_model
 from qkvshare_mlx.quantizer import quantize_cache
@@ -81,11 +84,15 @@ ROLE = (
     "and checker agents, find any arithmetic mistakes, and state the final "
     "answer of the last problem as a single number.\nReviewer:"
 )
-CARD_MODES = {  # name: (controller, budget_bits)
-    "card_exact": ("uniform", 16.0),
-    "card_uniform4": ("uniform", 4.5),
-    "card_adaptive": ("saliency", 3.0),
+CARD_MODES = {  # name: (controller, budget_bits, rotation)
+    "card_exact": ("uniform", 16.0, "none"),
+    "card_uniform4": ("uniform", 4.5, "none"),
+    "card_adaptive": ("saliency", 3.0, "none"),
+    "card_adaptive_rot": ("saliency", 3.0, "hadamard"),
 }
+# (injection modes, transports) where not all are run (time budget): the
+# rotated card only shows what undoing the rotation costs
+CARD_ONLY = {"card_adaptive_rot": (("dequantize",), ("memory",))}
 MLX_MODES = {
     "mlx_prompt_cache": None,
     "mlx_prompt_cache_q8": 8,
@@ -448,10 +455,15 @@ def sweep_context(model, tokenizer, fp, n_ctx, args, link, skip_reprefill):
             "card_bytes": len(buf.getvalue()),
         }
     cards = {}
-    for name, (controller, budget) in CARD_MODES.items():
+    for name, (controller, budget, rotation) in CARD_MODES.items():
         t0 = time.perf_counter()
         qkv = quantize_cache(
-            keys, values, controller=controller, budget_bits=budget, stats=pre.stats
+            keys,
+            values,
+            controller=controller,
+            budget_bits=budget,
+            stats=pre.stats,
+            config=QuantConfig(rotation=rotation),
         )
         cards[name] = CacheCard.from_quantized(qkv, ids, fp, dtype="float32")
         info[name] = {
@@ -482,8 +494,12 @@ def sweep_context(model, tokenizer, fp, n_ctx, args, link, skip_reprefill):
                 )
             )
     for name in CARD_MODES:
-        for inj in ("dequantize", "compressed"):
-            for tr in ("memory", "file") + dist.get(name, ()):
+        injs, trs = CARD_ONLY.get(
+            name,
+            (("dequantize", "compressed"), ("memory", "file") + dist.get(name, ())),
+        )
+        for inj in injs:
+            for tr in trs:
                 jobs.append(
                     (
                         f"{name}/{inj}",
@@ -621,12 +637,12 @@ def acceptance(rows) -> list[dict]:
                 return r["ttft_ms"][stat]
         return None
 
-    def best(ctx, prefix, transports, stat):
+    def best(ctx, base, transports, stat):
         vals = [
             (r["ttft_ms"][stat], r["mode"], r["transport"])
             for r in rows
             if r["context"] == ctx
-            and r["mode"].startswith(prefix)
+            and r["mode"].split("/")[0] == base
             and r["transport"] in transports
         ]
         return min(vals) if vals else None
