@@ -380,16 +380,25 @@ def dequantize_layers(
         for d in dst:
             _unrotate_rows(d, T, rotation)
 
+    def alloc(chunk):
+        bufs = {}
+        for kv in ("keys", "values"):
+            B, H, D = _row_shape(getattr(chunk[0][0], kv), chunk[0][0].bits)
+            bufs[kv] = [mx.zeros((B, H, n_pos, D), mx.float32) for _ in chunk]
+        mx.async_eval(bufs)
+        return bufs
+
     out: list[tuple[mx.array, mx.array]] = []
+    step = max(layers_per_pass, 1)
+    chunks = [layers[c0 : c0 + step] for c0 in range(0, len(layers), step)]
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
-        for c0 in range(0, len(layers), max(layers_per_pass, 1)):
-            chunk = layers[c0 : c0 + layers_per_pass]
-            # 1. the final buffers, allocated and zeroed by MLX
-            bufs = {}
-            for kv in ("keys", "values"):
-                B, H, D = _row_shape(getattr(chunk[0][0], kv), chunk[0][0].bits)
-                bufs[kv] = [mx.zeros((B, H, n_pos, D), mx.float32) for _ in chunk]
+        ahead = alloc(chunks[0]) if chunks else None
+        for ci, chunk in enumerate(chunks):
+            # 1. the final buffers, allocated and zeroed by MLX on its own
+            # thread while numpy decodes the previous chunk (fresh pages)
+            bufs = ahead
             mx.eval(bufs)
+            ahead = alloc(chunks[ci + 1]) if ci + 1 < len(chunks) else None
             # 2. numpy writes every token's row into them, through views
             jobs = [
                 pool.submit(fill, chunk, kv, [_host_view(a) for a in bufs[kv]])
