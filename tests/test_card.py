@@ -409,6 +409,11 @@ def test_inspect_reports_verified_figures(tmp_path, capsys):
     assert out["tokens"]["count"] == 70
     assert sum(w["tokens"] for w in out["widths"].values()) == 2 * 70
     assert out == json.loads(json.dumps(summarize(card, file_bytes=size)))
+    assert out["format_version"] == 1
+    rotated, _ = make_card(L=2, T=70, config=QuantConfig(rotation="hadamard"))
+    path = rotated.save(tmp_path / "r.card")
+    assert cli_main(["inspect", str(path)]) == 0
+    assert "rotation hadamard  (format v2)" in capsys.readouterr().out
 
 
 def test_inspect_fails_on_a_tampered_card(tmp_path, capsys):

@@ -43,6 +43,7 @@ def summarize(
     total = max(sum(widths.values()), 1)
     quant = card.quant
     return {
+        "format_version": card.version,
         "model": card.model,
         "producer": card.producer,
         "cache": card.cache,
@@ -125,7 +126,9 @@ def _format_text(s: dict, model_check: list[str] | None) -> str:
         lines.append(f"preview    {s['tokens']['preview']!r}")
     lines += [
         f"segments   {s['layers']['segments']} in {s['layers']['count']} layers",
-        f"controller {q['controller']}  budget {q['budget_bits']}",
+        f"controller {q['controller']}  budget {q['budget_bits']}  "
+        f"rotation {(q['config'] or {}).get('rotation', 'none')}  "
+        f"(format v{s['format_version']})",
         f"bits       effective {q['effective_bits']:.3f}  nominal {q['nominal_bits']}",
         "widths     "
         + "  ".join(
