@@ -11,7 +11,8 @@ with the quantized cache and with the exact one. Reported per row:
   queries, never seen by the controller), relative, mean over layers;
 - KL(exact || quantized) of the next-token distribution and top-1 agreement.
 
-Also: the key-layout ablation (per-token vs per-channel keys) and the
+Also: the key-layout ablation (per-token vs per-channel keys), the rotation
+ablation (``QuantConfig(rotation="hadamard")``) and the
 quantization time against the sender's prefill time at 1K/4K/8K contexts.
 
     python bench/quantize.py --quick              # < 60 s
@@ -167,6 +168,7 @@ def run_grid(model, contexts, controllers, budgets, config, label):
                 "controller": controller,
                 "budget_bits": budget,
                 "key_layout": config.key_layout,
+                "rotation": config.rotation,
                 "config": label,
                 "contexts": len(contexts),
                 "quantize_ms": 1000 * float(np.median(t_quant)),
@@ -316,6 +318,8 @@ def main():
     layout = QuantConfig(key_layout="token")
     ablation_ctrl = [c for c in ("uniform", "saliency") if c in controllers]
     rows += run_grid(model, contexts, ablation_ctrl, budgets, layout, "tokenkey")
+    rotated = QuantConfig(rotation="hadamard")
+    rows += run_grid(model, contexts, ablation_ctrl, budgets, rotated, "hadamard")
     speed = throughput(model, tokenizer, lengths, "saliency", 3.0) if lengths else []
 
     result = {
@@ -338,11 +342,15 @@ def main():
     if args.plot and not args.quick:
         plot(rows, args.plot)
 
-    print("\n| controller | keys | budget | eff. bits | KL | top-1 | attn-out err |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| controller | keys | rotation | budget | eff. bits | KL | top-1 "
+        "| attn-out err |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['controller']} | {r['key_layout']} | {r['budget_bits']} | "
+            f"| {r['controller']} | {r['key_layout']} | {r['rotation']} | "
+            f"{r['budget_bits']} | "
             f"{r['effective_bits']:.3f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
             f"{(r['attn_out_rel_err'] or 0):.3f} |"
         )
