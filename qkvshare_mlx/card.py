@@ -937,6 +937,8 @@ def _check_quant(quant: dict) -> None:
     for key, default in {**defaults, **optional}.items():
         if key in cfg:
             _req(cfg, key, type(default), "quant.config")
+    if cfg.get("rotation") == "none":  # one spelling: no rotation, no key
+        raise CardFormatError("quant.config.rotation: 'none' is written as no key")
     widths = cfg["widths"]
     if not all(type(b) is int for b in widths):
         raise CardFormatError(f"quant.config.widths: expected ints, got {widths!r:.60}")

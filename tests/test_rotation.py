@@ -214,11 +214,13 @@ def test_inheritance_keeps_codes_and_one_rotation():
         )
 
 
-@pytest.mark.parametrize("value", ["bogus", 3, None])
-def test_forged_rotation_is_refused(value):
+@pytest.mark.parametrize(
+    "value, version", [("bogus", 2), (3, 2), (None, 2), ("none", 1)]
+)
+def test_forged_rotation_is_refused(value, version):
     _, m, t = F.parts(F.small_card_bytes(0))
     m["quant"]["config"]["rotation"] = value
-    m["version"] = 2  # as a writer would: any rotation is version 2
+    m["version"] = version
     with pytest.raises(CardFormatError, match="rotation"):
         CacheCard.from_bytes(F.forge(m, t))
 
