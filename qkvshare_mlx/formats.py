@@ -178,8 +178,8 @@ class QuantConfig:
             "float_dtype": self.float_dtype,
             "widths": list(self.widths),
             "adaptive_groups": self.adaptive_groups,
-            # written only when used: readers without rotation support then
-            # reject the card (unknown config key) instead of misreading it
+            # written only when used: unrotated cards stay format version 1,
+            # byte for byte; rotated ones are version 2 (card.READ_VERSIONS)
             **({"rotation": self.rotation} if self.rotation != "none" else {}),
         }
 
