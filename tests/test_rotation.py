@@ -33,6 +33,18 @@ def outlier_kv(seed=0, T=T, D=D):
     return ks, vs
 
 
+def quantized(ks, vs, config=None, controller="uniform", budget=4.0, **kw):
+    """quantize_cache of per-layer numpy K/V (as MLX arrays)."""
+    return quantize_cache(
+        [mx.array(k) for k in ks],
+        [mx.array(v) for v in vs],
+        controller=controller,
+        budget_bits=budget,
+        config=config,
+        **kw,
+    )
+
+
 def mse(a, b):
     return float(np.mean((np.asarray(a, dtype=np.float64) - b) ** 2))
 
@@ -79,13 +91,8 @@ def test_rotation_lowers_key_error_with_outlier_channels(layout):
     err = {}
     for rot in ("none", "hadamard"):
         cfg = QuantConfig(rotation=rot, key_layout=layout, adaptive_groups=False)
-        q = quantize_cache(
-            [mx.array(k) for k in ks],
-            [mx.array(v) for v in vs],
-            controller="uniform",
-            budget_bits=4.0,  # 3-bit codes (at 2 bits zeroing quiet channels wins)
-            config=cfg,
-        )
+        # 4.0: 3-bit codes (at 2 bits zeroing quiet channels wins)
+        q = quantized(ks, vs, cfg, budget=4.0)
         dk, dv = dequantize_cache(q)
         err[rot] = (mse(dk[0], ks[0]), mse(dv[0], vs[0]))
     # loud channels stretch per-token groups; per-channel groups suffer less
@@ -105,14 +112,7 @@ def test_rotated_card_reads_the_same_everywhere():
     ks, vs = outlier_kv(1)
     stats = TokenStats(attention=np.random.default_rng(1).random((L, T)) ** 3)
     cfg = QuantConfig(rotation="hadamard")
-    q = quantize_cache(
-        [mx.array(k) for k in ks],
-        [mx.array(v) for v in vs],
-        controller="saliency",
-        budget_bits=3.5,
-        config=cfg,
-        stats=stats,
-    )
+    q = quantized(ks, vs, cfg, "saliency", 3.5, stats=stats)
     card = CacheCard.from_bytes(_card(q).to_bytes())
     assert card.quant["config"]["rotation"] == "hadamard" and card.version == 2
     ref_k, ref_v = dequantize_cache(card.to_quantized())
@@ -144,25 +144,13 @@ def test_rotated_uniform_card_does_not_use_mlx_quantized_attention():
     ks, vs = outlier_kv(2)
     cfg = QuantConfig(rotation="hadamard", key_layout="token", adaptive_groups=False)
     for rot, cls in (("none", QuantizedKVCache), ("hadamard", MixedQuantizedKVCache)):
-        q = quantize_cache(
-            [mx.array(k) for k in ks],
-            [mx.array(v) for v in vs],
-            controller="uniform",
-            budget_bits=4.0,
-            config=QuantConfig(**{**cfg.__dict__, "rotation": rot}),
-        )
+        q = quantized(ks, vs, QuantConfig(**{**cfg.__dict__, "rotation": rot}))
         assert isinstance(inject(_card(q), mode="compressed")[0], cls)
 
 
 def test_compressed_cache_state_keeps_the_rotation():
     ks, vs = outlier_kv(3)
-    q = quantize_cache(
-        [mx.array(k) for k in ks],
-        [mx.array(v) for v in vs],
-        controller="uniform",
-        budget_bits=4.0,
-        config=QuantConfig(rotation="hadamard"),
-    )
+    q = quantized(ks, vs, QuantConfig(rotation="hadamard"))
     c = inject(_card(q), mode="compressed")[0]
     again = MixedQuantizedKVCache.from_state(c.state, c.meta_state)
     assert again.rotation == "hadamard"
@@ -172,46 +160,19 @@ def test_compressed_cache_state_keeps_the_rotation():
 
 def test_unrotated_cards_keep_the_old_metadata():
     ks, vs = outlier_kv(4)
-    q = quantize_cache(
-        [mx.array(k) for k in ks],
-        [mx.array(v) for v in vs],
-        controller="uniform",
-        budget_bits=4.0,
-    )
-    card = _card(q)
+    card = _card(quantized(ks, vs))
     assert "rotation" not in card.quant["config"] and card.version == 1
 
 
 def test_inheritance_keeps_codes_and_one_rotation():
     ks, vs = outlier_kv(5)
     cfg = QuantConfig(rotation="hadamard")
-    first = quantize_cache(
-        [mx.array(k[..., :60, :]) for k in ks],
-        [mx.array(v[..., :60, :]) for v in vs],
-        controller="uniform",
-        budget_bits=4.0,
-        config=cfg,
-    )
-    full_k, full_v = [mx.array(k) for k in ks], [mx.array(v) for v in vs]
-    later = quantize_cache(
-        full_k,
-        full_v,
-        controller="uniform",
-        budget_bits=3.0,
-        config=cfg,
-        inherited=first,
-    )
+    first = quantized([k[..., :60, :] for k in ks], [v[..., :60, :] for v in vs], cfg)
+    later = quantized(ks, vs, cfg, budget=3.0, inherited=first)
     a, b = dequantize_cache(first), dequantize_cache(later)
     assert np.array_equal(np.asarray(a[0][0]), np.asarray(b[0][0][..., :60, :]))
     with pytest.raises(ConfigError, match="rotation"):
-        quantize_cache(
-            full_k,
-            full_v,
-            controller="uniform",
-            budget_bits=3.0,
-            config=QuantConfig(),
-            inherited=first,
-        )
+        quantized(ks, vs, QuantConfig(), budget=3.0, inherited=first)
 
 
 @pytest.mark.parametrize(
