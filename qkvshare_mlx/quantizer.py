@@ -181,6 +181,14 @@ def unrotate(x: mx.array, rotation: str, dtype=None) -> mx.array:
     return x if dtype is None else x.astype(dtype)
 
 
+def _zero_pad(x: mx.array, pad: int) -> mx.array:
+    """(B, H, T, D) ``x`` with ``pad`` zero positions appended along T."""
+    if not pad:
+        return x
+    B, H, _, D = x.shape
+    return mx.concatenate([x, mx.zeros((B, H, pad, D), x.dtype)], axis=2)
+
+
 def dequantize_layer(
     segments: list[Segment],
     n_tokens: int,
@@ -205,11 +213,7 @@ def dequantize_layer(
         k, v = dequantize_layer(segments, n_tokens, mx.float32)
         k, v = unrotate(k, rotation, dtype), unrotate(v, rotation, dtype)
         pad = max(int(capacity) - n_tokens, 0)
-        if pad:
-            B, H = k.shape[:2]
-            k = mx.concatenate([k, mx.zeros((B, H, pad, k.shape[3]), dtype)], 2)
-            v = mx.concatenate([v, mx.zeros((B, H, pad, v.shape[3]), dtype)], 2)
-        return k, v
+        return _zero_pad(k, pad), _zero_pad(v, pad)
     ks = [decode(s.keys, s.bits, dtype) for s in segments]
     vs = [decode(s.values, s.bits, dtype) for s in segments]
     index = np.concatenate([np.asarray(s.index) for s in segments])
@@ -219,13 +223,8 @@ def dequantize_layer(
         )
     pad = max(int(capacity) - n_tokens, 0)
     in_order = len(segments) == 1 and np.array_equal(index, np.arange(n_tokens))
-    if in_order and not pad:
-        return ks[0], vs[0]
     if in_order:
-        B, H = ks[0].shape[:2]
-        k = mx.concatenate([ks[0], mx.zeros((B, H, pad, ks[0].shape[3]), dtype)], 2)
-        v = mx.concatenate([vs[0], mx.zeros((B, H, pad, vs[0].shape[3]), dtype)], 2)
-        return k, v
+        return _zero_pad(ks[0], pad), _zero_pad(vs[0], pad)
     order = np.argsort(index, kind="stable").astype(np.int32)
     if pad:
         # positions past T read one appended zero token
