@@ -14,7 +14,10 @@ token:
   ``QuantizedKVCache``);
 - ``card_exact`` (16-bit), ``card_uniform4`` (4.5 effective bits),
   ``card_adaptive`` (saliency, 3 effective bits), each injected in
-  ``dequantize`` and ``compressed`` mode; ``card_adaptive_rot``, the same
+  ``dequantize`` and ``compressed`` mode (``card_adaptive`` in ``stream``
+  mode too: the decode overlaps the suffix forward, so its ``inject_ms`` is
+  only the allocation and the rest hides in ``suffix_prefill_ms``);
+  ``card_adaptive_rot``, the same
   with ``rotation="hadamard"``, in ``dequantize`` mode, in memory only (what
   undoing the rotation costs).
 
@@ -94,6 +97,8 @@ CARD_MODES = {  # name: (controller, budget_bits, rotation)
 # (injection modes, transports) where not all are run (time budget): the
 # rotated card only shows what undoing the rotation costs
 CARD_ONLY = {"card_adaptive_rot": (("dequantize",), ("memory",))}
+CARD_INJECT = ("dequantize", "compressed")
+CARD_INJECT_ALL = {"card_adaptive": ("dequantize", "stream", "compressed")}
 MLX_MODES = {
     "mlx_prompt_cache": None,
     "mlx_prompt_cache_q8": 8,
@@ -497,7 +502,10 @@ def sweep_context(model, tokenizer, fp, n_ctx, args, link, skip_reprefill):
     for name in CARD_MODES:
         injs, trs = CARD_ONLY.get(
             name,
-            (("dequantize", "compressed"), ("memory", "file") + dist.get(name, ())),
+            (
+                CARD_INJECT_ALL.get(name, CARD_INJECT),
+                ("memory", "file") + dist.get(name, ()),
+            ),
         )
         for inj in injs:
             for tr in trs:

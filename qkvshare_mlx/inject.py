@@ -7,6 +7,10 @@
 - ``mode="dequantize"``: a plain ``mlx_lm.models.cache.KVCache`` per layer,
   keys and values decoded once into the model dtype. Fastest decoding; the
   cache takes full float memory.
+- ``mode="stream"``: the same ``KVCache`` contents, decoded layer by layer on
+  a background thread while the receiver's forward runs (each layer waits
+  for its own rows on first use, then is a plain ``KVCache``). Same result
+  as ``dequantize``, bit for bit; the decode overlaps the suffix prefill.
 - ``mode="compressed"``: the card stays quantized in memory. A card whose
   every layer is one uniform token-layout segment (one width, equal K/V group
   sizes, a width mlx-lm supports) becomes mlx-lm's own ``QuantizedKVCache``
@@ -46,13 +50,72 @@ from .errors import (
     PromptMismatchError,
 )
 from .formats import FLOAT_BITS, Encoded, QuantizedKV, Segment
-from .quantizer import decode, dequantize_layers, unrotate
+from .quantizer import decode, dequantize_layers, stream_layers, unrotate
 from .rotation import check_rotation
 
-MODES = ("dequantize", "compressed")
+MODES = ("dequantize", "stream", "compressed")
 POLICIES = ("prefix", "strict")
 QUANTIZED_KV_BITS = (2, 3, 4, 5, 6, 8)  # widths mlx-lm's QuantizedKVCache runs
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+# ----------------------------------------------------------------------------
+# A KVCache whose rows are still being decoded on a background thread.
+
+
+class StreamedKVCache(KVCache):
+    """An mlx-lm ``KVCache`` whose keys/values arrive from a background decode.
+
+    ``offset`` is known at once (the mask and RoPE need it); the first read of
+    ``keys``, ``values`` or ``state`` waits for this layer's decode, after
+    which the object *is* a plain ``KVCache`` (its class is switched back, so
+    mlx-lm's ``save_prompt_cache`` records ``KVCache``). ``update_and_fetch``
+    on a layer not yet decoded first evaluates the forward pass so far, so
+    the model's earlier layers run while this one decodes.
+
+    Args:
+        future: resolves to the layer's evaluated (B, H, capacity, D) float32
+            keys and values (see :func:`~qkvshare_mlx.quantizer.stream_layers`).
+        offset: the number of cached tokens.
+        dtype: the dtype the receiver wants (cast on arrival when not float32).
+    """
+
+    def __init__(self, future, offset: int, dtype=mx.float32):
+        self.__dict__.update(_future=future, _dtype=dtype, offset=offset)
+
+    def _arrive(self) -> None:
+        keys, values = self.__dict__.pop("_future").result()
+        if self._dtype != mx.float32:
+            keys, values = keys.astype(self._dtype), values.astype(self._dtype)
+        del self.__dict__["_dtype"]
+        self.__class__ = KVCache
+        self.keys, self.values = keys, values
+
+    @property
+    def keys(self):
+        self._arrive()
+        return self.keys
+
+    @keys.setter
+    def keys(self, v):
+        self._arrive()
+        self.keys = v
+
+    @property
+    def values(self):
+        self._arrive()
+        return self.values
+
+    @values.setter
+    def values(self, v):
+        self._arrive()
+        self.values = v
+
+    def update_and_fetch(self, keys, values):
+        if not self._future.done():
+            mx.eval(keys, values)  # the layers before this one, while it decodes
+        self._arrive()
+        return self.update_and_fetch(keys, values)
 
 
 # ----------------------------------------------------------------------------
@@ -430,7 +493,9 @@ def inject(
             :class:`~qkvshare_mlx.formats.QuantizedKV` (offset 0).
         model: the receiving mlx-lm model: the card is checked against it
             (ModelMismatchError) and caches take its dtype.
-        mode: ``"dequantize"`` (``KVCache``) or ``"compressed"``
+        mode: ``"dequantize"`` (``KVCache``), ``"stream"`` (the same, decoded
+            on a background thread while the caller's forward runs:
+            :class:`StreamedKVCache`) or ``"compressed"``
             (``QuantizedKVCache`` or :class:`MixedQuantizedKVCache`).
         dtype: dtype of the decoded keys/values (an ``mx.Dtype`` or its name);
             default: the model's, else the card's, else float32.
@@ -482,13 +547,16 @@ def inject(
 
     if offset != 0:
         raise ConfigError(
-            f"card offset {offset}: mode 'dequantize' (mlx-lm KVCache) needs a card "
+            f"card offset {offset}: mode {mode!r} (mlx-lm KVCache) needs a card "
             "starting at position 0; use mode='compressed'"
         )
     # Room for the receiver's next tokens (KVCache's step), made in the same
     # pass that orders the tokens: the first update then writes in place
     # instead of copying the whole cache into a larger buffer.
     capacity = (T // KVCache.step + 1) * KVCache.step
+    if mode == "stream":
+        futures = stream_layers(qkv.layers, T, capacity=capacity, rotation=rotation)
+        return [StreamedKVCache(f, T, dtype) for f in futures]
     caches = []
     for k, v in dequantize_layers(
         qkv.layers, T, dtype, capacity=capacity, rotation=rotation

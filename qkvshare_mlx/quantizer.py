@@ -13,7 +13,7 @@ decided by :mod:`qkvshare_mlx.controllers`.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
@@ -364,26 +364,13 @@ def dequantize_layers(
     for li, layer in enumerate(layers):
         _check_cover(layer, T, li)
     check_rotation(rotation)
-    scratch = {"keys": np.empty(0, np.float32), "values": np.empty(0, np.float32)}
+    scratch = {"keys": [np.empty(0, np.float32)], "values": [np.empty(0, np.float32)]}
 
     def fill(chunk, kv, dst):  # numpy only, so keys and values run in parallel
-        buckets: dict[tuple, list] = {}
-        for li, layer in enumerate(chunk):
-            for s in layer:
-                enc = getattr(s, kv)
-                buckets.setdefault(_bucket_key(enc, s.bits), []).append((li, s, enc))
-        if scratch[kv].size < dst[0][..., :T, :].size * len(chunk):
-            scratch[kv] = np.empty(dst[0][..., :T, :].size * len(chunk), np.float32)
-        for key, items in buckets.items():
-            _write_bucket(key, items, dst, scratch[kv])
-        for d in dst:
-            _unrotate_rows(d, T, rotation)
+        _fill_rows(chunk, kv, dst, T, rotation, scratch[kv])
 
     def alloc(chunk):
-        bufs = {}
-        for kv in ("keys", "values"):
-            B, H, D = _row_shape(getattr(chunk[0][0], kv), chunk[0][0].bits)
-            bufs[kv] = [mx.zeros((B, H, n_pos, D), mx.float32) for _ in chunk]
+        bufs = _alloc_rows(chunk, n_pos)
         mx.async_eval(bufs)
         return bufs
 
@@ -413,6 +400,78 @@ def dequantize_layers(
             mx.eval(pair)
             out += list(zip(*pair))
     return out
+
+
+def _fill_rows(chunk, kv: str, dst: list[np.ndarray], T: int, rotation, scratch):
+    """Decode the ``kv`` ("keys"/"values") rows of a chunk of layers into dst.
+
+    numpy only (it releases the GIL: safe on a worker thread). ``scratch`` is
+    a one-item list holding a float32 buffer, grown and reused across calls.
+    """
+    buckets: dict[tuple, list] = {}
+    for li, layer in enumerate(chunk):
+        for s in layer:
+            enc = getattr(s, kv)
+            buckets.setdefault(_bucket_key(enc, s.bits), []).append((li, s, enc))
+    need = dst[0][..., :T, :].size * len(chunk)
+    if scratch[0].size < need:
+        scratch[0] = np.empty(need, np.float32)
+    for key, items in buckets.items():
+        _write_bucket(key, items, dst, scratch[0])
+    for d in dst:
+        _unrotate_rows(d, T, rotation)
+
+
+def _alloc_rows(chunk, n_pos: int) -> dict[str, list[mx.array]]:
+    """Unevaluated zero (B, H, n_pos, D) float32 buffers per layer of a chunk."""
+    bufs = {}
+    for kv in ("keys", "values"):
+        B, H, D = _row_shape(getattr(chunk[0][0], kv), chunk[0][0].bits)
+        bufs[kv] = [mx.zeros((B, H, n_pos, D), mx.float32) for _ in chunk]
+    return bufs
+
+
+def stream_layers(
+    layers: list[list[Segment]],
+    n_tokens: int,
+    *,
+    capacity: int = 0,
+    rotation: str = "none",
+) -> list[Future]:
+    """:func:`dequantize_layers` on a background thread, layer by layer.
+
+    The (B, H, max(T, capacity), D) float32 buffers of every layer are
+    allocated and zeroed here (MLX, the calling thread); one worker thread
+    then decodes the layers in order straight into them (numpy only, through
+    host views of the evaluated buffers). The caller may run MLX work (the
+    receiver's forward) meanwhile, as long as it reads layer ``i``'s buffers
+    only after ``futures[i].result()``. Results equal :func:`dequantize_layer`'s
+    bit for bit.
+
+    Returns:
+        Per layer, a Future of its evaluated (keys, values).
+    """
+    T = n_tokens
+    n_pos = max(int(capacity), T)
+    for li, layer in enumerate(layers):
+        _check_cover(layer, T, li)
+    check_rotation(rotation)
+    bufs = [_alloc_rows([layer], n_pos) for layer in layers]
+    mx.eval(bufs)
+    views = [
+        {kv: [_host_view(a) for a in b[kv]] for kv in ("keys", "values")} for b in bufs
+    ]
+    scratch = [np.empty(0, np.float32)]
+
+    def decode(li):
+        for kv in ("keys", "values"):
+            _fill_rows([layers[li]], kv, views[li][kv], T, rotation, scratch)
+        return bufs[li]["keys"][0], bufs[li]["values"][0]
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvshare-decode")
+    futures = [pool.submit(decode, li) for li in range(len(layers))]
+    pool.shutdown(wait=False)  # the thread exits once the queue is drained
+    return futures
 
 
 def _unrotate_rows(d: np.ndarray, T: int, rotation: str, chunk: int = 1024) -> None:

@@ -3,15 +3,22 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import KVCache
 from test_capture import TINY, tiny_model
 
 from qkvshare_mlx import codec
 from qkvshare_mlx.capture import fingerprint, prefill
 from qkvshare_mlx.card import CacheCard, _depth
-from qkvshare_mlx.errors import CacheShapeError, CardFormatError
+from qkvshare_mlx.errors import CacheShapeError, CardFormatError, ConfigError
 from qkvshare_mlx.formats import QuantConfig
-from qkvshare_mlx.inject import inject
-from qkvshare_mlx.quantizer import dequantize_layer, dequantize_layers, quantize_cache
+from qkvshare_mlx.handoff import continue_from_card
+from qkvshare_mlx.inject import StreamedKVCache, inject
+from qkvshare_mlx.quantizer import (
+    dequantize_layer,
+    dequantize_layers,
+    quantize_cache,
+    stream_layers,
+)
 
 T = 200  # not a multiple of 64: per-channel keys leave token-layout tails
 
@@ -144,3 +151,91 @@ def test_fused_buffers_are_row_major():
         for a in (k, v):
             view = np.array(a, copy=False)
             assert view.flags.c_contiguous and view.shape == (1, 2, 256, 64)
+
+
+# ---------------------------------------------------------------------------
+# mode="stream": the same rows, decoded on a background thread.
+
+
+@pytest.mark.parametrize("capacity", [0, 256])
+def test_stream_layers_equal_fused_bit_for_bit(capacity):
+    qkv = mixed_qkv(seed=5)
+    futures = stream_layers(qkv.layers, T, capacity=capacity)
+    fused = dequantize_layers(qkv.layers, T, capacity=capacity)
+    assert len(futures) == len(fused)
+    for fut, (k, v) in zip(futures, fused):
+        sk, sv = fut.result(timeout=60)
+        assert mx.array_equal(sk, k).item() and mx.array_equal(sv, v).item()
+
+
+def test_stream_layers_refuse_incomplete_layers_up_front():
+    qkv = mixed_qkv()
+    broken = [list(layer) for layer in qkv.layers]
+    broken[2] = broken[2][1:]
+    with pytest.raises(CacheShapeError):
+        stream_layers(broken, T)
+
+
+def _card(model, ids, rotation="none", budget=4.0, offset=0):
+    pre = prefill(model, ids, probe_queries=8)
+    qkv = quantize_cache(
+        pre.keys,
+        pre.values,
+        controller="saliency",
+        budget_bits=budget,
+        stats=pre.stats,
+        config=QuantConfig(rotation=rotation),
+    )
+    return CacheCard.from_bytes(
+        CacheCard.from_quantized(qkv, ids, fingerprint(model), offset=offset).to_bytes()
+    )
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_stream_mode_continues_exactly_like_dequantize(rotation):
+    model = tiny_model()
+    ids = np.random.default_rng(4).integers(0, TINY["vocab_size"], 150)
+    card = _card(model, ids, rotation)
+    eager = inject(card, model, mode="dequantize")
+    streamed = inject(card, model, mode="stream")
+    assert all(type(c) is StreamedKVCache and c.offset == 150 for c in streamed)
+    feed = mx.array([[1, 2, 3]])
+    want = np.array(model(feed, cache=eager))
+    got = np.array(model(feed, cache=streamed))
+    assert np.array_equal(got, want)
+    # once used, each layer is a plain KVCache with the same rows and room
+    for s, e in zip(streamed, eager):
+        assert type(s) is KVCache and s.offset == e.offset == 153
+        assert s.keys.shape == e.keys.shape
+        assert mx.array_equal(s.keys, e.keys).item()
+        assert mx.array_equal(s.values, e.values).item()
+
+
+def test_stream_mode_generates_and_saves_as_kv_cache(tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    model = tiny_model()
+    ids = np.random.default_rng(5).integers(0, TINY["vocab_size"], 120)
+    card = _card(model, ids)
+    want, _ = continue_from_card(card, model, None, list(ids) + [9], max_tokens=8)
+    got, info = continue_from_card(
+        card, model, None, list(ids) + [9], max_tokens=8, mode="stream"
+    )
+    assert got == want and info["cache_class"] == "StreamedKVCache"
+    # saved before any forward: reading the state waits for the decode
+    cache = inject(card, model, mode="stream", dtype="float16")
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    back = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    ref = inject(card, model, mode="dequantize", dtype="float16")
+    assert [type(c).__name__ for c in back] == ["KVCache"] * len(ref)
+    for b, r in zip(back, ref):
+        assert b.offset == r.offset == 120 and b.keys.dtype == mx.float16
+        assert mx.array_equal(b.keys[..., :120, :], r.keys[..., :120, :]).item()
+
+
+def test_stream_mode_refuses_an_offset_card():
+    model = tiny_model()
+    ids = np.random.default_rng(6).integers(0, TINY["vocab_size"], 80)
+    card = _card(model, ids, offset=5)
+    with pytest.raises(ConfigError, match="'stream'"):
+        inject(card, model, mode="stream")
