@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be >= 1 but got {args.max_tokens}")
     if args.runtime == "hf" and args.mode != "dequantize":
-        raise ConfigError("--mode compressed needs --runtime mlx")
+        raise ConfigError(f"--mode {args.mode} needs --runtime mlx")
     model, tokenizer = _load(args)
     receive = bool(args.card or args.receiver_prompt or not args.out)
 
