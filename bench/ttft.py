@@ -97,8 +97,8 @@ CARD_MODES = {  # name: (controller, budget_bits, rotation)
 # (injection modes, transports) where not all are run (time budget): the
 # rotated card only shows what undoing the rotation costs
 CARD_ONLY = {"card_adaptive_rot": (("dequantize",), ("memory",))}
-CARD_INJECT = ("dequantize", "compressed")
-CARD_INJECT_ALL = {"card_adaptive": ("dequantize", "stream", "compressed")}
+# injection modes per card mode (default: dequantize and compressed)
+CARD_INJECT = {"card_adaptive": ("dequantize", "stream", "compressed")}
 MLX_MODES = {
     "mlx_prompt_cache": None,
     "mlx_prompt_cache_q8": 8,
@@ -503,7 +503,7 @@ def sweep_context(model, tokenizer, fp, n_ctx, args, link, skip_reprefill):
         injs, trs = CARD_ONLY.get(
             name,
             (
-                CARD_INJECT_ALL.get(name, CARD_INJECT),
+                CARD_INJECT.get(name, ("dequantize", "compressed")),
                 ("memory", "file") + dist.get(name, ()),
             ),
         )

@@ -63,6 +63,21 @@ _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16
 # A KVCache whose rows are still being decoded on a background thread.
 
 
+def _arriving(name: str) -> property:
+    """A property that waits for the layer's decode, then reads/writes ``name``
+    on the plain ``KVCache`` the object has become."""
+
+    def get(self):
+        self._arrive()
+        return getattr(self, name)
+
+    def set(self, v):
+        self._arrive()
+        setattr(self, name, v)
+
+    return property(get, set)
+
+
 class StreamedKVCache(KVCache):
     """An mlx-lm ``KVCache`` whose keys/values arrive from a background decode.
 
@@ -91,25 +106,8 @@ class StreamedKVCache(KVCache):
         self.__class__ = KVCache
         self.keys, self.values = keys, values
 
-    @property
-    def keys(self):
-        self._arrive()
-        return self.keys
-
-    @keys.setter
-    def keys(self, v):
-        self._arrive()
-        self.keys = v
-
-    @property
-    def values(self):
-        self._arrive()
-        return self.values
-
-    @values.setter
-    def values(self, v):
-        self._arrive()
-        self.values = v
+    keys = _arriving("keys")
+    values = _arriving("values")
 
     def update_and_fetch(self, keys, values):
         if not self._future.done():

@@ -364,10 +364,10 @@ def dequantize_layers(
     for li, layer in enumerate(layers):
         _check_cover(layer, T, li)
     check_rotation(rotation)
-    scratch = {"keys": [np.empty(0, np.float32)], "values": [np.empty(0, np.float32)]}
+    scratch = {"keys": np.empty(0, np.float32), "values": np.empty(0, np.float32)}
 
     def fill(chunk, kv, dst):  # numpy only, so keys and values run in parallel
-        _fill_rows(chunk, kv, dst, T, rotation, scratch[kv])
+        scratch[kv] = _fill_rows(chunk, kv, dst, T, rotation, scratch[kv])
 
     def alloc(chunk):
         bufs = _alloc_rows(chunk, n_pos)
@@ -402,11 +402,13 @@ def dequantize_layers(
     return out
 
 
-def _fill_rows(chunk, kv: str, dst: list[np.ndarray], T: int, rotation, scratch):
+def _fill_rows(
+    chunk, kv: str, dst: list[np.ndarray], T: int, rotation, scratch: np.ndarray
+) -> np.ndarray:
     """Decode the ``kv`` ("keys"/"values") rows of a chunk of layers into dst.
 
-    numpy only (it releases the GIL: safe on a worker thread). ``scratch`` is
-    a one-item list holding a float32 buffer, grown and reused across calls.
+    numpy only (it releases the GIL: safe on a worker thread). Returns the
+    float32 scratch buffer it used (``scratch``, or a larger one) for reuse.
     """
     buckets: dict[tuple, list] = {}
     for li, layer in enumerate(chunk):
@@ -414,12 +416,13 @@ def _fill_rows(chunk, kv: str, dst: list[np.ndarray], T: int, rotation, scratch)
             enc = getattr(s, kv)
             buckets.setdefault(_bucket_key(enc, s.bits), []).append((li, s, enc))
     need = dst[0][..., :T, :].size * len(chunk)
-    if scratch[0].size < need:
-        scratch[0] = np.empty(need, np.float32)
+    if scratch.size < need:
+        scratch = np.empty(need, np.float32)
     for key, items in buckets.items():
-        _write_bucket(key, items, dst, scratch[0])
+        _write_bucket(key, items, dst, scratch)
     for d in dst:
         _unrotate_rows(d, T, rotation)
+    return scratch
 
 
 def _alloc_rows(chunk, n_pos: int) -> dict[str, list[mx.array]]:
@@ -461,11 +464,12 @@ def stream_layers(
     views = [
         {kv: [_host_view(a) for a in b[kv]] for kv in ("keys", "values")} for b in bufs
     ]
-    scratch = [np.empty(0, np.float32)]
+    scratch = np.empty(0, np.float32)
 
-    def decode(li):
+    def decode(li):  # one worker: the scratch buffer is never shared
+        nonlocal scratch
         for kv in ("keys", "values"):
-            _fill_rows([layers[li]], kv, views[li][kv], T, rotation, scratch)
+            scratch = _fill_rows([layers[li]], kv, views[li][kv], T, rotation, scratch)
         return bufs[li]["keys"][0], bufs[li]["values"][0]
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvshare-decode")
