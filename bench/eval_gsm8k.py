@@ -2,7 +2,7 @@
 
 The evaluation is ``qkvshare eval`` (qkvshare_mlx/cli/eval.py, where the
 protocol is documented); this script runs it with its outputs in
-bench/results/ (eval_gsm8k.json, .md, .state.jsonl, _bits.png, _hops.png).
+bench/results/ (eval_gsm8k.json, .md, .state.jsonl.gz, _bits.png, _hops.png).
 
     python bench/eval_gsm8k.py --quick              # < 60 s on a free CPU
     python bench/eval_gsm8k.py --problems 150       # the full grid

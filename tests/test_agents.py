@@ -2,6 +2,7 @@
 
 import argparse
 import copy
+import gzip
 import json
 from pathlib import Path
 
@@ -184,6 +185,30 @@ def test_bench_state_resumes(tmp_path):
     # only problems with a complete grid are aggregated
     part = [{"problem": 0}, {"problem": 0}, {"problem": 1}]
     assert [r["problem"] for r in bench.complete(part, 2)] == [0, 0]
+
+
+def test_bench_state_gzip_resumes(tmp_path):
+    """A .gz state: one member per row; a member cut by a kill is dropped and
+    the next row appended after it reads back; damage mid-file is refused."""
+    bench = _bench()
+    path = tmp_path / "state.jsonl.gz"
+    row = {"kind": "tf", "problem": 0, "mode": "uniform", "budget_bits": 3, "hops": 1}
+    bench.State(path).add(row)
+    whole = path.read_bytes()
+    with open(path, "ab") as f:  # a member cut short by a kill
+        f.write(gzip.compress(json.dumps({**row, "problem": 1}).encode())[:15])
+    again = bench.State(path)
+    assert list(again.rows) == [("tf", 0, "uniform", 3.0, 1)]
+    assert path.read_bytes() == whole
+    again.add({**row, "problem": 2})
+    assert ("tf", 2, "uniform", 3.0, 1) in bench.State(path)
+    assert gzip.decompress(path.read_bytes()).decode().count("\n") == 2
+    broken = bytearray(path.read_bytes())
+    broken[12] ^= 0xFF  # inside the first member's deflate data
+    path.write_bytes(bytes(broken))
+    with pytest.raises(ConfigError, match="corrupt at byte 0"):
+        bench.State(path)
+    assert path.read_bytes() == bytes(broken)
 
 
 def test_ref_rows_round_trip():

@@ -38,10 +38,12 @@ plots. ``bench/eval_gsm8k.py`` runs this with its outputs in bench/results/.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -63,14 +65,43 @@ HOPS = [1, 2, 4, 8]
 # State file
 
 
+def _gzip_text(path: Path) -> str:
+    """The text of a gzip file made of whole members (``cat a.gz b.gz`` or one
+    member per append). A last member cut short by a kill is dropped from the
+    file, so the next append starts on a member boundary; damage anywhere else
+    is a ConfigError and the file is left as it is."""
+    data = path.read_bytes()
+    parts, good = [], 0
+    while good < len(data):
+        d = zlib.decompressobj(wbits=31)
+        try:
+            text = d.decompress(data[good:])
+        except zlib.error as e:
+            raise ConfigError(f"state {path} is corrupt at byte {good}: {e}") from e
+        if not d.eof:
+            break
+        parts.append(text)
+        good = len(data) - len(d.unused_data)
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return b"".join(parts).decode()
+
+
 class State:
-    """Append-only JSON lines keyed by (kind, problem, mode, budget, hops)."""
+    """Append-only JSON lines keyed by (kind, problem, mode, budget, hops).
+
+    A path ending in ``.gz`` is gzip: each ``add`` appends one member, so a
+    state stays readable line by line and can be recompressed as one stream
+    (``zcat s.gz | gzip -9 > t.gz``) to keep it small."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.gzip = self.path.suffix == ".gz"
         self.rows: dict[tuple, dict] = {}
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = _gzip_text(self.path) if self.gzip else self.path.read_text()
+            for line in text.splitlines():
                 if not line.strip():
                     continue
                 try:
@@ -100,9 +131,13 @@ class State:
 
     def add(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        line = json.dumps(row) + "\n"
+        if self.gzip:
+            with open(self.path, "ab") as f:
+                f.write(gzip.compress(line.encode()))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         self.rows[self.key(row)] = row
 
     def of_kind(self, kind: str) -> list[dict]:
@@ -577,7 +612,9 @@ def setup_arg_parser(default_json: str = DEFAULT_JSON) -> argparse.ArgumentParse
     p.add_argument("--middle-tokens", type=int, default=48)
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument(
-        "--state", default=None, help="JSONL state (default: <json>.state.jsonl)"
+        "--state",
+        default=None,
+        help="JSONL state, gzip if it ends in .gz (default: <json>.state.jsonl.gz)",
     )
     p.add_argument("--json", default=default_json, help="aggregated results")
     p.add_argument(
@@ -606,7 +643,7 @@ def run(args, command: str) -> dict:
     gen_problems = args.problems if args.gen_problems is None else args.gen_problems
     if args.gen_hops and not set(args.gen_hops) <= set(args.hops):
         args.hops = sorted(set(args.hops) | set(args.gen_hops))
-    state_path = args.state or str(Path(args.json).with_suffix(".state.jsonl"))
+    state_path = args.state or str(Path(args.json).with_suffix(".state.jsonl.gz"))
     if args.quick:
         Path(state_path).unlink(missing_ok=True)
     state = State(state_path)
