@@ -211,6 +211,25 @@ def test_bench_state_gzip_resumes(tmp_path):
     assert path.read_bytes() == bytes(broken)
 
 
+def test_bench_state_gzip_many_members(tmp_path):
+    """Many appended members straddle the reader's chunk boundaries and all
+    read back; a cut tail is still dropped at its member boundary."""
+    bench = _bench()
+    path = tmp_path / "state.jsonl.gz"
+    row = {"kind": "tf", "problem": 0, "mode": "uniform", "budget_bits": 3, "hops": 1}
+    state = bench.State(path)
+    for i in range(400):
+        state.add({**row, "problem": i, "pad": "x" * (i % 37)})
+    assert path.stat().st_size > 3 * bench._GZIP_CHUNK
+    whole = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(gzip.compress(json.dumps({**row, "problem": 400}).encode())[:-4])
+    again = bench.State(path)
+    assert sorted(k[1] for k in again.rows) == list(range(400))
+    assert again.rows[("tf", 399, "uniform", 3.0, 1)]["pad"] == "x" * (399 % 37)
+    assert path.read_bytes() == whole
+
+
 def test_ref_rows_round_trip():
     bench = _bench()
     run = A.ChainRun(tokens=[1, 2, 3, 4], replies=[(2, 4)])

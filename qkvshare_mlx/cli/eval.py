@@ -65,24 +65,34 @@ HOPS = [1, 2, 4, 8]
 # State file
 
 
+_GZIP_CHUNK = 8192  # bytes fed to zlib at a time: bounds each member's unused_data
+
+
 def _gzip_text(path: Path) -> str:
     """The text of a gzip file made of whole members (``cat a.gz b.gz`` or one
     member per append). A last member cut short by a kill is dropped from the
     file, so the next append starts on a member boundary; damage anywhere else
-    is a ConfigError and the file is left as it is."""
-    data = path.read_bytes()
+    is a ConfigError and the file is left as it is.
+
+    Input goes to zlib in small chunks so that the bytes after a member's end
+    (``unused_data``) stay small: feeding the whole rest of the file per member,
+    as ``gzip.decompress`` does, is quadratic in the number of appended rows."""
+    view = memoryview(path.read_bytes())
     parts, good = [], 0
-    while good < len(data):
+    while good < len(view):
         d = zlib.decompressobj(wbits=31)
-        try:
-            text = d.decompress(data[good:])
-        except zlib.error as e:
-            raise ConfigError(f"state {path} is corrupt at byte {good}: {e}") from e
+        member, pos = [], good
+        while not d.eof and pos < len(view):
+            try:
+                member.append(d.decompress(view[pos : pos + _GZIP_CHUNK]))
+            except zlib.error as e:
+                raise ConfigError(f"state {path} is corrupt at byte {good}: {e}") from e
+            pos = min(pos + _GZIP_CHUNK, len(view))
         if not d.eof:
             break
-        parts.append(text)
-        good = len(data) - len(d.unused_data)
-    if good < len(data):
+        parts += member
+        good = pos - len(d.unused_data)
+    if good < len(view):
         with open(path, "r+b") as f:
             f.truncate(good)
     return b"".join(parts).decode()
