@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-import qkvshare_mlx  # noqa: F401  (preloads OpenBLAS before mlx is imported)
+import qkvshare_mlx
+
+qkvshare_mlx.enable_openblas()  # before mlx is imported
 
 OUT = Path(__file__).parent / "results" / "cross_runtime.json"
 DIRECTIONS = ("mlx->hf", "hf->mlx")
@@ -78,7 +80,7 @@ def environment() -> dict:
 
 
 def prompts(hf_tok, n: int) -> list[np.ndarray]:
-    from qkvshare_mlx.gsm8k import load_problems
+    from qkvshare_mlx.evals.gsm8k import load_problems
 
     out = []
     for problem in load_problems("test", n):

@@ -27,7 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-import qkvshare_mlx  # first: preloads OpenBLAS before mlx is imported
+import qkvshare_mlx
+
+qkvshare_mlx.enable_openblas()  # before mlx is imported
 
 import mlx.core as mx
 import mlx_lm
@@ -42,7 +44,7 @@ RESULTS = Path(__file__).parent / "results" / "inject_memory.json"
 
 def context_tokens(tokenizer, n: int) -> list[int]:
     try:
-        from qkvshare_mlx.gsm8k import load_problems
+        from qkvshare_mlx.evals.gsm8k import load_problems
 
         texts = [
             p["question"] + "\n" + p["answer"] for p in load_problems("train", 400)

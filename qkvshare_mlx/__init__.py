@@ -1,31 +1,33 @@
 """QKVShare-MLX: hand an LLM's KV cache from one agent to another as a CacheCard.
 
-Importing the package is cheap: it preloads OpenBLAS (Linux, before anything imports
-``mlx``; see ``_blas``) and nothing else. The public names below resolve lazily, so
-``qkvshare_mlx.card`` and ``qkvshare_mlx.errors`` can be used from the transformers
-side without MLX installed, and ``import qkvshare_mlx`` never imports torch.
+Importing the package has no side effects: it loads no native library, imports
+neither MLX nor torch, and changes no environment variable. The public names below
+resolve lazily, so ``qkvshare_mlx.card`` and ``qkvshare_mlx.errors`` can be used
+from the transformers side without MLX installed. On Linux, call
+:func:`enable_openblas` before anything imports ``mlx`` to give MLX's CPU backend
+a fast BLAS (see :mod:`qkvshare_mlx.blas`; the ``qkvshare`` CLI does).
 Injection lives in its module: ``from qkvshare_mlx.inject import inject`` (a
 package attribute named like a submodule would be shadowed by it).
 """
 
-from . import _blas
-
-_blas.preload_openblas()
-
-import importlib  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "CacheCard": "card",
-    "QuantConfig": "quantizer",
-    "quantize_cache": "quantizer",
-    "dequantize_cache": "quantizer",
-    "allocate_bits": "controllers",
-    "CONTROLLERS": "controllers",
-    "TokenStats": "controllers",
-    "HandoffPlan": "controllers",
+    "enable_openblas": "blas",
+    "QuantConfig": "formats",
+    "quantize_cache": "quant.mlx_backend",
+    "dequantize_cache": "quant.mlx_backend",
+    "allocate_bits": "quant.allocator",
+    "CONTROLLERS": "quant.controllers",
+    "TokenStats": "quant.controllers",
+    "HandoffPlan": "quant.controllers",
     "QuantizedKV": "formats",
+    "MixedQuantizedKVCache": "caches",
+    "StreamedKVCache": "caches",
+    "load_prompt_cache": "caches",
     "make_card": "handoff",
     "continue_from_card": "handoff",
     "MemoryTransport": "transport",
@@ -43,6 +45,7 @@ _LAZY = {
     "CardFormatError": "errors",
     "CardIntegrityError": "errors",
     "CardTooLargeError": "errors",
+    "SegmentCoverageError": "errors",
     "ModelMismatchError": "errors",
     "PromptMismatchError": "errors",
     "TransportError": "errors",

@@ -19,13 +19,15 @@ A :class:`Handoff` says how the context travels:
 
 :func:`run_chain` generates for real at every hop and can branch the
 answerer after several hop counts from one chain (agents are shared: the
-4-hop chain's first agent is the 1-hop chain's). :func:`replay_cards` and
-:func:`teacher_forced` are the cheap fidelity path: quantize hop by hop
-along a reference transcript and score the final agent's next-token
-distribution against the exact cache without generating.
+4-hop chain's first agent is the 1-hop chain's). Its steps
+(:func:`receiver_cache`, :func:`add_reply`, :func:`hand_on`,
+:func:`answerer_cache`) are public so that other drivers of the same chain
+(the batched lanes of the GSM8K study) take the same steps.
 
-The module knows nothing about GSM8K beyond :func:`gsm8k_agents`' wording;
-it prints nothing and writes files only where ``save_cards`` asks.
+The module knows nothing about any task or benchmark: the GSM8K study (its
+roles, batched lanes, teacher-forced replay and report) lives in
+``qkvshare_mlx.evals``, which this module never imports. It prints nothing
+and writes files only where ``save_cards`` asks.
 """
 
 from __future__ import annotations
@@ -37,22 +39,18 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import (
-    BatchKVCache,
-    KVCache,
-    make_prompt_cache,
-    trim_prompt_cache,
-)
+from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
 
-from .capture import Prefill, fingerprint, prefill
+from .capture import Prefill
 from .card import CacheCard
-from .codec import decode_layer
-from .controllers import CONTROLLERS, HandoffPlan
 from .errors import ConfigError
+from .fingerprint import fingerprint
 from .formats import QuantConfig
 from .handoff import make_card
 from .inject import inject
-from .quantizer import quantize_cache
+from .quant.controllers import CONTROLLERS, HandoffPlan
+from .quant.mlx_backend import quantize_cache
+from .quant.numpy_backend import decode_layer
 
 TEXT_MODES = ("reprefill", "exact")
 _NO_PROBE = ("uniform", "sink-recent")
@@ -110,39 +108,6 @@ class Handoff:
     @property
     def label(self) -> str:
         return self.name if not self.uses_cards else f"{self.name}@{self.budget_bits}"
-
-
-# ----------------------------------------------------------------------------
-# GSM8K roles
-
-_MIDDLE_ROLES = (
-    ("solver", "Solve the problem step by step. Be brief."),
-    ("checker", "Check the previous reasoning step by step and fix any mistake."),
-    ("calculator", "Redo the arithmetic of the solution carefully."),
-)
-ANSWER_INSTRUCTION = (
-    "Give only the final answer as a number, in the form '#### <number>'."
-)
-
-
-def gsm8k_agents(
-    hops: int, *, middle_tokens: int = 48, answer_tokens: int = 32
-) -> tuple[list[Agent], Agent]:
-    """The documented GSM8K role sequence for a chain of ``hops`` handoffs.
-
-    Middle agents cycle solver -> checker -> calculator -> solver ...; the
-    answerer ends the chain. One hop: solver -> answerer.
-
-    Returns:
-        ``(middle_agents, answerer)`` with ``len(middle_agents) == hops``.
-    """
-    if hops < 1:
-        raise ConfigError(f"hops must be >= 1 but got {hops}")
-    middle = [
-        Agent(*_MIDDLE_ROLES[k % len(_MIDDLE_ROLES)], max_tokens=middle_tokens)
-        for k in range(hops)
-    ]
-    return middle, Agent("answerer", ANSWER_INSTRUCTION, max_tokens=answer_tokens)
 
 
 # ----------------------------------------------------------------------------
@@ -316,7 +281,8 @@ def inherited_bits_identical(first: CacheCard, later: CacheCard) -> bool:
     return True
 
 
-def _card_info(card: CacheCard) -> dict:
+def card_info(card: CacheCard) -> dict:
+    """A card's row in :attr:`ChainRun.hops`: tokens, effective bits, bytes."""
     return {
         "tokens": card.n_tokens,
         "effective_bits": card.effective_bits,
@@ -402,7 +368,7 @@ def run_chain(
         if k > 0:
             run.tokens = run.tokens + chat.turn(agent.instruction)
         toks = run.tokens
-        cache, cached = _received(model, handoff, k, cache, card)
+        cache, cached = receiver_cache(model, handoff, k, cache, card)
         # 2. its reply (agent 0's does not depend on the handoff)
         if k == 0 and first_reply is not None:
             reply, ttft = list(first_reply), None
@@ -412,9 +378,9 @@ def run_chain(
             reply, ttft = generate(
                 model, cache, toks, cached, max_tokens=agent.max_tokens, eos=eos
             )
-        _add_reply(run, reply, ttft, k)
+        add_reply(run, reply, ttft, k)
         # 3. hand on: agent k's card (its tokens quantized, earlier codes kept)
-        card = _hand_on(model, tokenizer, run, handoff, card, k, n_hops, save_cards)
+        card = hand_on(model, tokenizer, run, handoff, card, k, n_hops, save_cards)
         # 4. the answerer, if the chain ends here for some hop count
         if k + 1 in finals:
             run.finals[k + 1] = _answer(
@@ -426,9 +392,20 @@ def run_chain(
     return run
 
 
-def _received(model, handoff: Handoff, k: int, cache, card):
-    """``(cache, cached)`` agent ``k`` starts from: the running exact cache
-    (all its tokens valid), the injected card k-1, or nothing (re-prefill)."""
+def receiver_cache(model, handoff: Handoff, k: int, cache, card):
+    """The context agent ``k`` starts from.
+
+    Args:
+        handoff: how context travels.
+        k: the agent's index in the chain.
+        cache: the running exact cache (``exact`` handoffs).
+        card: card ``k-1`` (card handoffs).
+
+    Returns:
+        ``(cache, cached)``: the running exact cache (all its tokens valid),
+        the injected card, or an empty cache (re-prefill), and how many
+        tokens it holds.
+    """
     if handoff.mode == "exact" and k > 0:
         return cache, cache[0].offset
     if handoff.uses_cards and k > 0:
@@ -436,24 +413,35 @@ def _received(model, handoff: Handoff, k: int, cache, card):
     return make_prompt_cache(model), 0
 
 
-def _add_reply(run: ChainRun, reply: list[int], ttft, k: int) -> None:
-    """Append agent ``k``'s reply to the transcript (its TTFT to hop k's row)."""
+def add_reply(run: ChainRun, reply: list[int], ttft, k: int) -> None:
+    """Append agent ``k``'s reply to ``run``'s transcript.
+
+    The reply's time to first token goes to hop ``k``'s row (the handoff
+    agent ``k`` received).
+    """
     if k > 0:
         run.hops[-1]["receiver_ttft_s"] = ttft
     run.replies.append((len(run.tokens), len(run.tokens) + len(reply)))
     run.tokens = run.tokens + list(reply)
 
 
-def _hand_on(model, tokenizer, run, handoff, card, k, n_hops, save_cards):
-    """Agent ``k``'s card (its tokens quantized, ``card``'s codes kept), or
-    just the hop's row for text handoffs; returns the card handed on."""
+def hand_on(model, tokenizer, run, handoff, card, k, n_hops, save_cards):
+    """Hand agent ``k``'s context on: append hop ``k+1``'s row to ``run``.
+
+    For card handoffs, the card over ``run.tokens`` (``card``'s codes kept,
+    ``topology`` planned for the ``n_hops - 1 - k`` hops left) is made,
+    appended to ``run.cards`` and written to ``save_cards`` if given.
+
+    Returns:
+        The card handed on (``card`` unchanged for text handoffs).
+    """
     if not handoff.uses_cards:
         run.hops.append({"hop": k + 1, "tokens": len(run.tokens)})
         return card
     plan = HandoffPlan(hops_remaining=n_hops - 1 - k)
     card = hop_card(model, tokenizer, run.tokens, handoff, inherited=card, plan=plan)
     run.cards.append(card)
-    run.hops.append({"hop": k + 1, **_card_info(card)})
+    run.hops.append({"hop": k + 1, **card_info(card)})
     if save_cards is not None:
         Path(save_cards).mkdir(parents=True, exist_ok=True)
         card.save(Path(save_cards) / f"hop{k + 1}.qkv")
@@ -464,17 +452,22 @@ def _answer(model, chat, tokens, answerer, handoff, *, cache, card) -> dict:
     """The answerer's reply after the sender's turn (the chain is not changed)."""
     prompt = tokens + chat.turn(answerer.instruction)
     n = cache[0].offset if handoff.mode == "exact" else 0
-    cache, cached = _answerer_cache(model, handoff, cache, n, card)
+    cache, cached = answerer_cache(model, handoff, cache, n, card)
     reply, ttft = generate(
         model, cache, prompt, cached, max_tokens=answerer.max_tokens, eos=chat.eos
     )
     return {"prompt": prompt, "reply": reply, "text": chat.text(reply), "ttft_s": ttft}
 
 
-def _answerer_cache(model, handoff: Handoff, cache, cached: int, card):
-    """``(cache, cached)`` the answerer starts from: a fork of the running
-    exact cache's first ``cached`` tokens (the chain may continue after this
-    answer), the injected card, or nothing (re-prefill)."""
+def answerer_cache(model, handoff: Handoff, cache, cached: int, card):
+    """The context the answerer starts from.
+
+    Returns:
+        ``(cache, cached)``: a fork of the running exact cache's first
+        ``cached`` tokens (the chain may continue after this answer), the
+        injected card, or an empty cache (re-prefill), and how many tokens
+        it holds.
+    """
     if handoff.mode == "exact":
         return kv_cache(
             [c.keys for c in cache], [c.values for c in cache], cached
@@ -482,330 +475,3 @@ def _answerer_cache(model, handoff: Handoff, cache, cached: int, card):
     if handoff.uses_cards:
         return inject(card, model, mode="dequantize"), card.n_tokens
     return make_prompt_cache(model), 0
-
-
-# ----------------------------------------------------------------------------
-# Several chains in lockstep, decoded as one batch
-
-
-@dataclass
-class _Lane:
-    handoff: Handoff
-    run: ChainRun
-    cache: list | None = None  # exact lanes: the running full-precision cache
-    cached: int = 0
-    card: CacheCard | None = None
-
-
-def generate_lanes(
-    model, lanes: list[tuple[list, list[int], int]], *, max_tokens: int, eos=()
-) -> tuple[list[list[int]], list[list], float]:
-    """Greedy continuations of several prompts, decoded as one batch.
-
-    Each lane is ``(cache, tokens, cached)``: an mlx-lm prompt cache holding
-    the first ``cached`` of ``tokens``. Each lane's uncached tokens but the
-    last are prefilled on their own (batch 1); then the caches are merged
-    into mlx-lm ``BatchKVCache`` s (left padding) and all lanes decode
-    together: the weights are read once per step for every lane.
-
-    Returns:
-        ``(replies, caches, ttft_s)``: per lane the generated ids (EOS
-        excluded) and an mlx-lm ``KVCache`` list holding a prefix of
-        ``tokens + reply`` (its ``offset`` says how much); the time to the
-        first token of the whole batch.
-    """
-    tic = time.perf_counter()
-    last = []
-    for cache, tokens, cached in lanes:
-        if not 0 <= cached < len(tokens):
-            raise ConfigError(
-                f"lane: expected 0 <= cached < len(tokens), got {cached} and "
-                f"{len(tokens)}"
-            )
-        if len(tokens) - cached > 1:
-            model(mx.array(tokens[cached:-1])[None], cache=cache)
-        last.append(tokens[-1])
-    batch = [
-        BatchKVCache.merge([lane[0][i] for lane in lanes])
-        for i in range(len(lanes[0][0]))
-    ]
-    y = mx.array(last)[:, None]
-    out = [[] for _ in lanes]
-    live = [True] * len(lanes)
-    ttft = None
-    for _ in range(max_tokens):
-        logits = model(y, cache=batch)[:, -1, :]
-        nxt = mx.argmax(logits, axis=-1)
-        ids = nxt.tolist()
-        if ttft is None:
-            ttft = time.perf_counter() - tic
-        for b, t in enumerate(ids):
-            if live[b]:
-                if t in eos:
-                    live[b] = False
-                else:
-                    out[b].append(t)
-        if not any(live):
-            break
-        y = nxt[:, None].astype(mx.int32)
-    caches = []
-    for b, (_, tokens, _) in enumerate(lanes):
-        lane_cache = [c.extract(b) for c in batch]
-        keep = len(tokens) + len(out[b])
-        if lane_cache[0].offset > keep:  # fed past this lane's EOS
-            trim_prompt_cache(lane_cache, lane_cache[0].offset - keep)
-        caches.append(lane_cache)
-    return out, caches, ttft
-
-
-def run_chains(
-    model,
-    tokenizer,
-    chat: ChatFormat,
-    task: str,
-    agents: list[Agent],
-    answerer: Agent,
-    handoffs: list[Handoff],
-    *,
-    finals=None,
-    first_reply: list[int] | None = None,
-) -> list[ChainRun]:
-    """:func:`run_chain` for several handoffs at once, decoded as one batch.
-
-    Every handoff gets its own chain (lane) over the same agents and task;
-    at each agent the lanes' replies are generated together by
-    :func:`generate_lanes` (lanes whose transcripts diverged simply carry
-    different caches). Cards, inheritance and ``topology`` plans are as in
-    :func:`run_chain`. Batched greedy decoding can differ from batch-1
-    decoding by float rounding; include an ``exact`` lane to measure that
-    against an unbatched reference.
-
-    Returns:
-        One :class:`ChainRun` per handoff; ``ttft_s`` values are the batch's.
-    """
-    tic = time.perf_counter()
-    n_hops = len(agents)
-    finals = tuple(finals or (n_hops,))
-    if not agents or not handoffs or any(not 1 <= h <= n_hops for h in finals):
-        raise ConfigError(
-            f"need agents, handoffs and finals in 1..{len(agents)}; got "
-            f"{len(agents)} agents, {len(handoffs)} handoffs, finals {finals}"
-        )
-    opening = chat.opening(task, agents[0].instruction)
-    lanes = [_Lane(h, ChainRun(tokens=list(opening))) for h in handoffs]
-    for k, agent in enumerate(agents):
-        for ln in lanes:
-            if k > 0:
-                ln.run.tokens = ln.run.tokens + chat.turn(agent.instruction)
-            ln.cache, ln.cached = _received(model, ln.handoff, k, ln.cache, ln.card)
-        if k == 0 and first_reply is not None:
-            replies, ttft = [list(first_reply)] * len(lanes), None
-            for ln in lanes:
-                if ln.handoff.mode == "exact":
-                    ln.cached = len(ln.run.tokens) + len(first_reply)
-                    model(mx.array(ln.run.tokens + first_reply)[None], cache=ln.cache)
-        else:
-            todo = [(ln.cache, ln.run.tokens, ln.cached) for ln in lanes]
-            replies, caches, ttft = generate_lanes(
-                model, todo, max_tokens=agent.max_tokens, eos=chat.eos
-            )
-            for ln, c in zip(lanes, caches):
-                ln.cache, ln.cached = c, c[0].offset
-        for ln, reply in zip(lanes, replies):
-            _add_reply(ln.run, reply, ttft, k)
-            ln.card = _hand_on(
-                model, tokenizer, ln.run, ln.handoff, ln.card, k, n_hops, None
-            )
-        if k + 1 in finals:
-            todo = []
-            for ln in lanes:
-                prompt = ln.run.tokens + chat.turn(answerer.instruction)
-                cache, n = _answerer_cache(
-                    model, ln.handoff, ln.cache, ln.cached, ln.card
-                )
-                todo.append((cache, prompt, n))
-            replies, _, ttft = generate_lanes(
-                model, todo, max_tokens=answerer.max_tokens, eos=chat.eos
-            )
-            for ln, (_, prompt, _), reply in zip(lanes, todo, replies):
-                ln.run.finals[k + 1] = {
-                    "prompt": prompt,
-                    "reply": reply,
-                    "text": chat.text(reply),
-                    "ttft_s": ttft,
-                }
-        if k + 1 == max(finals):
-            break
-    wall = time.perf_counter() - tic
-    for ln in lanes:
-        ln.run.wall_s = wall
-    return [ln.run for ln in lanes]
-
-
-# ----------------------------------------------------------------------------
-# Teacher-forced fidelity along a reference transcript
-
-
-def exact_prefill(model, tokens, *, probe_until: int | None = None) -> Prefill:
-    """Exact prefill of a transcript; probe statistics at ``probe_until``.
-
-    The statistics (attention of the last 32 positions) are those a sender
-    at ``probe_until`` tokens would have measured, so the first hop's card
-    can be cut from this one prefill.
-    """
-    n = probe_until or len(tokens)
-    pre = prefill(model, tokens[:n], probe_queries=32)
-    if n < len(tokens):
-        model(mx.array(tokens[n:])[None], cache=pre.cache)
-        keys = [c.keys[..., : c.offset, :] for c in pre.cache]
-        values = [c.values[..., : c.offset, :] for c in pre.cache]
-        mx.eval(keys, values)
-        pre = Prefill(pre.cache, keys, values, pre.logits, pre.stats, pre.tokens, 32)
-    return pre
-
-
-def forced_logits(
-    model, cache: list, prompt: list[int], cached: int, reply: list[int]
-) -> mx.array:
-    """(len(reply)+1, V) float32 logits predicting each reply token and the next."""
-    feed = prompt[cached:] + reply
-    logits = model(mx.array(feed)[None], cache=cache)[0].astype(mx.float32)
-    return logits[len(prompt) - cached - 1 :]
-
-
-def compare_logits(ref: mx.array, got: mx.array) -> dict:
-    """Mean KL(ref || got) and top-1 agreement over positions."""
-    # numpy: MLX's CPU exp is several times slower than numpy's here
-    ref = np.asarray(ref.astype(mx.float32), dtype=np.float64)
-    got = np.asarray(got.astype(mx.float32), dtype=np.float64)
-    lp = ref - _logsumexp(ref)
-    lq = got - _logsumexp(got)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1).mean()
-    top1 = (ref.argmax(-1) == got.argmax(-1)).mean()
-    return {"kl": float(kl), "top1_agreement": float(top1)}
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def reference_logits(model, pre: Prefill, ref: ChainRun, h: int) -> mx.array:
-    """Exact teacher-forced logits of the answerer after ``h`` hops."""
-    end = ref.replies[h - 1][1]
-    final = ref.finals[h]
-    cache = kv_cache(pre.keys, pre.values, end)
-    return forced_logits(model, cache, final["prompt"], end, final["reply"])
-
-
-def replay_cards(
-    model,
-    tokenizer,
-    ref: ChainRun,
-    handoff: Handoff,
-    finals,
-    pre: Prefill,
-    ref_logits: dict,
-    *,
-    n_hops: int | None = None,
-):
-    """Quantize hop by hop along ``ref`` and teacher-force the answerer.
-
-    Cards are made from the reference transcript (no generation), each
-    inheriting the previous one; at hop count ``h`` the answerer's prompt
-    and reply from ``ref`` are fed through the card's cache.
-
-    Args:
-        ref: the exact chain (its finals hold the answerer turns).
-        handoff: a card handoff.
-        finals: hop counts to score (each in ``ref.finals``).
-        pre: :func:`exact_prefill` of ``ref.tokens`` probed at agent 0's end.
-        ref_logits: ``{h: reference_logits(...)}``.
-        n_hops: the chain length the ``topology`` plan assumes (default
-            ``max(finals)``).
-
-    Returns:
-        ``{h: {kl, top1_agreement, effective_bits, payload_bytes, fp16_bytes,
-        tokens, hop1_bits_identical, seconds}}``.
-    """
-    n_hops = n_hops or max(finals)
-    out, card, first = {}, None, None
-    tic = time.perf_counter()
-    for k in range(max(finals)):
-        end = ref.replies[k][1]
-        plan = HandoffPlan(hops_remaining=n_hops - 1 - k)
-        card = hop_card(
-            model,
-            tokenizer,
-            ref.tokens[:end],
-            handoff,
-            inherited=card,
-            plan=plan,
-            pre=pre if k == 0 else None,
-        )
-        first = first or card
-        h = k + 1
-        if h in finals:
-            final = ref.finals[h]
-            cache = inject(card, model, mode="dequantize")
-            got = forced_logits(
-                model, cache, final["prompt"], card.n_tokens, final["reply"]
-            )
-            m = compare_logits(ref_logits[h], got)
-            m.update(_card_info(card))
-            # checked at the deepest hop only (decoding every card is slow)
-            m["hop1_bits_identical"] = (
-                inherited_bits_identical(first, card) if h == max(finals) else None
-            )
-            m["seconds"] = time.perf_counter() - tic
-            out[h] = m
-    return out
-
-
-# ----------------------------------------------------------------------------
-# Generation metrics
-
-
-def first_divergence(reference, candidate) -> int | None:
-    """Index of the first differing token; None when the sequences are equal.
-
-    A sequence that is a strict prefix of the other diverges at its length.
-    """
-    n = min(len(reference), len(candidate))
-    for i in range(n):
-        if reference[i] != candidate[i]:
-            return i
-    return None if len(reference) == len(candidate) else n
-
-
-def numeric_match(predicted: str | None, gold: str | None) -> bool:
-    """GSM8K exact match on normalized numbers ("18" == "18.0")."""
-    if predicted is None or gold is None:
-        return False
-    try:
-        return float(predicted) == float(gold)
-    except ValueError:
-        return predicted == gold
-
-
-def time_to_first_token(model, prompt: list[int], card: CacheCard | None = None):
-    """Seconds from receiving the context to the first generated token.
-
-    With a card: inject it, prefill the prompt tokens after it, sample one
-    token. Without: prefill the whole prompt (the re-prefill baseline).
-
-    Returns:
-        ``(seconds, first token id)``.
-    """
-    tic = time.perf_counter()
-    if card is None:
-        cache, cached = make_prompt_cache(model), 0
-    else:
-        cache, cached = inject(card, model, mode="dequantize"), card.n_tokens
-    token, _ = next(
-        generate_step(
-            mx.array(prompt[cached:]), model, prompt_cache=cache, max_tokens=1
-        )
-    )
-    token = int(token)
-    return time.perf_counter() - tic, token

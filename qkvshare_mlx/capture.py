@@ -28,18 +28,15 @@ The module knows nothing about quantization or cards.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .card import fingerprint_from_config
-from .controllers import TokenStats
 from .errors import CacheShapeError, ConfigError
+from .quant.controllers import TokenStats
 
 _ATTN_FIELDS = ("q_proj", "rope", "n_heads", "n_kv_heads", "scale")
 
@@ -98,9 +95,9 @@ def _attention_modules(model) -> list | None:
 
 def _cache_kv(c) -> tuple[mx.array, mx.array]:
     """(B, H, T, D) keys and values held by one layer's cache."""
-    if hasattr(c, "dequantized"):  # inject.MixedQuantizedKVCache
+    if hasattr(c, "dequantized"):  # caches.MixedQuantizedKVCache
         return c.dequantized()
-    if type(c).__name__ == "KVCache" and c.keys is not None:
+    if isinstance(c, KVCache) and c.keys is not None:  # or a StreamedKVCache
         return c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
     raise CacheShapeError(
         f"prefill reads keys from mlx-lm KVCache layers, got {type(c).__name__}"
@@ -226,44 +223,3 @@ def prefill(
         key_norms=np.array(norms, dtype=np.float64),
     )
     return Prefill(cache, keys, values, logits, stats, ids, P)
-
-
-# ----------------------------------------------------------------------------
-# Fingerprint of an MLX model
-
-
-def model_args_config(model) -> dict:
-    """An mlx-lm model's ``args`` as a config dict (HF key spelling)."""
-    args = getattr(model, "args", None)
-    if args is None:
-        return {}
-    if dataclasses.is_dataclass(args):
-        return dataclasses.asdict(args)
-    return dict(vars(args))
-
-
-def fingerprint(model_path_or_config, tokenizer=None) -> dict:
-    """The card fingerprint of an MLX model.
-
-    Args:
-        model_path_or_config: a model folder (its config.json is read), a
-            config dict, or an mlx-lm model object (its ``args``).
-        tokenizer: optional tokenizer (an mlx-lm ``TokenizerWrapper`` or a HF
-            tokenizer) whose vocabulary hash goes into the fingerprint.
-    """
-    from .models import model_config
-
-    src = model_path_or_config
-    if isinstance(src, dict) and not isinstance(src, nn.Module):  # modules are dicts
-        config = src
-    elif isinstance(src, (str, os.PathLike)):
-        config = model_config(src)
-    else:
-        config = model_args_config(src)
-        if not config:
-            raise ConfigError(
-                f"cannot build a fingerprint from {type(src).__name__}: expected "
-                "a model folder, a config dict or an mlx-lm model with .args"
-            )
-    tok = getattr(tokenizer, "_tokenizer", tokenizer)
-    return fingerprint_from_config(config, tok)

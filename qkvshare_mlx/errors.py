@@ -34,6 +34,15 @@ class CardIntegrityError(CardError):
     """The card is well-formed but its checksum does not match its content."""
 
 
+class SegmentCoverageError(CardFormatError, CacheShapeError):
+    """A layer's segments do not cover tokens 0..T-1 exactly once.
+
+    One class wherever segments are checked: in a card being read (a
+    ``CardFormatError``) and in a quantized cache in memory (a
+    ``CacheShapeError``).
+    """
+
+
 class CardTooLargeError(CardFormatError):
     """The card claims more memory than the reader's configured cap allows."""
 

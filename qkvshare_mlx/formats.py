@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, SegmentCoverageError
 from .rotation import check_rotation
 
 CODE_BITS = (2, 3, 4, 5, 6, 8)
@@ -142,23 +142,40 @@ class QuantConfig:
     def _key_group(self) -> int:
         return self.key_group if self.key_layout == "channel" else self.group_size
 
-    def menu(self, head_dim: int) -> list[Format]:
+    def menu(self, head_dim: int, head_dim_v: int | None = None) -> list[Format]:
         """Formats a controller may assign, sorted by nominal cost.
 
-        With ``adaptive_groups`` the group sizes vary too (only sizes that
-        divide ``head_dim`` for per-token groups).
+        Args:
+            head_dim: D_k, the keys' head size.
+            head_dim_v: D_v, the values' (default: D_k).
+
+        With ``adaptive_groups`` the group sizes vary too (per-token groups
+        only of sizes that divide the head size they group).
+
+        Raises:
+            ConfigError: no group size divides a head size that needs one.
         """
-        token_groups = [g for g in GROUP_SIZES if head_dim % g == 0]
-        if not token_groups:
-            raise ConfigError(
-                f"head_dim {head_dim} is not a multiple of any group size "
-                f"{list(GROUP_SIZES)}"
-            )
+        dv = head_dim if head_dim_v is None else head_dim_v
+        key_token_groups = [g for g in GROUP_SIZES if head_dim % g == 0]
+        value_groups = [g for g in GROUP_SIZES if dv % g == 0]
+        needs_codes = any(b != FLOAT_BITS for b in self.widths)
         if self.adaptive_groups:
-            vgroups = token_groups
-            kgroups = GROUP_SIZES if self.key_layout == "channel" else token_groups
+            vgroups = value_groups
+            kgroups = (
+                list(GROUP_SIZES) if self.key_layout == "channel" else key_token_groups
+            )
         else:
-            vgroups, kgroups = [self.group_size], [self._key_group()]
+            vgroups = [g for g in [self.group_size] if dv % g == 0]
+            kgroups = [self._key_group()]
+            if self.key_layout == "token" and head_dim % self.group_size:
+                kgroups = []
+        if needs_codes and (not vgroups or not kgroups):
+            value_side = kgroups and dv != head_dim
+            head, size = ("head_dim_v", dv) if value_side else ("head_dim", head_dim)
+            raise ConfigError(
+                f"{head} {size} is not a multiple of any group size "
+                f"{list(GROUP_SIZES) if self.adaptive_groups else [self.group_size]}"
+            )
         out = []
         for b in self.widths:
             if b == FLOAT_BITS:
@@ -243,6 +260,37 @@ class Segment:
 
     def payload_bits(self) -> int:
         return self.keys.payload_bits() + self.values.payload_bits()
+
+
+def check_cover(index, n_tokens: int, where: str = "segments") -> None:
+    """Raise SegmentCoverageError unless ``index`` holds 0..n_tokens-1 once each.
+
+    The one coverage check: the card reader and writer, the decoders and the
+    mlx-lm caches all call it.
+
+    Args:
+        index: the (n,) token positions of a layer's segments, concatenated.
+        n_tokens: T.
+        where: what is checked, for the message (e.g. ``"layer 3"``).
+    """
+    index = np.asarray(index).reshape(-1)
+    n = index.shape[0]
+    if n and (int(index.min()) < 0 or int(index.max()) >= n_tokens):
+        raise SegmentCoverageError(f"{where}: positions outside 0..{n_tokens - 1}")
+    if n != n_tokens or (
+        n and not (np.bincount(index.astype(np.int64), minlength=n) == 1).all()
+    ):
+        raise SegmentCoverageError(
+            f"{where}: {n} positions are not a permutation of 0..{n_tokens - 1} "
+            "(segments must cover each token exactly once)"
+        )
+
+
+def layer_index(segments: list[Segment]) -> np.ndarray:
+    """The (n,) positions of a layer's segments, concatenated in segment order."""
+    if not segments:
+        return np.zeros(0, np.int32)
+    return np.concatenate([np.asarray(s.index).reshape(-1) for s in segments])
 
 
 def split_for_layout(n: int, fmt: Format) -> list[tuple[int, int, str, int]]:

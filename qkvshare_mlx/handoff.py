@@ -18,15 +18,16 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
 
-from .capture import fingerprint, prefill
+from .capture import prefill
 from .card import CacheCard
-from .controllers import HandoffPlan
+from .dtypes import mx_name
 from .errors import ConfigError, PromptMismatchError
+from .fingerprint import fingerprint
 from .formats import QuantConfig, QuantizedKV
-from .inject import align, inject, model_dtype
-from .quantizer import quantize_cache
-
-_DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+from .inject import align, inject
+from .models import model_dtype
+from .quant.controllers import HandoffPlan
+from .quant.mlx_backend import quantize_cache
 
 
 def make_card(
@@ -89,7 +90,7 @@ def make_card(
         plan=plan,
         inherited=inherited_qkv,
     )
-    dtype = _DTYPE_NAMES.get(model_dtype(model), "float32")
+    dtype = mx_name(model_dtype(model))
     return CacheCard.from_quantized(qkv, tokens, fp, offset=0, dtype=dtype, user=user)
 
 

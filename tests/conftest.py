@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 
-import qkvshare_mlx  # noqa: F401  (preloads OpenBLAS before mlx is imported)
+import qkvshare_mlx
+
+qkvshare_mlx.enable_openblas()  # before anything imports mlx
 
 TINY_LLAMA_CONFIG = {
     "model_type": "llama",
@@ -101,3 +103,63 @@ def default_model_dir():
     from qkvshare_mlx.models import default_model_path
 
     return default_model_path()
+
+
+# ----------------------------------------------------------------------------
+# Agent chains on a tiny random Llama (tests of agents and of evals)
+
+# wider than the twins (hidden_size 128); head_dim a multiple of the quantizer's groups
+CHAIN_LLAMA_CONFIG = {**TINY_LLAMA_CONFIG, "head_dim": 32, "hidden_size": 128}
+CHAIN_TASK = "a task of some length to make a context"
+
+
+class TinyChat:
+    """ChatFormat's interface over made-up token ids (the tiny model has no
+    tokenizer): each turn is a fixed marker, then the instruction's ids."""
+
+    eos = set()
+
+    @staticmethod
+    def _ids(text):
+        return [3 + (ord(ch) % 90) for ch in text]
+
+    def opening(self, task, instruction):
+        return [1, *self._ids(task), 2, *self._ids(instruction), 2]
+
+    def turn(self, instruction):
+        return [2, *self._ids(instruction), 2]
+
+    def text(self, ids):
+        return " ".join(map(str, ids))
+
+
+def tiny_agents(hops, n=6):
+    """``hops`` middle agents and an answerer, ``n`` reply tokens each."""
+    from qkvshare_mlx.agents import Agent
+
+    middle = [Agent(f"a{k}", f"step {k}", max_tokens=n) for k in range(hops)]
+    return middle, Agent("answer", "answer now", max_tokens=n)
+
+
+def tiny_chain(model, handoff, hops=3, finals=None, **kw):
+    """``run_chain`` of :func:`tiny_agents` over :data:`CHAIN_TASK`."""
+    from qkvshare_mlx.agents import run_chain
+
+    middle, answerer = tiny_agents(hops)
+    return run_chain(
+        model,
+        None,
+        TinyChat(),
+        CHAIN_TASK,
+        middle,
+        answerer,
+        handoff,
+        finals=finals,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The MLX half of a tiny Llama (seed 1, :data:`CHAIN_LLAMA_CONFIG`)."""
+    return build_tiny_llama_twins(seed=1, config=CHAIN_LLAMA_CONFIG).mlx_model

@@ -24,7 +24,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import qkvshare_mlx  # noqa: E402, F401  (preloads OpenBLAS before mlx)
+import qkvshare_mlx  # noqa: E402
+
+qkvshare_mlx.enable_openblas()  # before mlx is imported
 
 EXIT_OK = 0
 EXIT_TIMEOUT = 3
@@ -105,7 +107,7 @@ def synthetic_card():
     import numpy as np
 
     from qkvshare_mlx.card import CacheCard
-    from qkvshare_mlx.quantizer import quantize_cache
+    from qkvshare_mlx.quant.mlx_backend import quantize_cache
 
     rng = np.random.default_rng(SEED)
     shape = (1, 2, CONTEXT_TOKENS, 32)  # (B, H, T, D)

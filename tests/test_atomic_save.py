@@ -18,8 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from qkvshare_mlx import fuzz as F
 from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.testing import mutations as F
 
 WRITER = """
 import sys

@@ -9,9 +9,9 @@ from mlx_lm.models import llama
 from mlx_lm.models.base import create_causal_mask
 
 import qkvshare_mlx  # noqa: F401  (preloads OpenBLAS before mlx is used)
-from qkvshare_mlx.capture import fingerprint, prefill, probe_attention
-from qkvshare_mlx.card import fingerprint_from_config
+from qkvshare_mlx.capture import prefill, probe_attention
 from qkvshare_mlx.errors import ConfigError
+from qkvshare_mlx.fingerprint import fingerprint, fingerprint_from_config
 
 # head_dim 32: the smallest head the quantizer's group sizes (32, 64, 128) fit.
 TINY = {

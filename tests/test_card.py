@@ -9,17 +9,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qkvshare_mlx import fuzz as F
-from qkvshare_mlx.card import CacheCard, fingerprint_from_config
-from qkvshare_mlx.codec import encode_bucket
-from qkvshare_mlx.controllers import TokenStats
+from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.errors import (
     CardFormatError,
     CardIntegrityError,
     ModelMismatchError,
 )
+from qkvshare_mlx.fingerprint import fingerprint_from_config
 from qkvshare_mlx.formats import Format, QuantConfig, QuantizedKV
-from qkvshare_mlx.quantizer import quantize_cache
+from qkvshare_mlx.quant.controllers import TokenStats
+from qkvshare_mlx.quant.mlx_backend import quantize_cache
+from qkvshare_mlx.quant.numpy_backend import encode_bucket
+from qkvshare_mlx.testing import mutations as F
 
 CONFIG = {
     "model_type": "llama",

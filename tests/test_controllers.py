@@ -5,19 +5,18 @@ import itertools
 import numpy as np
 import pytest
 
-from qkvshare_mlx.controllers import (
+from qkvshare_mlx.errors import ConfigError
+from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.quant.allocator import AllocationProblem, allocate_bits
+from qkvshare_mlx.quant.controllers import (
     CONTROLLERS,
     N_RECENT,
     N_SINK,
-    AllocationProblem,
     HandoffPlan,
     TokenStats,
-    allocate_bits,
     importance_topology,
     run_controller,
 )
-from qkvshare_mlx.errors import ConfigError
-from qkvshare_mlx.formats import QuantConfig
 
 # allocate_bits accepts (L, 2, T) key/value weights in newer versions.
 _SEPARATE_KV = "(L, 2, T)" in (allocate_bits.__doc__ or "")

@@ -17,16 +17,16 @@ from qkvshare_converters.hf_cache import (
     card_to_dynamic_cache,
     continue_hf,
     dynamic_cache_to_card,
-    hf_fingerprint,
     hf_greedy_tokens,
     hf_prefill,
 )
-from qkvshare_mlx import codec
-from qkvshare_mlx.card import CacheCard, fingerprint_from_config
-from qkvshare_mlx.controllers import TokenStats
+from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.fingerprint import fingerprint, fingerprint_from_config
 from qkvshare_mlx.formats import Encoded, QuantConfig
-from qkvshare_mlx.np_quantizer import dequantize_cache_np, quantize_cache_np
-from qkvshare_mlx.quantizer import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant import numpy_backend as codec
+from qkvshare_mlx.quant.controllers import TokenStats
+from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
 
 FLOAT32 = QuantConfig(float_dtype="float32")  # width 16 = a lossless fp32 copy
 CONFIG = {**TINY_LLAMA_CONFIG, "head_dim": 64, "max_position_embeddings": 512}
@@ -109,7 +109,7 @@ def test_mlx_card_continues_in_transformers(twins, extra):
     )
     assert qkv.width_histogram() == {16: 2 * 48}
     card = CacheCard.from_quantized(qkv, ids[:48], fingerprint_from_config(CONFIG))
-    card = CacheCard.from_bytes(card.to_bytes(), expect=hf_fingerprint(twins.hf_model))
+    card = CacheCard.from_bytes(card.to_bytes(), expect=fingerprint(twins.hf_model))
     # the injected cache is MLX's, which matches transformers' own to fp32 noise
     own, _, _ = hf_prefill(twins.hf_model, ids[:48])
     injected = card_to_dynamic_cache(card, twins.hf_model)
@@ -149,7 +149,7 @@ def test_transformers_card_continues_in_mlx(twins, extra):
 
 
 def test_fingerprints_agree_across_runtimes(twins):
-    assert hf_fingerprint(twins.hf_model) == fingerprint_from_config(CONFIG)
+    assert fingerprint(twins.hf_model) == fingerprint_from_config(CONFIG)
 
 
 # ----------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_cards_from_either_quantizer_read_in_the_other(twins, rotation):
 
 
 def _gsm8k_prompts(tokenizer, n):
-    from qkvshare_mlx.gsm8k import load_problems
+    from qkvshare_mlx.evals.gsm8k import load_problems
 
     out = []
     for p in load_problems("test", n):
@@ -245,10 +245,9 @@ def default_pair(default_model_dir):
 
 @pytest.mark.slow
 def test_default_model_fingerprints_agree(default_pair, default_model_dir):
-    from qkvshare_mlx.capture import fingerprint
 
     mlx_model, mlx_tok, hf_model, hf_tok = default_pair
-    fp = hf_fingerprint(hf_model, hf_tok)
+    fp = fingerprint(hf_model, hf_tok)
     assert fp["rope_theta"] is not None and fp["tokenizer_sha256"] is not None
     assert fingerprint(default_model_dir, mlx_tok) == fp
     assert fingerprint(mlx_model, mlx_tok) == fp
@@ -260,7 +259,6 @@ def test_default_model_mlx_card_continues_in_transformers(default_pair):
 
     3 GSM8K prompts x 32 tokens (bench/cross_runtime.py runs 20 x 64, both ways).
     """
-    from qkvshare_mlx.capture import fingerprint
 
     mlx_model, mlx_tok, hf_model, hf_tok = default_pair
     fp = fingerprint(mlx_model, mlx_tok)

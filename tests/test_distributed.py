@@ -147,7 +147,7 @@ def test_corrupted_transfer_is_rejected_by_the_checksum(tmp_path):
 
 
 def test_demo_outside_mlx_launch_fails_with_one_clear_line(monkeypatch, capsys):
-    from qkvshare_mlx import dist_demo
+    from qkvshare_mlx.cli import dist_demo
 
     monkeypatch.delenv("MLX_RANK", raising=False)
     monkeypatch.delenv("MLX_HOSTFILE", raising=False)

@@ -18,10 +18,8 @@ from qkvshare_converters.hf_cache import (
     card_to_dynamic_cache,
     continue_hf,
     dynamic_cache_to_card,
-    hf_fingerprint,
     hf_prefill,
 )
-from qkvshare_mlx import codec
 from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.errors import (
     CacheShapeError,
@@ -29,8 +27,10 @@ from qkvshare_mlx.errors import (
     ModelMismatchError,
     PromptMismatchError,
 )
+from qkvshare_mlx.fingerprint import fingerprint
 from qkvshare_mlx.formats import Encoded, QuantConfig
-from qkvshare_mlx.np_quantizer import dequantize_cache_np, quantize_cache_np
+from qkvshare_mlx.quant import numpy_backend as codec
+from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
 
 TINY = dict(
     hidden_size=64,
@@ -127,7 +127,7 @@ def element_steps(layer, n_tokens):
 
 
 def test_fingerprint_reads_transformers5_rope_parameters(model):
-    fp = hf_fingerprint(model)
+    fp = fingerprint(model)
     assert "rope_theta" not in model.config.to_dict()  # nested in rope_parameters
     assert fp["rope_theta"] == 10000.0 and fp["rope_scaling"] is None
     assert (fp["n_layers"], fp["n_kv_heads"], fp["head_dim"]) == (2, 2, 64)
@@ -274,7 +274,7 @@ def test_saliency_card_from_probe_attention_meets_budget(model):
     assert card.producer["runtime"] == "transformers"
     assert card.effective_bits <= 4.5 + 0.02
     assert len(card.width_histogram()) > 1  # saliency mixes widths
-    back = CacheCard.from_bytes(card.to_bytes(), expect=hf_fingerprint(model))
+    back = CacheCard.from_bytes(card.to_bytes(), expect=fingerprint(model))
     assert back.user == {"role": "sender"}
     with pytest.raises(ConfigError, match="attention"):
         dynamic_cache_to_card(cache, ids, model, controller="saliency")  # no stats

@@ -6,13 +6,15 @@ import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from test_capture import TINY, tiny_model
 
-from qkvshare_mlx.capture import fingerprint, prefill
+from qkvshare_mlx.caches import MixedQuantizedKVCache
+from qkvshare_mlx.capture import prefill
 from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.errors import ConfigError, ModelMismatchError, PromptMismatchError
+from qkvshare_mlx.fingerprint import fingerprint
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.handoff import continue_from_card, greedy_tokens, make_card
-from qkvshare_mlx.inject import MixedQuantizedKVCache, align, inject
-from qkvshare_mlx.quantizer import quantize_cache
+from qkvshare_mlx.inject import align, inject
+from qkvshare_mlx.quant.mlx_backend import quantize_cache
 
 FLOAT32 = QuantConfig(float_dtype="float32")
 TOKEN_G32 = QuantConfig(key_layout="token", group_size=32, adaptive_groups=False)
@@ -193,33 +195,6 @@ def test_uniform_token_card_becomes_quantized_kv_cache(model, ids):
     b = last_logits(model, inject(card, model), ids[n:])
     assert np.abs(a - b).max() < 0.05 * np.std(b)
     assert comp[0].offset == n + 1
-
-
-def test_mixed_cache_state_round_trip_and_trim(model, ids):
-    card, _ = card_of(
-        model, ids[:80], controller="saliency", budget=4.5, config=QuantConfig()
-    )
-    cache = inject(card, model, mode="compressed")
-    last_logits(model, cache, [1, 2, 3])
-    clone = [MixedQuantizedKVCache.from_state(c.state, c.meta_state) for c in cache]
-    for a, b in zip(cache, clone, strict=True):
-        ka, va = a.dequantized()
-        kb, vb = b.dequantized()
-        assert mx.array_equal(ka, kb) and mx.array_equal(va, vb)
-        assert (a.offset, a.size()) == (b.offset, b.size()) == (83, 83)
-
-
-def test_mixed_cache_trim_into_card_then_refeed(model, ids):
-    card, _ = card_of(model, ids[:80])  # float32: refeeding is exact
-    cache = [MixedQuantizedKVCache(layer, 80) for layer in card.layers]
-    last_logits(model, cache, [1, 2, 3])
-    # trim drops the 3 tail tokens, then hides 7 card tokens
-    assert [c.trim(10) for c in cache] == [10, 10]
-    assert (cache[0].offset, cache[0].n_tail, cache[0].n_visible) == (73, 0, 73)
-    got = last_logits(model, cache, list(ids[73:80]) + [9])
-    np.testing.assert_allclose(
-        got, exact_logits(model, list(ids[:80]) + [9]), atol=1e-4
-    )
 
 
 # ---------------------------------------------------------------------------

@@ -18,10 +18,10 @@ from qkvshare_converters.mlx_prompt_cache import (
     quantized_layout,
 )
 from qkvshare_mlx.card import CacheCard
-from qkvshare_mlx.controllers import TokenStats
 from qkvshare_mlx.errors import ConfigError
 from qkvshare_mlx.formats import QuantConfig
-from qkvshare_mlx.quantizer import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant.controllers import TokenStats
+from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
 
 EXACT = dict(
     controller="uniform",
@@ -169,3 +169,16 @@ def test_real_prefill_saved_by_mlx_lm_comes_back_exactly(tmp_path):
         orig = np.array(c.keys[..., :37, :])
         span = orig.max() - orig.min()
         assert np.abs(np.array(k) - orig).max() <= 1.2 * span / 255
+
+
+def test_file_saved_from_a_stream_mode_cache_becomes_a_card(tmp_path):
+    """StreamedKVCache layers are recorded under their own class name, which
+    mlx-lm's loader does not know; the converter reads them as KVCache."""
+    from qkvshare_mlx.inject import inject
+
+    card, ks, vs = _card(**EXACT)
+    path = tmp_path / "s.safetensors"
+    save_prompt_cache(str(path), inject(card, mode="stream"))
+    back = prompt_cache_file_to_card(path, tokens=card.tokens, **EXACT)
+    k2, v2 = dequantize_cache(back.to_quantized())
+    assert _equal(ks, k2) and _equal(vs, v2)

@@ -5,12 +5,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qkvshare_mlx import codec, quantizer
 from qkvshare_mlx.card import CacheCard
-from qkvshare_mlx.controllers import CONTROLLERS, TokenStats
 from qkvshare_mlx.errors import CacheShapeError, ConfigError
 from qkvshare_mlx.formats import CODE_BITS, GROUP_SIZES, QuantConfig, validate_bits
-from qkvshare_mlx.quantizer import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant import mlx_backend as quantizer
+from qkvshare_mlx.quant import numpy_backend as codec
+from qkvshare_mlx.quant.controllers import CONTROLLERS, TokenStats
+from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
 
 U16 = 2.0**-11  # unit roundoff of float16 (10 stored mantissa bits)
 U32 = 2.0**-24  # unit roundoff of float32

@@ -15,10 +15,10 @@ import pytest
 from safetensors.numpy import load as st_load
 
 from qkvshare_mlx.card import CacheCard
-from qkvshare_mlx.codec import encode_bucket
-from qkvshare_mlx.controllers import TokenStats
 from qkvshare_mlx.formats import Format, QuantConfig, QuantizedKV
-from qkvshare_mlx.quantizer import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant.controllers import TokenStats
+from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant.numpy_backend import encode_bucket
 
 # ---------------------------------------------------------------------------
 # The spec reader.

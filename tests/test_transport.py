@@ -21,7 +21,7 @@ from qkvshare_mlx.errors import (
     TransportError,
     TransportTimeoutError,
 )
-from qkvshare_mlx.quantizer import quantize_cache
+from qkvshare_mlx.quant.mlx_backend import quantize_cache
 from qkvshare_mlx.transport import (
     HEADER_MAGIC,
     HEADER_WORDS,

@@ -10,6 +10,7 @@ import importlib.util
 import sys
 
 from .. import __version__
+from ..blas import enable_openblas
 from ..errors import QKVShareError
 
 VERBS = {
@@ -18,12 +19,17 @@ VERBS = {
     "inspect": "print a CacheCard's header, sizes and checksum",
     "handoff": "hand a prompt's KV cache from one agent to another",
     "eval": "evaluate handoffs on GSM8K",
+    "dist-demo": "two processes hand a card over mx.distributed (run under mlx.launch)",
 }
 
 
 def available_verbs() -> list[str]:
     """The verbs whose module exists in this installation."""
-    return [v for v in VERBS if importlib.util.find_spec(f"{__name__}.{v}")]
+    return [v for v in VERBS if importlib.util.find_spec(_module(v))]
+
+
+def _module(verb: str) -> str:
+    return f"{__name__}.{verb.replace('-', '_')}"
 
 
 def _usage() -> str:
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qkvshare-mlx {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
+    enable_openblas()  # before any verb imports mlx (a no-op off Linux)
     if verb not in available_verbs():
         known = ", ".join(available_verbs())
         print(
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(f"{__name__}.{verb}")
+    module = importlib.import_module(_module(verb))
     try:
         return module.main(rest) or 0
     except QKVShareError as e:

@@ -11,9 +11,17 @@ the card against re-reading the text (re-prefill).
 
 import argparse
 import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
 
 from .. import agents as A
-from .. import gsm8k
+from ..card import CacheCard
+from ..evals import gsm8k
+from ..evals.roles import gsm8k_agents
+from ..inject import inject
 from ..models import load_model, resolve_model
 
 
@@ -48,10 +56,33 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def time_to_first_token(model, prompt: list[int], card: CacheCard | None = None):
+    """Seconds from receiving the context to the first generated token.
+
+    With a card: inject it, prefill the prompt tokens after it, sample one
+    token. Without: prefill the whole prompt (the re-prefill baseline).
+
+    Returns:
+        ``(seconds, first token id)``.
+    """
+    tic = time.perf_counter()
+    if card is None:
+        cache, cached = make_prompt_cache(model), 0
+    else:
+        cache, cached = inject(card, model, mode="dequantize"), card.n_tokens
+    token, _ = next(
+        generate_step(
+            mx.array(prompt[cached:]), model, prompt_cache=cache, max_tokens=1
+        )
+    )
+    token = int(token)
+    return time.perf_counter() - tic, token
+
+
 def _ttft(model, prompt, card, reps):
     """Median of ``reps`` timed runs (the chain has already warmed MLX up)."""
     return statistics.median(
-        A.time_to_first_token(model, prompt, card)[0] for _ in range(reps)
+        time_to_first_token(model, prompt, card)[0] for _ in range(reps)
     )
 
 
@@ -62,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     shots = gsm8k.load_problems("train", n=args.shots) if args.shots else []
     model, tokenizer = load_model(model_path)
     chat = A.ChatFormat(tokenizer, [(p["question"], p["answer"]) for p in shots])
-    middle, answerer = A.gsm8k_agents(
+    middle, answerer = gsm8k_agents(
         2, middle_tokens=args.max_tokens, answer_tokens=args.max_tokens
     )
     handoff = A.Handoff(args.controller, args.budget_bits)
@@ -110,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"--- agent 3 ({answerer.role}): {answerer.instruction}")
     print(text.strip())
     predicted = gsm8k.extract_answer(text)
-    verdict = "correct" if A.numeric_match(predicted, problem["final"]) else "wrong"
+    verdict = "correct" if gsm8k.numeric_match(predicted, problem["final"]) else "wrong"
     print(f"\nextracted answer: {predicted}   gold: {problem['final']}   ({verdict})")
     if args.save_cards:
         print(f"cards written to {args.save_cards}/hop1.qkv, hop2.qkv")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from .. import _blas
+from .. import blas
 from ..models import resolve_model
 
 # Any fixed text works; it is repeated until it covers PROMPT_TOKENS tokens.
@@ -69,7 +69,7 @@ def measure_unpatched_gflops(n: int = 1024) -> float | None:
         "from qkvshare_mlx.cli.doctor import measure_matmul_gflops; "
         f"print(measure_matmul_gflops({n}))"
     )
-    env = {**os.environ, _blas.OPT_OUT_ENV: "1"}
+    env = {**os.environ, blas.OPT_OUT_ENV: "1"}
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True
     )
@@ -128,7 +128,7 @@ def collect(model: str | None, *, skip_models: bool = False) -> dict:
         "torch_version": _version("torch"),
         "mlx_default_device": str(mx.default_device()),
     }
-    status = _blas.openblas_status()
+    status = blas.openblas_status()
     report.update(
         openblas_preloaded=status["preloaded"],
         openblas_effective=status["effective"],

@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 
 from ..card import CacheCard
-from ..controllers import CONTROLLERS, HandoffPlan
 from ..errors import ConfigError
 from ..formats import GROUP_SIZES, KEY_LAYOUTS, QuantConfig
 from ..inject import MODES, POLICIES
+from ..quant.controllers import CONTROLLERS, HandoffPlan
 from ..rotation import ROTATIONS
 
 

@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..card import CacheCard, fingerprint_mismatches
+from ..card import CacheCard
+from ..fingerprint import fingerprint_from_config, mismatches
 
 PREVIEW_TOKENS = 48
 
@@ -84,7 +85,6 @@ def _default_tokenizer_dir() -> Path | None:
 def _load_tokenizer(model: str | None, card: CacheCard):
     """(tokenizer, config) of ``--model``, or of the default model when it is
     already converted and its config matches the card's fingerprint."""
-    from ..card import fingerprint_from_config
     from ..models import check_model_folder, model_config
 
     if model:
@@ -96,7 +96,7 @@ def _load_tokenizer(model: str | None, card: CacheCard):
             return None, None
         # Decoding with another model's tokenizer would print nonsense.
         fp = fingerprint_from_config(model_config(folder))
-        if fingerprint_mismatches(card.model, fp):
+        if mismatches(card.model, fp):
             return None, None
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -176,11 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(card, file_bytes=path.stat().st_size, tokenizer=tokenizer)
     model_check = None
     if args.model and config is not None:
-        from ..card import fingerprint_from_config
-
-        model_check = fingerprint_mismatches(
-            card.model, fingerprint_from_config(config, tokenizer)
-        )
+        model_check = mismatches(card.model, fingerprint_from_config(config, tokenizer))
         summary["model_check"] = model_check
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))

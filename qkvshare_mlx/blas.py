@@ -10,6 +10,11 @@ CPU (Debian 12 ships 0.3.21) do not know recent Xeons and fall back to the ``Pre
 (SSE3) kernels, an order of magnitude below what the CPU can do. When the user has
 not set ``OPENBLAS_CORETYPE`` we pick a core type from the CPU flags instead.
 
+Nothing happens on import: :func:`enable_openblas` (also
+``qkvshare_mlx.enable_openblas``) does it, and the CLI entry point, the bench
+scripts and the test suite call it first thing. A library that uses
+``qkvshare_mlx`` calls it before it imports ``mlx``, or starts Python with
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3``.
 This module knows nothing about models or caches. It never imports ``mlx``.
 Opt out with ``QKVSHARE_NO_OPENBLAS=1``. macOS is untouched (MLX uses Accelerate).
 """
@@ -67,7 +72,7 @@ def pick_coretype(flags: set[str]) -> str | None:
     return None
 
 
-def preload_openblas() -> str | None:
+def enable_openblas() -> str | None:
     """Load OpenBLAS globally so that MLX, imported later, uses it.
 
     Idempotent. Does nothing on macOS, when ``QKVSHARE_NO_OPENBLAS=1``, or when the
@@ -129,7 +134,7 @@ def openblas_status() -> dict:
     """
     preloaded = _state["path"] is not None
     if not _state["attempted"]:
-        note = "preload_openblas() was never called"
+        note = "enable_openblas() was never called (qkvshare_mlx.enable_openblas)"
     elif os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
         note = f"disabled by {OPT_OUT_ENV}=1"
     elif not sys.platform.startswith("linux"):
@@ -141,7 +146,7 @@ def openblas_status() -> dict:
             f"{openblas_library_path()} missing: apt-get install libopenblas0-pthread"
         )
     elif _state["mlx_imported_first"]:
-        note = "mlx was imported before qkvshare_mlx: preload ineffective"
+        note = "mlx was imported before enable_openblas(): preload ineffective"
     else:
         note = "ok"
     return {

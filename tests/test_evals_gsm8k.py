@@ -1,9 +1,11 @@
+"""GSM8K data loading, answer extraction and answer matching."""
+
 import json
 
 import pytest
 
-from qkvshare_mlx import gsm8k
 from qkvshare_mlx.errors import QKVShareError
+from qkvshare_mlx.evals import gsm8k
 
 
 @pytest.mark.parametrize(
@@ -55,3 +57,10 @@ def test_real_data_first_problem():
     except QKVShareError:
         pytest.skip("GSM8K data not found beside the repository")
     assert problems[0]["final"] == "18"  # Janet's ducks
+
+
+def test_numeric_match():
+    assert gsm8k.numeric_match("18", "18.0")
+    assert gsm8k.numeric_match("-3", "-3")
+    assert not gsm8k.numeric_match("18", "81")
+    assert not gsm8k.numeric_match(None, "1")

@@ -3,9 +3,11 @@
 Every mutation is a pure function ``(data, rng) -> bytes`` taking the bytes
 of a *valid* card and a ``numpy.random.Generator``; :func:`mutate` picks one
 and returns ``(category, mutated bytes)``. The ``forged_*`` categories edit
-the metadata or arrays and then re-serialise through the card writer's own
-helpers (``card._write_safetensors`` / ``_checksum`` / ``_canonical``), so
-the checksum is valid and only the reader's content checks can catch them.
+the metadata or arrays and then re-serialise through the public container
+API (:func:`~qkvshare_mlx.card.container.write`, ``digest``,
+``canonical_json``), so the checksum is valid and only the reader's content
+checks can catch them. A conformance kit for any card reader, as the spec
+invites: feed it the mutated bytes and expect a refusal or an identical card.
 
 :func:`load_outcome` runs one load under ``tracemalloc`` and classifies it:
 ``"error"`` (a :class:`~qkvshare_mlx.errors.CardError`), ``"identical"``
@@ -13,8 +15,8 @@ the checksum is valid and only the reader's content checks can catch them.
 ``"different"`` (accepted but changed: a reader bug for these categories) or
 ``"crash"`` (any other exception: a reader bug).
 
-Shared by ``tests/test_fuzz_card.py`` and ``bench/robustness.py``. This
-module knows card bytes and numpy only; it never touches files or MLX.
+Used by ``tests/test_testing_mutations.py`` and ``bench/robustness.py``.
+This module knows card bytes and numpy only; it never touches files or MLX.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import card as C
-from .codec import encode_bucket
-from .errors import CardError
-from .formats import Format, QuantConfig, QuantizedKV
+from ..card import CacheCard, container, schema
+from ..dtypes import SAFETENSORS
+from ..errors import CardError
+from ..formats import Format, QuantConfig, QuantizedKV
+from ..quant.numpy_backend import encode_bucket
 
 # ----------------------------------------------------------------------------
 # A small valid card (numpy only)
@@ -81,7 +84,7 @@ def small_card(seed: int = 0, *, n_tokens: int = 48, n_layers: int = 2, batch: i
     )
     tokens = rng.integers(0, FINGERPRINT["vocab_size"], n_tokens)
     fp = dict(FINGERPRINT, n_layers=n_layers)
-    return C.CacheCard.from_quantized(
+    return CacheCard.from_quantized(
         qkv, tokens, fp, runtime="numpy", user={"role": "planner"}
     )
 
@@ -120,7 +123,7 @@ def parts(data: bytes) -> tuple[dict, dict, dict[str, np.ndarray]]:
     tensors = {}
     for name, info in header.items():
         s, e = info["data_offsets"]
-        arr = np.frombuffer(blob[s:e], dtype=C._DTYPES[info["dtype"]])
+        arr = np.frombuffer(blob[s:e], dtype=SAFETENSORS[info["dtype"]])
         tensors[name] = arr.reshape(info["shape"]).copy()
     return meta, json.loads(meta["card"]), tensors
 
@@ -139,22 +142,22 @@ def forge(
     """
     if version is None:
         meta_ok = isinstance(card_meta, dict)
-        version = str(C._version_for(card_meta.get("quant")) if meta_ok else 1)
+        version = str(schema.version_for(card_meta.get("quant")) if meta_ok else 1)
     if card_text is None:
-        card_text = C._canonical(card_meta).decode()
+        card_text = container.canonical_json(card_meta).decode()
     raw = card_text.encode("utf-8", "surrogatepass")
     header = {
-        "format": C.FORMAT_NAME,
+        "format": schema.FORMAT_NAME,
         "version": version,
         "card": card_text,
         "sha256": _checksum_raw(raw, tensors, version),
     }
-    return C._write_safetensors(tensors, header)
+    return container.write(tensors, header)
 
 
 def _checksum_raw(raw: bytes, tensors: dict[str, np.ndarray], version="1") -> str:
     # the checksum's prefix names the version; a non-numeric one hashes as is
-    return C._checksum(raw, tensors, version)
+    return container.digest(schema.checksum_domain(version), raw, tensors)
 
 
 def _region(data: bytes) -> tuple[int, int]:
@@ -301,7 +304,7 @@ def huge_shape(data: bytes, rng) -> bytes:
         rng, [[2**20, 2**20], [2**40], [2**39, 2**39], [1, 2**40, 1], [2**40] * 8]
     )
     info["shape"] = shape
-    item = np.dtype(C._DTYPES[info["dtype"]]).itemsize
+    item = np.dtype(SAFETENSORS[info["dtype"]]).itemsize
     n = int(np.prod(shape, dtype=object)) * item
     if rng.random() < 0.5:
         info["data_offsets"] = [0, n]
@@ -399,7 +402,7 @@ def duplicate_keys(data: bytes, rng) -> bytes:
         return join(raw + b" " * ((-len(raw)) % 8), blob)
     _, m, tensors = parts(data)
     key = _pick(rng, ["user", "model", "cache", "quant", "version"])
-    text = C._canonical(m).decode()
+    text = container.canonical_json(m).decode()
     evil = {
         "user": {"role": "admin"},
         "model": {},
@@ -487,13 +490,13 @@ def forged_nan_scales(data: bytes, rng) -> bytes:
 def forged_future_version(data: bytes, rng) -> bytes:
     """A version from the future in the header, the card metadata, or both."""
     m, t = _ok(data)
-    v = int(rng.integers(C.FORMAT_VERSION + 1, 1000))
+    v = int(rng.integers(schema.FORMAT_VERSION + 1, 1000))
     where = _pick(rng, ["header", "card", "both", "header0"])
     if where in ("card", "both"):
         m["version"] = v
     version = str(v) if where in ("header", "both") else str(m["version"])
     if where == "card":
-        version = str(C._version_for(m["quant"]))
+        version = str(schema.version_for(m["quant"]))
     if where == "header0":
         version = _pick(rng, ["0", "1.0", " 1", "01", "v1", ""])
     return forge(m, t, version=version)
@@ -616,7 +619,7 @@ def forged_bad_index(data: bytes, rng) -> bytes:
 def forged_nested_metadata(data: bytes, rng) -> bytes:
     """Deeply nested or oversized JSON inside user metadata, checksum recomputed."""
     m, t = _ok(data)
-    depth = int(rng.integers(C.MAX_JSON_DEPTH, 400))
+    depth = int(rng.integers(container.MAX_JSON_DEPTH, 400))
     deep: object = 1
     for _ in range(depth):
         deep = [deep] if rng.random() < 0.5 else {"a": deep}
@@ -693,7 +696,7 @@ def load_outcome(
     t0 = time.perf_counter()
     card = exc = None
     try:
-        card = C.CacheCard.from_bytes(mutated, expect=expect, **kwargs)
+        card = CacheCard.from_bytes(mutated, expect=expect, **kwargs)
     except Exception as e:  # noqa: BLE001 - classifying every failure is the point
         exc = e
     seconds = time.perf_counter() - t0

@@ -1,12 +1,15 @@
-"""Two agents, two processes (or two Macs): a card handed over mx.distributed.
+"""``qkvshare dist-demo``: two agents, two processes (or two Macs), one card over
+mx.distributed.
 
 Rank 0, the sender, prefills a context (a GSM8K problem by default) and sends
 it as a CacheCard; rank 1, the receiver, verifies the card against its own
 model, injects it, decodes greedily and prints its time to first token next
-to that of re-prefilling the same prompt from scratch. Start both ranks with::
+to that of re-prefilling the same prompt from scratch. Start both ranks with
+(``qkvshare dist-demo`` runs the same, for one rank per process)::
 
-    mlx.launch -n 2 --backend ring -- python -m qkvshare_mlx.dist_demo
-    mlx.launch --hostfile hosts.json --backend ring -- python -m qkvshare_mlx.dist_demo
+    mlx.launch -n 2 --backend ring -- python -m qkvshare_mlx.cli.dist_demo
+    mlx.launch --hostfile hosts.json --backend ring \
+        -- python -m qkvshare_mlx.cli.dist_demo
 
 Exit codes: 0 done, 2 bad input or card, 3 timeout, 4 transport failure.
 """
@@ -18,17 +21,17 @@ import os
 import sys
 import time
 
-from .errors import QKVShareError, TransportError, TransportTimeoutError
+from ..errors import QKVShareError, TransportError, TransportTimeoutError
 
 SENDER, RECEIVER = 0, 1
 EXIT_OK, EXIT_INPUT, EXIT_TIMEOUT, EXIT_TRANSPORT = 0, 2, 3, 4
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .controllers import CONTROLLERS
+    from ..quant.controllers import CONTROLLERS
 
     parser = argparse.ArgumentParser(
-        prog="python -m qkvshare_mlx.dist_demo", description=__doc__.splitlines()[0]
+        prog="python -m qkvshare_mlx.cli.dist_demo", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--model", default=None, help="model folder or hub id (default: SmolLM2-135M)"
@@ -79,7 +82,7 @@ def _sender_prompt(tokenizer, args) -> tuple[list[int], dict]:
     if args.prompt is not None:
         question, meta = args.prompt, {"task": "prompt"}
     else:
-        from . import gsm8k
+        from ..evals import gsm8k
 
         problem = gsm8k.load_problems("test", n=args.problem + 1)[args.problem]
         question = problem["question"]
@@ -89,8 +92,8 @@ def _sender_prompt(tokenizer, args) -> tuple[list[int], dict]:
 
 
 def run_sender(transport, args) -> int:
-    from .handoff import make_card
-    from .models import load_model
+    from ..handoff import make_card
+    from ..models import load_model
 
     model, tokenizer = load_model(args.model)
     tokens, meta = _sender_prompt(tokenizer, args)
@@ -126,10 +129,10 @@ def _baseline_ttft(model, tokens) -> tuple[float, int]:
 
 
 def run_receiver(transport, args) -> int:
-    from .capture import fingerprint
-    from .card import CacheCard
-    from .handoff import continue_from_card
-    from .models import load_model
+    from ..card import CacheCard
+    from ..fingerprint import fingerprint
+    from ..handoff import continue_from_card
+    from ..models import load_model
 
     model, tokenizer = load_model(args.model)
     tic = time.perf_counter()
@@ -157,7 +160,7 @@ def run_receiver(transport, args) -> int:
         f"{1000 * base_s:.1f} ms; same first token: {same}",
     )
     if card.user.get("task") == "gsm8k":
-        from . import gsm8k
+        from ..evals import gsm8k
 
         predicted, gold = gsm8k.extract_answer(reply), card.user.get("gold")
         verdict = "correct" if predicted == gold else "wrong"
@@ -167,7 +170,10 @@ def run_receiver(transport, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    from .transport import DistributedTransport, init_group
+    from ..blas import enable_openblas
+
+    enable_openblas()  # run as a script, not through the dispatcher
+    from ..transport import DistributedTransport, init_group
 
     rank = "?"  # until the group is up
     try:

@@ -1,8 +1,11 @@
-"""GSM8K problems and answer extraction, for the demo and the benchmarks.
+"""GSM8K problems, answer extraction and answer matching.
 
 The data is not shipped with the package: it lives in a ``shared/data/gsm8k`` folder
 beside the repository (JSON lines with ``question`` and ``answer``; the gold answer
 ends with ``#### <number>``), or wherever ``QKVSHARE_GSM8K`` points.
+
+This module knows the data and its answer format only: no model, no MLX (the
+demos and benchmarks import it cheaply); the agents' roles are in ``roles``.
 """
 
 import json
@@ -10,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import QKVShareError
+from ..errors import QKVShareError
 
 DATA_ENV = "QKVSHARE_GSM8K"
 _RELATIVE_DIR = Path("shared") / "data" / "gsm8k"
@@ -33,7 +36,7 @@ def find_gsm8k_dir() -> Path:
         if not path.is_dir():
             raise QKVShareError(f"{DATA_ENV}={env} is not a folder")
         return path
-    starts = [Path.cwd().resolve(), Path(__file__).resolve().parent.parent]
+    starts = [Path.cwd().resolve(), Path(__file__).resolve().parents[2]]
     searched = []
     for start in starts:
         for folder in (start, *start.parents):
@@ -113,3 +116,13 @@ def load_problems(
                 }
             )
     return problems
+
+
+def numeric_match(predicted: str | None, gold: str | None) -> bool:
+    """GSM8K exact match on normalized numbers ("18" == "18.0")."""
+    if predicted is None or gold is None:
+        return False
+    try:
+        return float(predicted) == float(gold)
+    except ValueError:
+        return predicted == gold

@@ -1,6 +1,6 @@
 """Hostile card bytes: every mutation ends in a CardError or an identical card.
 
-One hypothesis property per mutation category (qkvshare_mlx.fuzz), plus a
+One hypothesis property per mutation category (qkvshare_mlx.testing.mutations), plus a
 deterministic test per category that pins the error class and message.
 Memory per load is measured with tracemalloc and held to 4x the input + 1 MiB.
 """
@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkvshare_mlx import card as C
-from qkvshare_mlx import fuzz as F
+from qkvshare_mlx.card import CacheCard, container, schema
 from qkvshare_mlx.errors import (
     CardError,
     CardFormatError,
@@ -24,6 +23,7 @@ from qkvshare_mlx.errors import (
     CardTooLargeError,
     ModelMismatchError,
 )
+from qkvshare_mlx.testing import mutations as F
 
 ORIGINAL = F.small_card_bytes(0)
 # categories whose every case is invalid: "accepted identical" would be a miss
@@ -41,7 +41,7 @@ MUST_REJECT = {
 
 
 def _load(data, **kwargs):
-    return C.CacheCard.from_bytes(data, expect=F.FINGERPRINT, **kwargs)
+    return CacheCard.from_bytes(data, expect=F.FINGERPRINT, **kwargs)
 
 
 def _raises(data, cls, *words, **kwargs):
@@ -132,8 +132,8 @@ def test_max_bytes_cap_is_configurable(tmp_path):
     path = tmp_path / "c.card"
     path.write_bytes(ORIGINAL)
     with pytest.raises(CardTooLargeError):
-        C.CacheCard.load(path, max_bytes=1000)
-    assert C.CacheCard.load(path, max_bytes=len(ORIGINAL)).to_bytes() == ORIGINAL
+        CacheCard.load(path, max_bytes=1000)
+    assert CacheCard.load(path, max_bytes=len(ORIGINAL)).to_bytes() == ORIGINAL
 
 
 @pytest.mark.parametrize(
@@ -180,7 +180,7 @@ def test_duplicate_json_keys_are_rejected(where):
 def test_duplicate_key_in_card_json_with_valid_checksum():
     # json.loads would silently keep the second "user"; another reader the first
     _, m, tensors = F.parts(ORIGINAL)
-    text = C._canonical(m).decode()[:-1] + ',"user":{"role":"admin"}}'
+    text = container.canonical_json(m).decode()[:-1] + ',"user":{"role":"admin"}}'
     _raises(F.forge(None, tensors, card_text=text), CardFormatError, "'user'")
 
 
@@ -222,7 +222,7 @@ def test_garbage_card_json_with_valid_checksum(text):
 def test_deeply_nested_user_metadata():
     _, m, t = F.parts(ORIGINAL)
     deep = 0
-    for _ in range(C.MAX_JSON_DEPTH + 5):
+    for _ in range(container.MAX_JSON_DEPTH + 5):
         deep = [deep]
     m["user"]["deep"] = deep
     _raises(F.forge(m, t), CardFormatError, "nests deeper")
@@ -231,7 +231,7 @@ def test_deeply_nested_user_metadata():
 @pytest.mark.parametrize("where", ["header", "card"])
 def test_version_from_the_future(where):
     _, m, t = F.parts(ORIGINAL)
-    future = C.FORMAT_VERSION + 1
+    future = schema.FORMAT_VERSION + 1
     if where == "card":
         m["version"] = future
     data = F.forge(m, t, version=str(future) if where == "header" else "1")
@@ -255,7 +255,7 @@ def test_card_for_another_model(key):
     )
     data = F.forge(m, t)
     _raises(data, ModelMismatchError, key)
-    assert C.CacheCard.from_bytes(data).model[key] == m["model"][key]  # no expect
+    assert CacheCard.from_bytes(data).model[key] == m["model"][key]  # no expect
 
 
 @pytest.mark.parametrize(
@@ -312,11 +312,11 @@ def test_empty_and_odd_files(tmp_path):
     empty = tmp_path / "empty.card"
     empty.write_bytes(b"")
     with pytest.raises(CardFormatError, match="0 bytes"):
-        C.CacheCard.load(empty)
+        CacheCard.load(empty)
     with pytest.raises(CardFormatError, match="not a regular file"):
-        C.CacheCard.load(tmp_path)
+        CacheCard.load(tmp_path)
     with pytest.raises(CardFormatError, match="cannot read"):
-        C.CacheCard.load(tmp_path / "missing.card")
+        CacheCard.load(tmp_path / "missing.card")
 
 
 def test_whitespace_in_header_is_accepted_identical():

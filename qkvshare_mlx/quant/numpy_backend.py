@@ -1,9 +1,15 @@
-"""Reference codec in plain numpy: packing, affine (de)quantization, layers.
+"""The numpy backend: packing, affine (de)quantization and the pipeline in numpy.
 
-This is the executable form of docs/cachecard-format.md. It needs numpy only,
-so a machine with torch + transformers and no MLX can read and write cards
-(``qkvshare_converters.hf_cache`` uses it). The MLX quantizer produces the
-same codes layout through ``mx.quantize``; tests check both agree.
+The executable form of docs/cachecard-format.md. It needs numpy only, so a
+machine with torch + transformers and no MLX can read and write cards
+(``qkvshare_converters.hf_cache`` uses it): :data:`NUMPY` gives
+:func:`.pipeline.quantize` its array operations, :func:`quantize_cache_np`
+and :func:`dequantize_cache_np` are the whole cache. Its table-lookup
+decoder (:func:`dequantize_rows`) is also the MLX receiver's fast path on the
+CPU (:mod:`.fastpath`). The MLX backend produces the same codes layout
+through ``mx.quantize``; tests check both agree. The codes can differ from
+``mx.quantize`` by one step where the two round a group's scale
+differently; both decode within half a step of the input.
 
 Packing: a row of ``n`` codes of ``bits`` each is one little-endian bit
 stream; code ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``, and the
@@ -17,7 +23,18 @@ import functools
 
 import numpy as np
 
-from .formats import Encoded, Format, Segment, split_for_layout
+from ..formats import (
+    Encoded,
+    Format,
+    QuantConfig,
+    QuantizedKV,
+    Segment,
+    check_cover,
+    layer_index,
+)
+from ..rotation import rotation_matrix
+from . import pipeline
+from .controllers import HandoffPlan, TokenStats
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
@@ -212,7 +229,8 @@ def dequantize_groups(
 def encode(x: np.ndarray, bits: int, layout: str, group: int, float_dtype) -> Encoded:
     """Encode (B, H, n, D) tokens in one layout."""
     if layout == "float":
-        return Encoded("float", data=np.ascontiguousarray(x.astype(float_dtype)))
+        data = np.ascontiguousarray(x.astype(np.dtype(float_dtype)))
+        return Encoded("float", data=data)
     if layout == "channel":
         x = np.swapaxes(x, -1, -2)
     codes, scales, biases = quantize_groups(x, bits, group)
@@ -235,38 +253,130 @@ def decode(enc: Encoded, bits: int) -> np.ndarray:
     return x
 
 
+class NumpyBackend:
+    """:class:`.pipeline.Backend` on numpy arrays."""
+
+    xp = np
+
+    def asarray(self, x):
+        return np.asarray(x)
+
+    def take(self, x, index: np.ndarray):
+        return x[:, :, index]
+
+    def rotate(self, x, matrix: np.ndarray):
+        return x.astype(np.float32) @ matrix
+
+    encode = staticmethod(encode)
+
+    def finish(self, layers) -> None:
+        pass
+
+
+NUMPY = NumpyBackend()
+
+
 def encode_bucket(
     keys: np.ndarray,
     values: np.ndarray,
     index: np.ndarray,
     fmt: Format,
-    float_dtype=np.float16,
+    float_dtype: str = "float16",
 ) -> list[Segment]:
     """Encode the tokens ``index`` of (B, H, T, D) keys/values in ``fmt``."""
-    out = []
-    for start, stop, k_layout, k_group in split_for_layout(len(index), fmt):
-        idx = np.asarray(index[start:stop], dtype=np.int32)
-        k, v = keys[:, :, idx], values[:, :, idx]
-        if fmt.is_float:
-            ek = encode(k, 16, "float", 0, float_dtype)
-            ev = encode(v, 16, "float", 0, float_dtype)
-        else:
-            ek = encode(k, fmt.bits, k_layout, k_group, None)
-            ev = encode(v, fmt.bits, "token", fmt.value_group, None)
-        out.append(Segment(fmt.bits, idx, ek, ev))
-    return out
+    return pipeline.encode_bucket(NUMPY, keys, values, index, fmt, float_dtype)
 
 
 def decode_layer(
     segments: list[Segment], n_tokens: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reassemble (B, H, T, D) float32 keys and values from a layer's segments."""
+    index = layer_index(segments)
+    check_cover(index, n_tokens)
     ks = [decode(s.keys, s.bits) for s in segments]
     vs = [decode(s.values, s.bits) for s in segments]
-    index = np.concatenate([np.asarray(s.index) for s in segments])
-    if index.shape[0] != n_tokens:
-        raise ValueError(f"segments cover {index.shape[0]} tokens, expected {n_tokens}")
     order = np.argsort(index, kind="stable")
     k = np.concatenate(ks, axis=2)[:, :, order]
     v = np.concatenate(vs, axis=2)[:, :, order]
     return k, v
+
+
+def unrotate_rows(d: np.ndarray, T: int, rotation: str, chunk: int = 1024) -> None:
+    """Undo a rotation in place on rows ``:T`` of a (B, H, n, D) float32 view.
+
+    Chunk by chunk through a small scratch buffer (cache-resident, no fresh
+    pages), each row range of one head being contiguous."""
+    r = rotation_matrix(rotation, d.shape[-1])
+    if r is None:
+        return
+    rt = np.ascontiguousarray(r.T)
+    scratch = np.empty((min(chunk, T), d.shape[-1]), np.float32)
+    B, H = d.shape[:2]
+    for b in range(B):
+        for h in range(H):
+            for a in range(0, T, chunk):
+                rows = d[b, h, a : min(a + chunk, T)]
+                out = scratch[: rows.shape[0]]
+                np.matmul(rows, rt, out=out)
+                rows[...] = out
+
+
+def quantize_cache_np(
+    keys: list[np.ndarray],
+    values: list[np.ndarray],
+    *,
+    controller: str = "saliency",
+    budget_bits: float = 4.5,
+    config: QuantConfig | None = None,
+    stats: TokenStats | None = None,
+    plan: HandoffPlan | None = None,
+    inherited: QuantizedKV | None = None,
+) -> QuantizedKV:
+    """Quantize a KV cache under an average-bit budget, in numpy.
+
+    Args:
+        keys, values: per layer, (B, H_kv, T, D) float arrays.
+        controller: a name in :data:`controllers.CONTROLLERS`.
+        budget_bits: target effective bits per K/V element (scales included)
+            for the newly quantized tokens.
+        config: quantizer settings.
+        stats: token statistics for saliency-based controllers.
+        plan: the handoff plan (hops remaining, receivers) for ``topology``.
+        inherited: a cache covering the first tokens; its segments are kept
+            bit for bit and only tokens after it are quantized.
+
+    Returns:
+        A :class:`QuantizedKV` (numpy arrays) covering all T tokens.
+
+    Raises:
+        CacheShapeError: bad shapes, non-finite values, or an inherited cache
+            that does not fit.
+        ConfigError: unknown controller, budget out of range, missing stats.
+    """
+    return pipeline.quantize(
+        keys,
+        values,
+        backend=NUMPY,
+        controller=controller,
+        budget_bits=budget_bits,
+        config=config,
+        stats=stats,
+        plan=plan,
+        inherited=inherited,
+    )
+
+
+def dequantize_cache_np(qkv: QuantizedKV) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """All layers of a :class:`QuantizedKV` as lists of (B, H, T, D) float32 arrays.
+
+    Raises:
+        CacheShapeError: a layer's segments do not cover ``n_tokens`` tokens.
+    """
+    keys, values = [], []
+    for layer in qkv.layers:
+        k, v = decode_layer(layer, qkv.n_tokens)
+        rk = rotation_matrix(qkv.config.rotation, k.shape[-1])
+        rv = rotation_matrix(qkv.config.rotation, v.shape[-1])
+        keys.append(k if rk is None else k @ rk.T)
+        values.append(v if rv is None else v @ rv.T)
+    return keys, values

@@ -1,0 +1,312 @@
+"""The safetensors container, written and read as hostile bytes.
+
+A public, numpy-only API over the file layout a card uses (safetensors:
+an 8-byte little-endian header length, a JSON header, then the tensor
+bytes), with every check a reader of untrusted files needs:
+
+- :func:`read_header` parses the header and checks every claimed dtype,
+  shape and offset against the file size and a byte cap *before* any array
+  exists; tensors must tile the data region exactly (no overlaps, gaps or
+  trailing bytes, none of which the checksum would cover);
+- :func:`parse_json` refuses duplicate keys, NaN/Infinity, overflowing
+  numbers, deep nesting and dense container soup;
+- :func:`tensor_views` returns zero-copy numpy views of a checked header;
+- :func:`write` is the inverse; :func:`digest` the checksum over metadata
+  and tensors (a card's ``sha256``).
+
+It knows nothing about what the tensors mean (see :mod:`.schema`), so it
+also serves third-party tools and :mod:`qkvshare_mlx.testing`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import SAFETENSORS, safetensors_code
+from ..errors import CardFormatError, CardTooLargeError
+
+MAX_HEADER_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32  # containers enclosing any value (see json_depth)
+JSON_CHARS_PER_CONTAINER = 8
+MAX_RANK = 8
+MAX_DIM = 2**40
+_ITEMSIZE = {k: v.itemsize for k, v in SAFETENSORS.items()}
+
+
+@dataclass
+class Header:
+    """A checked safetensors header.
+
+    Attributes:
+        metadata: the ``__metadata__`` map of strings.
+        tensors: per tensor name, ``{"dtype", "shape", "data_offsets"}``.
+        base: byte offset of the data region in the file.
+        data_len: bytes in the data region.
+    """
+
+    metadata: dict[str, str]
+    tensors: dict[str, dict]
+    base: int
+    data_len: int
+
+
+def check_tiling(header: Header) -> None:
+    """Refuse gaps between tensors and bytes after the last one.
+
+    Neither is covered by a checksum over the tensors, and safetensors
+    itself refuses both; :func:`read_header` already refused overlaps.
+    Separate so a reader can first report a missing or extra tensor.
+    """
+    at = 0
+    for start, end, name in sorted(
+        (*info["data_offsets"], name) for name, info in header.tensors.items()
+    ):
+        if start != at:
+            raise CardFormatError(
+                f"{name}: starts at data byte {start}, expected {at} (no gaps "
+                "between tensors)"
+            )
+        at = end
+    if at != header.data_len:
+        raise CardFormatError(
+            f"{header.data_len - at} trailing bytes after the last tensor "
+            "(expected none)"
+        )
+
+
+def canonical_json(obj) -> bytes:
+    """The canonical JSON bytes that are hashed (sorted keys, no spaces)."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), allow_nan=False
+    ).encode()
+
+
+def json_depth(obj, limit: int = MAX_JSON_DEPTH) -> int:
+    """How many containers (objects, arrays) enclose the deepest value of a
+    parsed JSON document: 0 for a bare scalar, 1 for ``[1]`` or ``{}``'s
+    members. Raise CardFormatError past ``limit``. Level by level, no
+    recursion: a card's metadata has tens of thousands of values."""
+    level, depth = [obj], 0
+    while level:
+        if depth > limit:
+            raise CardFormatError(f"metadata JSON nests deeper than {limit} levels")
+        nxt = []
+        for o in level:
+            if type(o) is dict:
+                nxt.extend(o.values())
+            elif type(o) is list:
+                nxt.extend(o)
+        level, depth = nxt, depth + 1
+    return depth - 1
+
+
+def _unique_keys(pairs):
+    # json.loads keeps the last of duplicate keys, other parsers the first: a
+    # card with duplicates reads differently in different readers, so refuse it.
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise CardFormatError(f"duplicate JSON key {key!r:.60}")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name):
+    raise CardFormatError(
+        f"JSON constant {name} not allowed (expected a finite number)"
+    )
+
+
+def _finite_float(text):
+    value = float(text)
+    if not np.isfinite(value):
+        raise CardFormatError(f"JSON number {text[:40]} overflows a float")
+    return value
+
+
+def parse_json(text: str, what: str, *, max_depth: int = MAX_JSON_DEPTH):
+    """Parse untrusted JSON text; every failure is a CardFormatError naming ``what``."""
+    # Objects and arrays cost ~60-200 bytes each once parsed; a card's JSON has
+    # about one per 30 characters. Refuse dense container soup before parsing,
+    # so a small file cannot make the parser allocate 20x its size.
+    containers = text.count("{") + text.count("[")
+    if containers > len(text) // JSON_CHARS_PER_CONTAINER + 256:
+        raise CardFormatError(
+            f"{what}: {containers} JSON objects/arrays in {len(text)} characters, "
+            f"expected at most one per {JSON_CHARS_PER_CONTAINER}"
+        )
+    try:
+        obj = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+        )
+    except CardFormatError as e:
+        raise CardFormatError(f"{what}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CardFormatError(f"{what}: not valid JSON ({type(e).__name__})") from None
+    try:
+        json_depth(obj, max_depth)
+    except CardFormatError as e:
+        raise CardFormatError(f"{what}: {e}") from None
+    return obj
+
+
+def _sizes(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_RANK
+        and all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM
+            for d in value
+        )
+    )
+
+
+def _check_entry(name: str, info) -> tuple[str, list, int, int]:
+    if not isinstance(info, dict):
+        raise CardFormatError(f"{name}: tensor entry is not an object")
+    dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS:
+        raise CardFormatError(
+            f"{name}: dtype {dtype!r:.60} not one of {sorted(SAFETENSORS)}"
+        )
+    if not _sizes(shape):
+        raise CardFormatError(
+            f"{name}: shape {shape!r:.60} is not a list of at most {MAX_RANK} "
+            "sizes < 2^40"
+        )
+    if not (
+        isinstance(offs, list)
+        and len(offs) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+    ):
+        raise CardFormatError(f"{name}: data_offsets {offs!r:.60} is not [start, end]")
+    return dtype, shape, offs[0], offs[1]
+
+
+def read_header(buf, max_bytes: int) -> Header:
+    """Parse and check the header of safetensors bytes.
+
+    Args:
+        buf: the whole file (bytes or memoryview).
+        max_bytes: refuse files, headers or tensors claiming more bytes.
+
+    Raises:
+        CardFormatError: anything malformed; CardTooLargeError: over the cap.
+    """
+    buf = memoryview(buf)
+    size = len(buf)
+    if size > max_bytes:
+        raise CardTooLargeError(f"card is {size} bytes, cap is {max_bytes}")
+    if size < 8:
+        raise CardFormatError(
+            f"file is {size} bytes, too short for a safetensors header"
+        )
+    (n,) = struct.unpack("<Q", buf[:8])
+    if n > size - 8:
+        raise CardFormatError(f"header length {n} exceeds the file size {size}")
+    if n > min(MAX_HEADER_BYTES, max_bytes):
+        raise CardTooLargeError(
+            f"header length {n} exceeds the cap {min(MAX_HEADER_BYTES, max_bytes)}"
+        )
+    try:
+        text = bytes(buf[8 : 8 + n]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CardFormatError("header is not UTF-8") from None
+    header = parse_json(text, "safetensors header")
+    if not isinstance(header, dict):
+        raise CardFormatError("safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise CardFormatError("__metadata__ missing or not a map of strings")
+    data_len = size - 8 - n
+    spans, total = [], 0
+    for name, info in header.items():
+        dtype, shape, start, end = _check_entry(name, info)
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        total += nbytes
+        if total > max_bytes:
+            raise CardTooLargeError(
+                f"tensors claim more than the cap of {max_bytes} bytes"
+            )
+        if not (0 <= start <= end <= data_len) or end - start != nbytes:
+            raise CardFormatError(
+                f"{name}: data_offsets {[start, end]} do not fit shape {shape} of "
+                f"{dtype} inside {data_len} data bytes"
+            )
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CardFormatError(f"tensors {n0} and {n1} overlap")
+    return Header(meta, header, 8 + n, data_len)
+
+
+def tensor_views(buf, header: Header) -> dict[str, np.ndarray]:
+    """Zero-copy numpy views of every tensor of a checked header."""
+    buf = memoryview(buf)
+    out = {}
+    for name, info in header.tensors.items():
+        s, e = info["data_offsets"]
+        arr = np.frombuffer(
+            buf[header.base + s : header.base + e], dtype=SAFETENSORS[info["dtype"]]
+        )
+        out[name] = arr.reshape(info["shape"])
+    return out
+
+
+def digest(domain: str, meta: bytes, tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 (hex) over a domain tag, metadata bytes and tensors by name.
+
+    Each tensor contributes ``name|dtype|[shape]`` and its C-order bytes, all
+    length-prefixed (little-endian uint64), in sorted name order.
+    """
+    h = hashlib.sha256()
+    h.update(f"{domain}\n".encode())
+    h.update(struct.pack("<Q", len(meta)))
+    h.update(meta)
+    for name in sorted(tensors):
+        arr = tensors[name]
+        desc = f"{name}|{safetensors_code(arr.dtype)}|{list(arr.shape)}".encode()
+        h.update(struct.pack("<Q", len(desc)))
+        h.update(desc)
+        h.update(struct.pack("<Q", arr.nbytes))
+        h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
+    return h.hexdigest()
+
+
+def write(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """Safetensors bytes: tensors in sorted name order, no gaps, header padded
+    with spaces to a multiple of 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        arr = tensors[name]
+        code = safetensors_code(arr.dtype)
+        if code is None:
+            raise CardFormatError(f"{name}: unsupported dtype {arr.dtype}")
+        header[name] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    parts = [struct.pack("<Q", len(blob)), blob]
+    parts += [
+        np.ascontiguousarray(tensors[n]).view(np.uint8).reshape(-1).data for n in names
+    ]
+    return b"".join(parts)

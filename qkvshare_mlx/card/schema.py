@@ -1,0 +1,304 @@
+"""The card's metadata schema: what the JSON must say, and the tensors it implies.
+
+docs/cachecard-format.md in code. From the card JSON alone (before any
+tensor byte is read) :func:`expected_tensors` derives the name, dtype and
+shape of every tensor the file must hold, checking each field's type, range
+and consistency on the way; :func:`encoded_shapes` gives the shapes of one
+segment's keys or values. Every failure is a CardFormatError naming the
+field, what was expected and what arrived.
+
+The module knows the JSON and the tensor table; it knows nothing about files
+(:mod:`.container`) or about the CacheCard object (:mod:`.card`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import CardFormatError, ConfigError
+from ..formats import ALL_BITS, FLOAT_BITS, GROUP_SIZES, Encoded, QuantConfig, Segment
+from ..rotation import check_rotation
+
+FORMAT_NAME = "qkvshare.cachecard"
+FORMAT_VERSION = 2  # the newest this library reads and writes
+# Versions read. Writers emit the lowest version that can hold the card:
+# 1 without a rotation (byte-identical to earlier releases), 2 with one, so
+# a version-1 reader refuses a rotated card instead of misreading it.
+READ_VERSIONS = (1, 2)
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
+# Per-layer token positions are stored as U16 while they fit, else as I32.
+MAX_U16_TOKENS = 1 << 16
+MAX_SIZE = 2**31  # cache.* sizes
+FLOAT_TENSOR_DTYPES = {"float16": "F16", "float32": "F32"}  # quant.config.float_dtype
+# The packed per-layer tensors and their dtypes (None: quant.config.float_dtype).
+PACKED = {"codes": "U32", "scales": "F16", "biases": "F16", "float": None}
+CACHE_FIELDS = (
+    "n_layers",
+    "batch",
+    "n_kv_heads",
+    "head_dim_k",
+    "head_dim_v",
+    "n_tokens",
+    "offset",
+)
+FINGERPRINT_KINDS = {
+    "model_type": str,
+    "n_layers": int,
+    "n_kv_heads": int,
+    "head_dim": int,
+    "rope_theta": (int, float),
+    "rope_scaling": dict,
+    "vocab_size": int,
+    "tokenizer_sha256": str,
+    "weights_sha256": str,
+}
+
+
+def checksum_domain(version: int) -> str:
+    """The domain tag hashed before a card's metadata (see container.digest)."""
+    return f"{FORMAT_NAME}/{version}"
+
+
+def index_dtype(n_tokens: int) -> str:
+    """Dtype of the ``l{l}.index`` tensors: U16 while positions fit, else I32."""
+    return "U16" if n_tokens <= MAX_U16_TOKENS else "I32"
+
+
+def float_tensor_dtype(quant) -> str:
+    """Safetensors dtype of the ``l{l}.float`` tensors, from quant.config."""
+    cfg = quant.get("config") if isinstance(quant, dict) else None
+    name = cfg.get("float_dtype") if isinstance(cfg, dict) else None
+    if name not in FLOAT_TENSOR_DTYPES:
+        raise CardFormatError(
+            "quant.config.float_dtype: expected one of "
+            f"{sorted(FLOAT_TENSOR_DTYPES)}, got {name!r:.60}"
+        )
+    return FLOAT_TENSOR_DTYPES[name]
+
+
+def version_for(quant: dict) -> int:
+    """The format version a card with this quant summary is written as."""
+    cfg = quant.get("config") if isinstance(quant, dict) else None
+    rotated = isinstance(cfg, dict) and cfg.get("rotation", "none") != "none"
+    return 2 if rotated else 1
+
+
+def enc_meta(enc: Encoded) -> dict:
+    """One of K/V of a segment, as its JSON descriptor."""
+    # A float copy's dtype is card-wide: quant.config.float_dtype.
+    if enc.layout == "float":
+        return {"layout": "float", "group": 0}
+    return {"layout": enc.layout, "group": enc.group}
+
+
+def layer_table(layers: list[list[Segment]]) -> list[list[dict]]:
+    """The card JSON's ``layers`` entry: per layer, per segment, its descriptor."""
+    return [
+        [
+            {
+                "bits": s.bits,
+                "n": s.n_tokens,
+                "k": enc_meta(s.keys),
+                "v": enc_meta(s.values),
+            }
+            for s in layer
+        ]
+        for layer in layers
+    ]
+
+
+def req(obj, key, kind, where):
+    """``obj[key]`` if present and of JSON type ``kind`` (a bool is no int)."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise CardFormatError(f"{where}: missing field {key!r}")
+    v = obj[key]
+    ok = isinstance(v, kind) and not (isinstance(v, bool) and kind is not bool)
+    if not ok:
+        raise CardFormatError(
+            f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {v!r:.60}"
+        )
+    return v
+
+
+def check_fingerprint(model: dict) -> None:
+    """Fingerprint fields, where present and not null, have their JSON types."""
+    for key, kind in FINGERPRINT_KINDS.items():
+        if model.get(key) is None:
+            continue
+        v = req(model, key, kind, "model")
+        if kind is int and v < 0:
+            raise CardFormatError(f"model.{key}: expected a size >= 0, got {v}")
+
+
+def check_quant(quant: dict) -> None:
+    """The quantization summary can rebuild a QuantConfig (see :func:`quant_config`)."""
+    req(quant, "controller", str, "quant")
+    for key in ("budget_bits", "effective_bits", "nominal_bits"):
+        if key == "budget_bits" and key in quant and quant[key] is None:
+            continue
+        v = req(quant, key, (int, float), "quant")
+        if not 0 <= v <= 64:
+            raise CardFormatError(f"quant.{key}: expected 0..64 bits, got {v}")
+    cfg = req(quant, "config", dict, "quant")
+    defaults = QuantConfig().to_dict()
+    optional = {"rotation": "none"}  # written only when not the default
+    if not set(defaults) <= set(cfg) <= set(defaults) | set(optional):
+        raise CardFormatError(
+            f"quant.config: expected keys {sorted(defaults)} (optional "
+            f"{sorted(optional)}), got {sorted(cfg)[:10]}"
+        )
+    for key, default in {**defaults, **optional}.items():
+        if key in cfg:
+            req(cfg, key, type(default), "quant.config")
+    if cfg.get("rotation") == "none":  # one spelling: no rotation, no key
+        raise CardFormatError("quant.config.rotation: 'none' is written as no key")
+    widths = cfg["widths"]
+    if not all(type(b) is int for b in widths):
+        raise CardFormatError(f"quant.config.widths: expected ints, got {widths!r:.60}")
+    quant_config(quant)
+
+
+def quant_config(quant: dict) -> QuantConfig:
+    """The :class:`QuantConfig` a card's ``quant.config`` describes."""
+    cfg = quant["config"]
+    try:
+        return QuantConfig(**dict(cfg, widths=tuple(cfg["widths"])))
+    except (ConfigError, TypeError) as e:
+        raise CardFormatError(f"quant.config: {e}") from None
+
+
+def _check_cache(c: dict) -> None:
+    # The cache shape is what decoding uses. The fingerprint describes the
+    # model; a card whose two disagree fits no model, so every receiver
+    # refuses it (ModelMismatchError) when it checks the card against itself.
+    for k in CACHE_FIELDS:
+        v = req(c, k, int, "cache")
+        if v < 0 or v > MAX_SIZE:
+            raise CardFormatError(f"cache.{k}: {v} out of range 0..{MAX_SIZE}")
+    dtype = req(c, "dtype", str, "cache")
+    if dtype not in CACHE_DTYPES:
+        raise CardFormatError(
+            f"cache.dtype: expected one of {list(CACHE_DTYPES)}, got {dtype!r:.60}"
+        )
+
+
+def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Check the card JSON ``m`` and derive its tensor table.
+
+    Returns:
+        ``{name: (safetensors dtype, shape)}`` of every tensor the file must
+        hold: ``tokens`` and five per layer.
+    """
+    if not isinstance(m, dict):
+        raise CardFormatError("card metadata is not a JSON object")
+    if (
+        m.get("format") != FORMAT_NAME
+        or type(m.get("version")) is not int
+        or m.get("version") != version
+    ):
+        raise CardFormatError(
+            f"card metadata: format/version {m.get('format')!r}/{m.get('version')!r} "
+            f"is not {FORMAT_NAME!r}/{version} (the header's)"
+        )
+    c = req(m, "cache", dict, "card")
+    for k in ("model", "quant", "producer", "user"):
+        req(m, k, dict, "card")
+    check_fingerprint(m["model"])
+    _check_cache(c)
+    check_quant(m["quant"])
+    if version_for(m["quant"]) != version:
+        raise CardFormatError(
+            f"version {version}: quant.config.rotation "
+            f"{m['quant']['config'].get('rotation', 'none')!r} is written as "
+            f"version {version_for(m['quant'])} (rotated cards are version 2)"
+        )
+    L, B, H = c["n_layers"], c["batch"], c["n_kv_heads"]
+    dk, dv, T = c["head_dim_k"], c["head_dim_v"], c["n_tokens"]
+    try:
+        check_rotation(m["quant"]["config"].get("rotation", "none"), dk, dv)
+    except ConfigError as e:
+        raise CardFormatError(f"quant.config.rotation: {e}") from None
+    table = req(m, "layers", list, "card")
+    if len(table) != L:
+        raise CardFormatError(
+            f"layers: expected {L} entries (cache.n_layers), got {len(table)}"
+        )
+    float_dtype = float_tensor_dtype(m["quant"])  # validated by check_quant
+    out = {"tokens": ("I32", (T,))}
+    for li, layer in enumerate(table):
+        if not isinstance(layer, list):
+            raise CardFormatError(f"layers[{li}]: expected a list of segments")
+        covered = 0
+        sizes = dict.fromkeys(PACKED, 0)
+        for si, seg in enumerate(layer):
+            where = f"layers[{li}][{si}]"
+            bits = req(seg, "bits", int, where)
+            n = req(seg, "n", int, where)
+            if bits not in ALL_BITS:
+                raise CardFormatError(
+                    f"{where}.bits: {bits} not one of {list(ALL_BITS)}"
+                )
+            if not 0 < n <= T:
+                raise CardFormatError(f"{where}.n: {n} not in 1..{T}")
+            covered += n
+            for kv, D in (("k", dk), ("v", dv)):
+                e = req(seg, kv, dict, where)
+                layout = req(e, "layout", str, f"{where}.{kv}")
+                group = req(e, "group", int, f"{where}.{kv}")
+                shape = (B, H, n, D)
+                shapes = encoded_shapes(layout, group, bits, shape, where, float_dtype)
+                for part, (_, shape) in shapes.items():
+                    sizes[part] += math.prod(shape)
+        if covered != T:
+            raise CardFormatError(
+                f"layers[{li}]: segments cover {covered} tokens, expected {T}"
+            )
+        out[f"l{li}.index"] = (index_dtype(T), (T,))
+        for part, dtype in PACKED.items():
+            out[f"l{li}.{part}"] = (dtype or float_dtype, (sizes[part],))
+    return out
+
+
+def encoded_shapes(layout, group, bits, shape, where, float_dtype):
+    """Shapes of one of K/V of a segment, by packed tensor.
+
+    Args:
+        layout, group, bits: the segment descriptor's fields.
+        shape: (B, H, n, D) of the decoded keys or values.
+        where: the descriptor's path, for error messages.
+        float_dtype: the card's float dtype name (``"F16"`` or ``"F32"``).
+
+    Returns:
+        ``{"float": (dtype, (B, H, n, D))}`` for a float copy, else
+        ``{"codes": ("U32", ...), "scales": ("F16", ...), "biases": ...}``;
+        each array is the next slice of the layer's tensor of that name.
+    """
+    B, H, n, D = shape
+    if bits == FLOAT_BITS:
+        if layout != "float":
+            raise CardFormatError(
+                f"{where}: 16-bit tokens must use layout 'float', got {layout!r}"
+            )
+        if group != 0:
+            raise CardFormatError(f"{where}: float layout needs group 0, got {group}")
+        return {"float": (float_dtype, (B, H, n, D))}
+    if layout == "token":
+        axis, other = D, n
+    elif layout == "channel":
+        axis, other = n, D
+    elif layout == "float":
+        raise CardFormatError(f"{where}: layout 'float' needs bits 16, got {bits}")
+    else:
+        raise CardFormatError(
+            f"{where}: layout {layout!r:.40} not one of token/channel/float"
+        )
+    if group not in GROUP_SIZES or axis % group or (axis * bits) % 32:
+        raise CardFormatError(
+            f"{where}: group {group} does not divide {axis} (layout {layout})"
+        )
+    lead = (B, H, other)
+    return {
+        "codes": ("U32", (*lead, axis * bits // 32)),
+        "scales": ("F16", (*lead, axis // group)),
+        "biases": ("F16", (*lead, axis // group)),
+    }

@@ -1,0 +1,215 @@
+"""Model fingerprints: which model a cache belongs to, and one policy to compare.
+
+A fingerprint is a small JSON dict (the card's ``model`` entry) of the fields
+that decide whether a KV cache fits a model: architecture, layer and head
+counts, head size, RoPE, vocabulary, and hashes of the tokenizer and weights.
+:func:`fingerprint` builds it from whatever the caller has: a ``config.json``
+dict (Hugging Face or mlx-lm spelling, transformers 4 or 5), a model folder,
+an mlx-lm model (its ``args`` and its attention modules) or a transformers
+model (its ``config``). The same checkpoint gives the same fingerprint in
+both runtimes.
+
+:func:`mismatches` is the one comparison policy, used by the card reader, the
+MLX injector and the transformers bridge alike. This module imports neither
+MLX nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import weakref
+
+from .errors import ConfigError, ModelMismatchError
+
+FIELDS = (
+    "model_type",
+    "n_layers",
+    "n_kv_heads",
+    "head_dim",
+    "rope_theta",
+    "rope_scaling",
+    "vocab_size",
+    "tokenizer_sha256",
+    "weights_sha256",
+)
+# Identity hashes: compared only when both sides have one.
+IDENTITY_FIELDS = ("tokenizer_sha256", "weights_sha256")
+# Where None is a value ("no scaling"), not "unknown".
+NULLABLE_FIELDS = ("rope_scaling",)
+
+_TOKENIZER_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_hash(tokenizer) -> str | None:
+    """SHA-256 of the tokenizer's vocabulary (token -> id), or None.
+
+    Accepts an mlx-lm ``TokenizerWrapper`` or a transformers tokenizer.
+    Memoized per tokenizer object and vocabulary size (hashing a 50K-entry
+    vocabulary takes ~0.1 s; an agent chain fingerprints every hop).
+    """
+    tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    try:
+        hit = _TOKENIZER_HASHES.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        hit = None
+    if hit is not None and size is not None and hit[0] == size:
+        return hit[1]
+    vocab = get_vocab()
+    blob = json.dumps(sorted(vocab.items()), separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    try:
+        _TOKENIZER_HASHES[tokenizer] = (size, digest)
+    except TypeError:
+        pass
+    return digest
+
+
+def fingerprint_from_config(
+    config: dict, tokenizer=None, *, weights_sha256: str | None = None
+) -> dict:
+    """The fingerprint fields of a ``config.json`` dict.
+
+    Args:
+        config: a model's config as a dict (HF or mlx-lm spelling; RoPE
+            values flat or nested in transformers 5's ``rope_parameters``).
+        tokenizer: optional tokenizer with ``get_vocab()``.
+        weights_sha256: optional digest of the weights.
+    """
+    rope_params = dict(config.get("rope_parameters") or {})
+    theta = config.get("rope_theta", rope_params.get("rope_theta"))
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
+    n_heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim")
+    if head_dim is None and n_heads:
+        head_dim = config["hidden_size"] // n_heads
+    return {
+        "model_type": config.get("model_type"),
+        "n_layers": config.get("num_hidden_layers"),
+        "n_kv_heads": config.get("num_key_value_heads", n_heads),
+        "head_dim": head_dim,
+        "rope_theta": float(theta) if theta is not None else None,
+        "rope_scaling": scaling or None,
+        "vocab_size": config.get("vocab_size"),
+        "tokenizer_sha256": tokenizer_hash(tokenizer)
+        if tokenizer is not None
+        else None,
+        "weights_sha256": weights_sha256,
+    }
+
+
+def model_args_config(model) -> dict:
+    """An mlx-lm model's ``args`` as a config dict (HF key spelling)."""
+    args = getattr(model, "args", None)
+    if args is None:
+        return {}
+    if dataclasses.is_dataclass(args):
+        return dataclasses.asdict(args)
+    return dict(vars(args))
+
+
+def module_shape(model) -> dict:
+    """n_layers, n_kv_heads and head_dim read from an mlx-lm model's modules.
+
+    What the model really runs, whatever its args say; fields it does not
+    expose are left out.
+    """
+    out = {}
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return out
+    out["n_layers"] = len(layers)
+    attn = getattr(layers[0], "self_attn", None) if len(layers) else None
+    if attn is not None and hasattr(attn, "n_kv_heads"):
+        out["n_kv_heads"] = attn.n_kv_heads
+        head_dim = getattr(attn, "head_dim", None)
+        weight = getattr(getattr(attn, "k_proj", None), "weight", None)
+        shape, dtype = getattr(weight, "shape", None), getattr(weight, "dtype", None)
+        # quantized weights are packed uint32: their shape says nothing
+        if head_dim is None and shape and "uint32" not in str(dtype):
+            head_dim = shape[0] // attn.n_kv_heads
+        if head_dim is not None:
+            out["head_dim"] = head_dim
+    return out
+
+
+def fingerprint(source, tokenizer=None) -> dict:
+    """The fingerprint of a model, however it is at hand.
+
+    Args:
+        source: a config dict, a model folder (its ``config.json`` is read),
+            an mlx-lm model (its ``args``, and its attention modules for the
+            shape fields) or a transformers model (its text ``config``).
+        tokenizer: optional tokenizer (an mlx-lm ``TokenizerWrapper`` or a
+            transformers tokenizer) whose vocabulary hash goes in.
+
+    Raises:
+        ConfigError: ``source`` is none of the above.
+        ModelLoadError: a folder without a readable ``config.json``.
+    """
+    shape = {}
+    if isinstance(source, dict) and not hasattr(source, "parameters"):
+        config = source  # (mlx.nn.Module is a dict too)
+    elif isinstance(source, (str, os.PathLike)):
+        from .models import model_config
+
+        config = model_config(source)
+    elif hasattr(source, "config") and hasattr(source.config, "to_dict"):
+        hf_config = source.config
+        if hasattr(hf_config, "get_text_config"):
+            hf_config = hf_config.get_text_config(decoder=True)
+        config = hf_config.to_dict()
+    else:
+        config = model_args_config(source)
+        if not config:
+            raise ConfigError(
+                f"cannot build a fingerprint from {type(source).__name__}: expected "
+                "a config dict, a model folder, an mlx-lm model with .args or a "
+                "transformers model"
+            )
+        shape = module_shape(source)
+    return {**fingerprint_from_config(config, tokenizer), **shape}
+
+
+def mismatches(card: dict, model: dict) -> list[str]:
+    """Fields where a card's fingerprint contradicts the model's, as messages.
+
+    The one policy: a field the model side does not know (None) is not
+    compared, except ``rope_scaling``, where None means "no scaling"; the
+    identity hashes (tokenizer, weights) are compared only when both sides
+    have one.
+    """
+    out = []
+    for key in FIELDS:
+        a, b = card.get(key), model.get(key)
+        if key in IDENTITY_FIELDS and (a is None or b is None):
+            continue
+        if b is None and key not in NULLABLE_FIELDS:
+            continue
+        if a != b:
+            out.append(f"{key}: card has {a!r}, model has {b!r}")
+    return out
+
+
+def check(card: dict, model: dict, *, extra: list[str] = ()) -> None:
+    """Raise ModelMismatchError naming every field in :func:`mismatches`.
+
+    Args:
+        card, model: the two fingerprints.
+        extra: further mismatch messages found by the caller (e.g. the
+            card's cache shape against the model's modules).
+    """
+    bad = mismatches(card, model)
+    bad += [m for m in extra if m not in bad]
+    if bad:
+        raise ModelMismatchError("card was made for another model: " + "; ".join(bad))

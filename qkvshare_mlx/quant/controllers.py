@@ -1,0 +1,195 @@
+"""Controllers: which tokens matter, as weights for the allocator.
+
+A controller turns token statistics into an *importance* per (layer, token)
+(separate weights for key and value errors); :func:`run_controller` hands
+them to :func:`~.allocator.allocate_bits`. ``uniform`` skips the allocator:
+one format for all.
+
+Everything here is numpy over plain arrays: no MLX, no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from .allocator import AllocationProblem, allocate_bits, uniform_format, validate_budget
+
+N_SINK = 4
+N_RECENT = 32
+KEY_FLOOR = 1.0  # flat share of key-error weight (see kv_importance)
+VALUE_FLOOR = 0.1  # flat share of value-error weight
+
+
+@dataclass
+class TokenStats:
+    """Statistics a saliency controller reads, per layer and token.
+
+    Attributes:
+        attention: (L, T) attention mass each cached token receives from the
+            probe queries (the sender's last queries), summed over heads.
+        key_norms: (L, T) L2 norm of each token's keys, summed over heads.
+    """
+
+    attention: np.ndarray | None = None
+    key_norms: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class HandoffPlan:
+    """What happens to the card after this hop.
+
+    Attributes:
+        hops_remaining: how many more times the card will be handed on
+            after its receiver (0: the receiver is the last agent).
+        receivers: how many agents receive this card.
+    """
+
+    hops_remaining: int = 0
+    receivers: int = 1
+
+
+# ----------------------------------------------------------------------------
+# Importance functions, one per adaptive controller.
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.maximum(np.asarray(x, dtype=np.float64), 0.0)
+    s = x.sum(axis=-1, keepdims=True)
+    return x / np.where(s > 0, s, 1.0)
+
+
+def kv_importance(mass: np.ndarray, n_tokens: int) -> np.ndarray:
+    """(L, T') attention mass per token -> (L, 2, T') key and value weights.
+
+    A value error reaches the output in proportion to the attention its
+    token receives. A key error shifts the token's logit, and the softmax
+    can turn a shifted logit into attention for *any* token, so keys also get
+    a flat floor (``KEY_FLOOR`` of the total mass, spread evenly).
+    """
+    flat = np.full_like(mass, 1.0 / max(n_tokens, 1))
+    return np.stack([mass + KEY_FLOOR * flat, mass + VALUE_FLOOR * flat], axis=1)
+
+
+def _protected(start: int, n_tokens: int, sink: int, recent: int) -> np.ndarray:
+    pos = np.arange(start, n_tokens)
+    recent = min(recent, n_tokens // 8)
+    return (pos < sink) | (pos >= n_tokens - recent)
+
+
+def _attention_mass(stats: TokenStats | None, source: str, problem) -> np.ndarray:
+    L, T = problem.errors.shape[0], problem.n_tokens
+    parts = []
+    if (
+        stats is not None
+        and source in ("attention", "both")
+        and stats.attention is not None
+    ):
+        parts.append(_normalise(stats.attention))
+    if (
+        stats is not None
+        and source in ("keynorm", "both")
+        and stats.key_norms is not None
+    ):
+        parts.append(_normalise(stats.key_norms))
+    if not parts:
+        raise ConfigError(
+            f"controller needs token statistics ({source}) but none were given"
+        )
+    mass = sum(parts) / len(parts)
+    if mass.shape != (L, T):
+        raise ConfigError(
+            f"token statistics have shape {mass.shape}, expected {(L, T)}"
+        )
+    return mass[:, problem.start :]
+
+
+def importance_sink_recent(problem, stats, plan, sink=N_SINK, recent=N_RECENT):
+    """Attention sinks and a recent window get the attention mass, others none."""
+    L, T = problem.errors.shape[0], problem.n_tokens
+    mask = _protected(problem.start, T, sink, recent)
+    mass = np.zeros((L, mask.size))
+    if mask.any():
+        mass[:, mask] = 1.0 / mask.sum()
+    return kv_importance(mass, T)
+
+
+def importance_saliency(problem, stats, plan, source="attention"):
+    """Measured attention mass (or key norms) from the sender's probe queries."""
+    return kv_importance(_attention_mass(stats, source, problem), problem.n_tokens)
+
+
+def importance_topology(problem, stats, plan, source="attention"):
+    """Saliency tempered by the handoff plan.
+
+    The probe queries predict what the *next* agent attends to; agents further
+    down the chain (or several receivers) ask other questions. So the
+    measured mass is flattened (``mass ** gamma``) the more hops remain and
+    the more receivers read the card, while attention sinks, which every
+    query uses, keep their measured mass.
+    """
+    plan = plan or HandoffPlan()
+    mass = _attention_mass(stats, source, problem)
+    gamma = 1.0 / (
+        1.0 + 0.5 * max(plan.hops_remaining, 0) + 0.25 * (plan.receivers - 1)
+    )
+    tempered = _normalise(mass**gamma)
+    sinks = _protected(problem.start, problem.n_tokens, N_SINK, 0)
+    tempered[:, sinks] = np.maximum(tempered[:, sinks], mass[:, sinks])
+    return kv_importance(_normalise(tempered), problem.n_tokens)
+
+
+CONTROLLERS = {
+    "uniform": None,
+    "sink-recent": importance_sink_recent,
+    "saliency": importance_saliency,
+    "saliency-keynorm": lambda p, s, pl: importance_saliency(p, s, pl, "keynorm"),
+    "saliency-both": lambda p, s, pl: importance_saliency(p, s, pl, "both"),
+    "topology": importance_topology,
+}
+
+
+def check_controller(name: str) -> str:
+    if name not in CONTROLLERS:
+        raise ConfigError(
+            f"controller must be one of {sorted(CONTROLLERS)} but got {name!r}"
+        )
+    return name
+
+
+def run_controller(
+    name: str,
+    problem: AllocationProblem,
+    budget_bits: float,
+    *,
+    stats: TokenStats | None = None,
+    plan: HandoffPlan | None = None,
+    config=None,
+) -> tuple[np.ndarray, dict]:
+    """Assign a format to every (layer, new token).
+
+    Returns:
+        (L, T') format indices and a dict of diagnostics.
+    """
+    check_controller(name)
+    validate_budget(budget_bits, problem.formats, problem.float_bits)
+    L, _, Tn, _ = problem.errors.shape
+    if name == "uniform":
+        f = uniform_format(problem, budget_bits)
+        return np.full((L, Tn), f, dtype=np.int64), {
+            "format": problem.formats[f].label()
+        }
+    imp = CONTROLLERS[name](problem, stats, plan)
+    costs = problem.costs
+    # The allocator plans with nominal costs; per-channel tails can cost a
+    # little more, so tighten the target until the exact count fits.
+    target = float(budget_bits)
+    for _ in range(8):
+        assignment = allocate_bits(imp, problem.errors, costs, target)
+        eff = problem.effective_bits(assignment)
+        if eff <= budget_bits + 0.02:
+            break
+        target -= eff - budget_bits + 0.005
+    return assignment, {"planned_effective_bits": eff, "target_bits": target}

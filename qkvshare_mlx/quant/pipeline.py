@@ -1,0 +1,265 @@
+"""The quantization pipeline, written once for every array library.
+
+:func:`quantize` runs the same steps for any :class:`Backend`: validate the
+per-layer (B, H_kv, T, D) keys and values, rotate them (optional), keep an
+inherited cache's segments, measure each token's error under each format
+(:mod:`.error_model`), let a controller allocate the formats under the
+budget (:mod:`.controllers`, :mod:`.allocator`), and encode each (layer,
+format) bucket. A backend implements only the array operations (gather
+tokens, rotate, encode a bucket, evaluate), after transformers'
+``BaseQuantizedLayer``, where backends implement only ``_quantize``.
+
+The backends are :data:`~.mlx_backend.MLX` and :data:`~.numpy_backend.NUMPY`;
+a card written by either reads in both runtimes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import CacheShapeError, ConfigError
+from ..formats import (
+    FLOAT_BITS,
+    Encoded,
+    Format,
+    QuantConfig,
+    QuantizedKV,
+    Segment,
+    split_for_layout,
+)
+from ..rotation import check_rotation, rotation_matrix
+from .allocator import AllocationProblem
+from .controllers import HandoffPlan, TokenStats, check_controller, run_controller
+from .error_model import error_table
+
+
+class Backend(Protocol):
+    """The array operations the pipeline needs from a library.
+
+    Attributes:
+        xp: the array namespace with numpy's spelling (``numpy``, ``mlx.core``).
+    """
+
+    xp: Any
+
+    def asarray(self, x) -> Any:
+        """``x`` as this library's array."""
+
+    def take(self, x, index: np.ndarray) -> Any:
+        """Tokens ``index`` of (B, H, T, D) ``x`` along T."""
+
+    def rotate(self, x, matrix: np.ndarray) -> Any:
+        """(..., D) vectors times a (D, D) float32 matrix, in float32."""
+
+    def encode(
+        self, x, bits: int, layout: str, group: int, float_dtype: str
+    ) -> Encoded:
+        """(B, H, n, D) tokens in one layout (see formats.Encoded)."""
+
+    def finish(self, layers: list[list[Segment]]) -> None:
+        """Evaluate the encoded arrays (lazy libraries), or nothing."""
+
+
+def check_kv(keys, values, *, xp=np) -> tuple[int, ...]:
+    """Validate per-layer (B, H, T, D) K/V lists of namespace ``xp``.
+
+    Returns:
+        (B, H, T, D_k, D_v).
+
+    Raises:
+        CacheShapeError: lists of different lengths, a tensor that is not
+            (B, H, T, D), layers of different shapes, or NaN/Inf values.
+    """
+    if len(keys) != len(values) or not keys:
+        raise CacheShapeError(
+            f"expected the same non-zero number of key and value layers, "
+            f"got {len(keys)} and {len(values)}"
+        )
+    ref = None
+    for i, (k, v) in enumerate(zip(keys, values)):
+        if k.ndim != 4 or v.ndim != 4:
+            raise CacheShapeError(
+                f"layer {i}: expected (B, H, T, D) arrays, got shapes "
+                f"{tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.shape[:3] != v.shape[:3]:
+            raise CacheShapeError(
+                f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} "
+                "differ in (B, H, T)"
+            )
+        dims = (*k.shape, v.shape[3])
+        if ref is None:
+            ref = dims
+        elif dims != ref:
+            raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
+        if not (bool(xp.isfinite(k).all()) and bool(xp.isfinite(v).all())):
+            raise CacheShapeError(f"layer {i}: keys or values contain NaN or Inf")
+    return ref
+
+
+def encode_bucket(
+    backend: Backend, keys, values, index: np.ndarray, fmt: Format, float_dtype: str
+) -> list[Segment]:
+    """Encode the tokens ``index`` of (B, H, T, D) keys/values in ``fmt``.
+
+    Per-channel keys store whole groups of ``key_group`` tokens per channel
+    and the remaining tokens per token (:func:`formats.split_for_layout`).
+    """
+    out = []
+    for s0, s1, k_layout, k_group in split_for_layout(len(index), fmt):
+        idx = np.asarray(index[s0:s1], dtype=np.int32)
+        k, v = backend.take(keys, idx), backend.take(values, idx)
+        if fmt.is_float:
+            ek = backend.encode(k, FLOAT_BITS, "float", 0, float_dtype)
+            ev = backend.encode(v, FLOAT_BITS, "float", 0, float_dtype)
+        else:
+            ek = backend.encode(k, fmt.bits, k_layout, k_group, float_dtype)
+            ev = backend.encode(v, fmt.bits, "token", fmt.value_group, float_dtype)
+        out.append(Segment(fmt.bits, idx, ek, ev))
+    return out
+
+
+def encode_layer(
+    backend: Backend,
+    keys,
+    values,
+    formats: list[Format],
+    assignment: np.ndarray,
+    *,
+    config: QuantConfig,
+    start: int = 0,
+) -> list[Segment]:
+    """Encode tokens ``start..T-1`` of one layer, token t in its assigned format.
+
+    Args:
+        backend: the array library.
+        keys, values: (B, H, T, D) arrays.
+        formats: the format menu.
+        assignment: (T - start,) indices into ``formats``.
+        config: quantizer settings (float dtype).
+        start: first token to encode (earlier tokens are inherited).
+
+    Returns:
+        Segments covering tokens ``start..T-1``, by format index, the
+        per-channel part before the per-token tail.
+    """
+    out = []
+    for f in np.unique(assignment):
+        index = (np.nonzero(assignment == f)[0] + start).astype(np.int32)
+        fmt = formats[int(f)]
+        out += encode_bucket(backend, keys, values, index, fmt, config.float_dtype)
+    return out
+
+
+def quantize(
+    keys,
+    values,
+    *,
+    backend: Backend,
+    controller: str = "saliency",
+    budget_bits: float = 4.5,
+    config: QuantConfig | None = None,
+    stats: TokenStats | None = None,
+    plan: HandoffPlan | None = None,
+    inherited: QuantizedKV | None = None,
+) -> QuantizedKV:
+    """Quantize a KV cache under an average-bit budget.
+
+    Args:
+        keys, values: per layer, (B, H_kv, T, D_k) and (B, H_kv, T, D_v)
+            arrays of the backend's library (or anything it converts).
+        backend: the array library (``MLX`` or ``NUMPY``).
+        controller: a name in :data:`.controllers.CONTROLLERS`.
+        budget_bits: target effective bits per K/V element (scales included)
+            for the newly quantized tokens.
+        config: quantizer settings.
+        stats: token statistics for saliency-based controllers.
+        plan: the handoff plan (hops remaining, receivers) for ``topology``.
+        inherited: a cache covering the first tokens; its segments are kept
+            bit for bit and only tokens after it are quantized.
+
+    Returns:
+        A :class:`QuantizedKV` (the backend's arrays) covering all T tokens.
+
+    Raises:
+        CacheShapeError: bad shapes, non-finite values, or an inherited cache
+            that does not fit.
+        ConfigError: unknown controller, budget out of range, missing stats.
+    """
+    # 1. validate
+    config = config or QuantConfig()
+    keys = [backend.asarray(k) for k in keys]
+    values = [backend.asarray(v) for v in values]
+    B, H, T, dk, dv = check_kv(keys, values, xp=backend.xp)
+    check_controller(controller)
+    # 2. rotate: quantize in the rotated basis (undone by every decoder)
+    if config.rotation != "none":
+        check_rotation(config.rotation, dk, dv)
+        rk, rv = (
+            rotation_matrix(config.rotation, dk),
+            rotation_matrix(config.rotation, dv),
+        )
+        keys = [backend.rotate(k, rk) for k in keys]
+        values = [backend.rotate(v, rv) for v in values]
+    # 3. inherit: an earlier hop's segments are kept, only new tokens encoded
+    start = 0
+    if inherited is not None:
+        if len(inherited.layers) != len(keys) or inherited.shape != (B, H, dk, dv):
+            raise CacheShapeError(
+                f"inherited cache has {len(inherited.layers)} layers of shape "
+                f"{inherited.shape}, new cache {len(keys)} of {(B, H, dk, dv)}"
+            )
+        start = inherited.n_tokens
+        if inherited.config.rotation != config.rotation:
+            raise ConfigError(
+                f"inherited cache has rotation {inherited.config.rotation!r}, "
+                f"new tokens {config.rotation!r}: a card keeps one rotation"
+            )
+        if start > T:
+            raise CacheShapeError(f"inherited cache covers {start} tokens but T={T}")
+    formats = config.menu(dk, dv)
+    new_layers: list[list[Segment]] = [[] for _ in keys]
+    # 4. allocate: errors per (layer, token, format), then the controller
+    info = {}
+    if T > start:
+        errors = np.stack(
+            [
+                error_table(
+                    k[:, :, start:],
+                    v[:, :, start:],
+                    formats,
+                    config.float_bits,
+                    xp=backend.xp,
+                )
+                for k, v in zip(keys, values)
+            ]
+        )  # (L, 2, T', F)
+        problem = AllocationProblem(
+            errors=errors,
+            formats=formats,
+            head_dims=(dk, dv),
+            float_bits=config.float_bits,
+            start=start,
+            n_tokens=T,
+        )
+        assignment, info = run_controller(
+            controller, problem, budget_bits, stats=stats, plan=plan, config=config
+        )
+        # 5. one encode call per (layer, format) bucket
+        for li, (k, v) in enumerate(zip(keys, values)):
+            new_layers[li] = encode_layer(
+                backend, k, v, formats, assignment[li], config=config, start=start
+            )
+        backend.finish(new_layers)
+    layers = [
+        (list(inherited.layers[i]) if inherited is not None else []) + new_layers[i]
+        for i in range(len(keys))
+    ]
+    qkv = QuantizedKV(layers, T, (B, H, dk, dv), config, controller, budget_bits, info)
+    if inherited is None and T > 0 and abs(qkv.effective_bits - budget_bits) > 0.05:
+        info["budget_note"] = (
+            f"effective bits {qkv.effective_bits:.3f} differ from budget {budget_bits}"
+        )
+    return qkv

@@ -1,0 +1,65 @@
+"""qkvshare_mlx.blas: OpenBLAS for MLX's CPU backend, only when asked for."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qkvshare_mlx import blas
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def test_pick_coretype_from_flags():
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx2", "fma"}
+    assert blas.pick_coretype(avx512) == "SkylakeX"
+    assert blas.pick_coretype({"avx2", "fma", "sse4_2"}) == "Haswell"
+    assert blas.pick_coretype({"sse4_2"}) is None
+
+
+_STATUS = "from qkvshare_mlx.blas import openblas_status as s; print(s())"
+needs_openblas = pytest.mark.skipif(
+    blas.openblas_library_path() is None or not blas.openblas_library_path().exists(),
+    reason="Debian OpenBLAS (libopenblas0-pthread) not installed",
+)
+
+
+@needs_openblas
+def test_enable_openblas_preloads_it():
+    result = _python(f"import qkvshare_mlx; qkvshare_mlx.enable_openblas(); {_STATUS}")
+    assert "'preloaded': True, 'effective': True" in result.stdout, result.stderr
+
+
+@needs_openblas
+def test_openblas_opt_out():
+    result = _python(
+        f"import qkvshare_mlx; qkvshare_mlx.enable_openblas(); {_STATUS}",
+        QKVSHARE_NO_OPENBLAS="1",
+    )
+    assert "'preloaded': False" in result.stdout, result.stderr
+    assert "disabled by QKVSHARE_NO_OPENBLAS=1" in result.stdout
+
+
+@needs_openblas
+def test_openblas_after_mlx_is_reported_ineffective():
+    result = _python(
+        f"import mlx.core, qkvshare_mlx; qkvshare_mlx.enable_openblas(); {_STATUS}"
+    )
+    assert "'effective': False" in result.stdout, result.stderr
+    assert "preload ineffective" in result.stdout
+
+
+@needs_openblas
+def test_not_enabled_is_reported():
+    result = _python(f"import qkvshare_mlx; {_STATUS}")
+    assert "'preloaded': False" in result.stdout, result.stderr
+    assert "enable_openblas() was never called" in result.stdout
