@@ -110,7 +110,7 @@ def run_mlx_to_hf(ids, models, max_tokens):
     card = CacheCard.from_bytes(card.to_bytes())
     t_card = time.perf_counter() - tic
     tic = time.perf_counter()
-    got = continue_hf(card, hf_model, hf_tok, ids, max_tokens=max_tokens)
+    got = continue_hf(card, hf_model, hf_tok, ids, max_tokens=max_tokens).tokens
     t_got = time.perf_counter() - tic
     tic = time.perf_counter()
     ref = hf_greedy_tokens(
@@ -141,7 +141,9 @@ def run_hf_to_mlx(ids, models, max_tokens):
     card = CacheCard.from_bytes(card.to_bytes())
     t_card = time.perf_counter() - tic
     tic = time.perf_counter()
-    got, _ = continue_from_card(card, mlx_model, mlx_tok, ids, max_tokens=max_tokens)
+    got = continue_from_card(
+        card, mlx_model, mlx_tok, ids, max_tokens=max_tokens
+    ).tokens
     t_got = time.perf_counter() - tic
     tic = time.perf_counter()
     eos = set(getattr(mlx_tok, "eos_token_ids", None) or [])

@@ -69,17 +69,17 @@ def run_mode(card, model, tokenizer, prompt, mode, decode):
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    tokens, info = continue_from_card(
+    gen = continue_from_card(
         card, model, tokenizer, prompt, mode=mode, max_tokens=decode
     )
     peak = mx.get_peak_memory() - base
     return {
         "peak_mb": peak / 1e6,
-        "cache_mb": info["cache_nbytes"] / 1e6,
-        "ttft_ms": info["ttft_ms"],
-        "decode_tps": info["decode_tps"] or 0.0,
-        "cache_class": info["cache_class"],
-        "tokens": tokens,
+        "cache_mb": gen.info["cache_nbytes"] / 1e6,
+        "ttft_ms": gen.ttft_ms,
+        "decode_tps": gen.generation_tps or 0.0,
+        "cache_class": gen.info["cache_class"],
+        "tokens": gen.tokens,
     }
 
 

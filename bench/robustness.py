@@ -4,6 +4,8 @@ Every case mutates a small valid card (qkvshare_mlx.testing.mutations), loads
 it with the expected model fingerprint under tracemalloc, and classifies the result:
 typed error (a CardError), accepted-identical (re-serialises to the original
 bytes), accepted-different or other (a crash): the last two are reader bugs.
+The ``auth_*`` categories mutate a card signed with the kit's key and load it
+holding that key: every one must be refused.
 
     python bench/robustness.py --cases 10000 --seed 0 \
         --json bench/results/robustness.json
@@ -36,8 +38,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def run_campaign(cases: int, seed: int) -> dict:
     """Run ``cases`` random mutations (categories round-robin) and summarise."""
     original = F.small_card_bytes(seed)
+    signed = F.small_card_bytes(seed, key=F.KEY)
     rng = np.random.default_rng(seed)
-    categories = sorted(F.MUTATIONS)
+    categories = sorted(F.MUTATIONS) + sorted(F.AUTH_MUTATIONS)
     counts: dict[str, Counter] = defaultdict(Counter)
     errors: dict[str, Counter] = defaultdict(Counter)
     bugs = []
@@ -45,8 +48,12 @@ def run_campaign(cases: int, seed: int) -> dict:
     slowest = {"seconds": 0.0, "category": None}
     t0 = time.perf_counter()
     for i in range(cases):
-        category, data = F.mutate(original, rng, categories[i % len(categories)])
-        out = F.load_outcome(original, data, expect=F.FINGERPRINT)
+        category = categories[i % len(categories)]
+        keyed = category in F.AUTH_MUTATIONS
+        base = signed if keyed else original
+        category, data = F.mutate(base, rng, category)
+        opts = {"key": F.KEY} if keyed else {}
+        out = F.load_outcome(base, data, expect=F.FINGERPRINT, **opts)
         counts[category][out.kind] += 1
         if out.error:
             errors[category][out.error] += 1
@@ -62,7 +69,16 @@ def run_campaign(cases: int, seed: int) -> dict:
             }
         if out.seconds > slowest["seconds"]:
             slowest = {"seconds": out.seconds, "category": category}
+        if (i + 1) % 1000 == 0 or i + 1 == cases:
+            print(
+                f"  {i + 1}/{cases} cases, {time.perf_counter() - t0:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     flips = counts["flip_payload"]
+    auth = Counter()
+    for c in F.AUTH_MUTATIONS:
+        auth.update(counts[c])
     return {
         "cases": cases,
         "seed": seed,
@@ -72,6 +88,7 @@ def run_campaign(cases: int, seed: int) -> dict:
         "max_peak": peak,
         "slowest_load": slowest,
         "payload_flips_detected": f"{flips['error']}/{sum(flips.values())}",
+        "forged_signatures_refused": f"{auth['error']}/{sum(auth.values())}",
         "per_category": {
             c: {
                 "outcomes": {k: counts[c][k] for k in OUTCOMES},
@@ -110,6 +127,7 @@ def print_table(res: dict) -> None:
         f"({res['slowest_load']['category']})"
     )
     print(f"single-byte payload flips detected: {res['payload_flips_detected']}")
+    print(f"forged signed cards refused: {res['forged_signatures_refused']}")
     print(
         f"{res['cases']} cases in {res['wall_seconds']} s; card {res['card_bytes']} B"
     )
@@ -127,7 +145,8 @@ def main(argv=None) -> int:
         r["outcomes"]["different"] + r["outcomes"]["crash"]
         for r in res["per_category"].values()
     )
-    return 1 if bad or res["max_peak"]["ratio"] > 1 else 0
+    refused, total = map(int, res["forged_signatures_refused"].split("/"))
+    return 1 if bad or refused != total or res["max_peak"]["ratio"] > 1 else 0
 
 
 if __name__ == "__main__":

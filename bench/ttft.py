@@ -210,7 +210,7 @@ class DistLink:
             start_new_session=True,
         )
         os.environ.update({"MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)})
-        from qkvshare_mlx.transport import DistributedTransport, init_group
+        from qkvshare_mlx.distributed import DistributedTransport, init_group
 
         self.t = DistributedTransport(init_group("ring"))
 
@@ -235,7 +235,7 @@ class DistLink:
 
 
 def helper_rank():
-    from qkvshare_mlx.transport import DistributedTransport, init_group
+    from qkvshare_mlx.distributed import DistributedTransport, init_group
 
     mx.set_default_device(mx.cpu)
     t = DistributedTransport(init_group("ring"))

@@ -16,19 +16,26 @@ from __future__ import annotations
 
 import inspect
 import sys
+import time
 from typing import Any
 
 import numpy as np
 
+from qkvshare_mlx.align import plan_reuse, token_ids
 from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.chat import prompt_ids
 from qkvshare_mlx.dtypes import FLOAT_NAMES, to_torch
 from qkvshare_mlx.errors import (
     CacheShapeError,
-    CardError,
-    PromptMismatchError,
 )
-from qkvshare_mlx.fingerprint import fingerprint
+from qkvshare_mlx.fingerprint import fingerprint, weights_status
 from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.generation import (
+    GREEDY,
+    Generation,
+    SamplingOptions,
+    check_max_tokens,
+)
 from qkvshare_mlx.quant.controllers import HandoffPlan, TokenStats
 from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
 
@@ -69,13 +76,6 @@ def _forward(model, input_ids, cache, **kwargs):
         )
 
 
-def _as_ids(tokens) -> np.ndarray:
-    ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        raise PromptMismatchError("tokens: expected at least one token id, got none")
-    return ids
-
-
 def _torch_dtype(dtype, model):
     if dtype is None:
         torch = _torch()
@@ -88,7 +88,14 @@ def _torch_dtype(dtype, model):
 # Card -> DynamicCache
 
 
-def card_to_dynamic_cache(card: CacheCard, model=None, *, dtype=None, device=None):
+def card_to_dynamic_cache(
+    card: CacheCard,
+    model=None,
+    *,
+    dtype=None,
+    device=None,
+    allow_other_weights: bool = False,
+):
     """Decode a card into a ``transformers.DynamicCache``.
 
     Args:
@@ -99,6 +106,8 @@ def card_to_dynamic_cache(card: CacheCard, model=None, *, dtype=None, device=Non
         dtype: torch dtype (or its name) of the cache; default the model's,
             else float32.
         device: torch device; default the model's, else CPU.
+        allow_other_weights: accept a card made with other weights (e.g. a
+            base model's card for its LoRA merge).
 
     Returns:
         A ``DynamicCache`` of ``card.n_tokens`` tokens per layer, (B, H, T, D).
@@ -111,11 +120,8 @@ def card_to_dynamic_cache(card: CacheCard, model=None, *, dtype=None, device=Non
     from transformers import DynamicCache
 
     if model is not None:
-        card.check_model(fingerprint(model))
-    if card.offset != 0:
-        raise CardError(
-            f"cache.offset: a DynamicCache starts at position 0, card has {card.offset}"
-        )
+        card.check_model(fingerprint(model), allow_other_weights=allow_other_weights)
+    card.require_start("a DynamicCache")
     dtype = _torch_dtype(dtype, model)
     if device is None:
         device = getattr(model, "device", None) or "cpu"
@@ -300,7 +306,7 @@ def hf_prefill(model, tokens, *, probe_queries: int = 32):
     """
     torch = _torch()
 
-    ids = _as_ids(tokens)
+    ids = token_ids(tokens, "tokens")
     P = min(int(probe_queries), ids.shape[0])
     attns = _attention_modules(model) if P > 0 else None
     captured: dict[int, tuple[Any, Any, Any] | None] = {}
@@ -362,21 +368,80 @@ def _eos_ids(tokenizer) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple, set)) else {int(eos)}
 
 
-def _greedy(model, cache, feed: np.ndarray, max_tokens: int, eos) -> list[int]:
-    """Feed ``feed`` after ``cache`` (None: empty) and decode greedily."""
+def _hf_generate(
+    model,
+    cache,
+    prompt: np.ndarray,
+    *,
+    max_tokens: int,
+    eos,
+    sampling: SamplingOptions = GREEDY,
+    tokenizer=None,
+    on_text=None,
+    started: float | None = None,
+) -> Generation:
+    """transformers' own ``model.generate`` after ``cache`` (None: empty), the
+    cache holding a prefix of ``prompt``; tokens streamed through a streamer
+    (TTFT, tokens/s, ``on_text`` with the tokenizer's text)."""
     torch = _torch()
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
 
-    out: list[int] = []
-    x = torch.from_numpy(np.ascontiguousarray(feed)).view(1, -1).to(model.device)
-    for _ in range(max_tokens):
-        res = _forward(model, x, cache)
-        cache = _output_cache(res)
-        token = int(res.logits[0, -1].argmax())
-        if token in eos:
-            break
-        out.append(token)
-        x = torch.tensor([[token]], device=model.device)
-    return out
+    check_max_tokens(max_tokens)
+    tic = time.perf_counter() if started is None else started
+    gen = Generation(tokens=[])
+    times = []
+
+    class _Collect(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:  # transformers first puts the prompt
+                self.prompt_seen = True
+                return
+            times.append(time.perf_counter())
+            token = int(value.reshape(-1)[0])
+            gen.tokens.append(token)
+            if on_text is not None and tokenizer is not None:
+                on_text(tokenizer.decode([token]))
+
+        def end(self):
+            pass
+
+    eos = sorted(eos)
+    config = GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=not sampling.greedy,
+        temperature=sampling.temp if not sampling.greedy else None,
+        top_p=sampling.top_p or None,
+        min_p=sampling.min_p or None,
+        top_k=sampling.top_k or None,
+        eos_token_id=eos or None,
+        pad_token_id=eos[0] if eos else 0,
+    )
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    ids = torch.from_numpy(np.ascontiguousarray(prompt)).view(1, -1).to(model.device)
+    kwargs = {} if cache is None else {"past_key_values": cache}
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=config,
+            streamer=_Collect(),
+            **kwargs,
+        )
+    if gen.tokens and gen.tokens[-1] in eos:
+        gen.tokens.pop()
+        gen.finish_reason = "stop"
+    if times:
+        gen.ttft_ms = 1000 * (times[0] - tic)
+        if len(times) > 1:
+            gen.generation_tps = (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+    if tokenizer is not None:
+        gen.text = tokenizer.decode(gen.tokens)
+    return gen
 
 
 def hf_greedy_tokens(
@@ -390,57 +455,83 @@ def hf_greedy_tokens(
         max_tokens: most tokens to generate.
         eos: token ids that stop decoding (not included in the result).
     """
-    return _greedy(model, None, _as_ids(prompt_tokens), max_tokens, set(eos))
+    prompt = token_ids(prompt_tokens)
+    return _hf_generate(model, None, prompt, max_tokens=max_tokens, eos=set(eos)).tokens
 
 
 def continue_hf(
-    card: CacheCard, model, tokenizer, prompt_tokens, *, max_tokens: int = 64
-) -> list[int]:
-    """Greedy-decode after ``prompt_tokens`` with the card as the prefix cache.
+    card: CacheCard,
+    model,
+    tokenizer,
+    prompt,
+    *,
+    max_tokens: int = 64,
+    policy: str = "prefix",
+    sampling: SamplingOptions = GREEDY,
+    on_text=None,
+    allow_other_weights: bool = False,
+) -> Generation:
+    """Generate after ``prompt`` with the card as the prefix cache (transformers).
 
-    The prompt must begin with the card's tokens; only the rest is fed. When
-    the prompt *is* the card's tokens, the cache is cropped by one token and
-    the last token re-fed, to get the logits that pick the first new token.
+    The prompt is aligned with the card's tokens by the rule the MLX receiver
+    uses (:func:`qkvshare_mlx.align.plan_reuse`): the cache is cropped to the
+    reused tokens and ``model.generate`` feeds the rest. When the prompt *is*
+    the card's tokens, the last token is re-fed, to get the logits that pick
+    the first new token.
 
     Args:
         card: the card (checked against the model and tokenizer).
         model: the receiving transformers causal LM.
-        tokenizer: its tokenizer (fingerprint and EOS id), or None: no
+        tokenizer: its tokenizer (fingerprint, EOS id, text), or None: no
             tokenizer check and no early stop.
-        prompt_tokens: (T',) token ids, T' >= card.n_tokens.
+        prompt: the receiver's full prompt ids (or text, with a tokenizer).
         max_tokens: most tokens to generate.
+        policy: ``"prefix"`` (reuse the common prefix) or ``"strict"`` (the
+            prompt must start with every card token).
+        sampling: greedy by default; temperature, top-p, min-p, top-k, seed.
+        on_text: called with each new token's text (streaming).
+        allow_other_weights: accept a card made with other weights;
+            ``info["weights"]`` says how they compared.
 
     Returns:
-        The generated token ids (EOS excluded).
+        A :class:`~qkvshare_mlx.generation.Generation` (the same type the
+        MLX receiver returns).
 
     Raises:
-        PromptMismatchError: the prompt does not start with the card's tokens.
+        PromptMismatchError: (strict) the prompt does not start with the
+            card's tokens.
         ModelMismatchError: the card was made for another model or tokenizer.
     """
-    prompt = _as_ids(prompt_tokens)
-    n = card.n_tokens
-    ref = np.asarray(card.tokens, dtype=np.int64)
-    if prompt.shape[0] < n:
-        raise PromptMismatchError(
-            f"prompt_tokens: expected at least the card's {n} tokens, "
-            f"got {prompt.shape[0]}"
-        )
-    diff = np.nonzero(prompt[:n] != ref)[0]
-    if diff.size:
-        i = int(diff[0])
-        raise PromptMismatchError(
-            f"prompt_tokens[{i}]: expected the card's token {int(ref[i])} at "
-            f"position {i}, got {int(prompt[i])}"
-        )
+    ids = prompt_ids(tokenizer, prompt)
+    tic = time.perf_counter()
+    n_reuse, rest = plan_reuse(card.tokens, ids, policy=policy)
     if tokenizer is not None:
-        card.check_model(fingerprint(model, tokenizer))
-    cache = card_to_dynamic_cache(card, model)
-    if prompt.shape[0] == n:
-        cache.crop(-1)
-        feed = prompt[n - 1 :]
-    else:
-        feed = prompt[n:]
-    return _greedy(model, cache, feed, max_tokens, _eos_ids(tokenizer))
+        card.check_model(
+            fingerprint(model, tokenizer), allow_other_weights=allow_other_weights
+        )
+    cache = card_to_dynamic_cache(card, model, allow_other_weights=allow_other_weights)
+    if n_reuse < card.n_tokens:
+        cache.crop(n_reuse - card.n_tokens)  # transformers 5: tokens to drop, < 0
+    inject_ms = 1000 * (time.perf_counter() - tic)
+    gen = _hf_generate(
+        model,
+        cache,
+        ids[: n_reuse + len(rest)],
+        max_tokens=max_tokens,
+        eos=_eos_ids(tokenizer),
+        sampling=sampling,
+        tokenizer=tokenizer,
+        on_text=on_text,
+        started=tic,
+    )
+    gen.n_reused, gen.n_prefilled = n_reuse, len(rest)
+    gen.info = {
+        "mode": "dequantize",
+        "cache_class": type(cache).__name__,
+        "inject_ms": inject_ms,
+        "weights": weights_status(card.model, fingerprint(model)),
+    }
+    return gen
 
 
 __all__ = [

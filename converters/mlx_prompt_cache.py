@@ -82,11 +82,7 @@ def card_to_prompt_cache_file(
             quantized, or a card whose RoPE offset is not 0 (mlx-lm caches
             start at position 0).
     """
-    if card.offset != 0:
-        raise ConfigError(
-            f"cache.offset: mlx-lm prompt caches start at position 0, card has "
-            f"{card.offset}"
-        )
+    card.require_start("an mlx-lm prompt cache")
     dtype = _DTYPES.get(card.cache.get("dtype"), mx.float32)
     layout = quantized_layout(card)
     if quantized and layout is None:

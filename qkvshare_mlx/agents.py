@@ -38,11 +38,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from . import generation
 from .capture import Prefill
 from .card import CacheCard
+from .chat import ChatFormat
 from .errors import ConfigError
 from .fingerprint import fingerprint
 from .formats import QuantConfig
@@ -111,73 +112,6 @@ class Handoff:
 
 
 # ----------------------------------------------------------------------------
-# Chat turns as token pieces
-
-
-class ChatFormat:
-    """Builds a conversation's token ids one turn at a time.
-
-    The chat template is rendered once around placeholder strings to learn
-    the text before and after a user turn; turns are then tokenized alone
-    and concatenated, and the assistant's own token ids are kept as they
-    were generated. So each agent's prompt is exactly the previous prompt
-    plus new ids (no re-tokenization drift).
-
-    Args:
-        tokenizer: an mlx-lm ``TokenizerWrapper`` or HF tokenizer with a chat
-            template.
-        shots: few-shot ``(question, answer)`` pairs shown before the task.
-    """
-
-    _U, _A = "\x00USER\x00", "\x00ASSISTANT\x00"
-
-    def __init__(self, tokenizer, shots=()):
-        self.tokenizer = tokenizer
-        self.shots = list(shots)
-        self.eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-        if not self.eos and getattr(tokenizer, "eos_token_id", None) is not None:
-            self.eos = {tokenizer.eos_token_id}
-        render = self._render
-        one = render([("user", self._U)], True)
-        two = render(
-            [("user", self._U), ("assistant", self._A), ("user", self._U)], True
-        )
-        if not two.startswith(one.split(self._U)[0]) or two.count(self._U) != 2:
-            raise ConfigError("chat template: expected a prefix-stable template")
-        after_answer = two.split(self._A, 1)[1]
-        self._between, self._after_user = after_answer.split(self._U)
-        if not one.endswith(self._after_user):
-            raise ConfigError(
-                "chat template: expected the same generation prompt after every "
-                f"user turn, got {self._after_user!r} and {one!r}"
-            )
-
-    def _render(self, turns, generation_prompt):
-        messages = [{"role": r, "content": c} for r, c in turns]
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=generation_prompt, tokenize=False
-        )
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def opening(self, task: str, instruction: str) -> list[int]:
-        """Few-shot turns, then the task and the first agent's instruction."""
-        turns = []
-        for q, a in self.shots:
-            turns += [("user", q), ("assistant", a)]
-        turns.append(("user", f"{task}\n\n{instruction}"))
-        return self._ids(self._render(turns, True))
-
-    def turn(self, instruction: str) -> list[int]:
-        """Close the previous assistant reply and open a user turn."""
-        return self._ids(self._between + instruction + self._after_user)
-
-    def text(self, ids) -> str:
-        return self.tokenizer.decode(list(ids))
-
-
-# ----------------------------------------------------------------------------
 # Generation with a cache
 
 
@@ -196,27 +130,21 @@ def generate(
 ) -> tuple[list[int], float]:
     """Greedy continuation of ``tokens`` whose first ``rest_from`` are cached.
 
-    The cache is left holding exactly ``tokens`` plus the generated ids
-    (mlx-lm computes one token ahead; the extra is trimmed).
+    :func:`qkvshare_mlx.generation.generate` (mlx-lm's ``generate_step``);
+    the cache is left holding exactly ``tokens`` plus the generated ids.
 
     Returns:
         ``(generated ids without EOS, time to first token in seconds)``.
     """
-    tic = time.perf_counter()
-    out, ttft = [], None
-    for token, _ in generate_step(
-        mx.array(tokens[rest_from:]), model, prompt_cache=cache, max_tokens=max_tokens
-    ):
-        token = int(token)
-        if ttft is None:
-            ttft = time.perf_counter() - tic
-        if token in eos:
-            break
-        out.append(token)
-    keep = len(tokens) + len(out)
-    if cache[0].offset > keep:
-        trim_prompt_cache(cache, cache[0].offset - keep)
-    return out, ttft
+    gen = generation.generate(
+        model,
+        None,
+        tokens[rest_from:],
+        prompt_cache=cache,
+        max_tokens=max_tokens,
+        eos=eos,
+    )
+    return gen.tokens, gen.ttft_ms / 1000
 
 
 # ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from .align import token_ids
 from .errors import CacheShapeError, ConfigError
 from .quant.controllers import TokenStats
 
@@ -105,12 +106,7 @@ def _cache_kv(c) -> tuple[mx.array, mx.array]:
 
 
 def _tokens_array(tokens) -> np.ndarray:
-    arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    if arr.size == 0:
-        raise ConfigError("tokens: expected at least one token id, got none")
-    if arr.min() < 0:
-        raise ConfigError(f"tokens: ids must be >= 0, got {int(arr.min())}")
-    return arr.astype(np.int32)
+    return token_ids(tokens, "tokens").astype(np.int32)
 
 
 def probe_attention(

@@ -47,12 +47,27 @@ class CardTooLargeError(CardFormatError):
     """The card claims more memory than the reader's configured cap allows."""
 
 
+class CardAuthError(CardError):
+    """The card's signature is missing, made with another key, or wrong."""
+
+
 class ModelMismatchError(CardError):
     """The card was made for a different model than the one receiving it."""
 
 
+class CardOffsetError(CardError, ConfigError):
+    """A card starts at a RoPE offset the receiving cache cannot hold (mlx-lm
+    ``KVCache``, a transformers ``DynamicCache``, a prompt-cache file, an
+    inherited card: all start at position 0)."""
+
+
 class PromptMismatchError(QKVShareError):
     """The receiver's prompt does not begin with the card's tokens."""
+
+
+class EmptyTokensError(PromptMismatchError, ConfigError):
+    """A token list is empty where at least one id is needed (a prompt, a
+    prefill, a card's tokens); one class wherever token lists are taken."""
 
 
 class TransportError(QKVShareError):

@@ -10,8 +10,10 @@ model (its ``config``). The same checkpoint gives the same fingerprint in
 both runtimes.
 
 :func:`mismatches` is the one comparison policy, used by the card reader, the
-MLX injector and the transformers bridge alike. This module imports neither
-MLX nor torch.
+MLX injector and the transformers bridge alike; :func:`check` applies it and
+says how the weights compared. For a model (not a config or folder) the
+fingerprint includes the weights digest of :mod:`qkvshare_mlx.weights`,
+computed once per model. This module imports neither MLX nor torch.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 import weakref
 
+from . import weights
 from .errors import ConfigError, ModelMismatchError
 
 FIELDS = (
@@ -39,6 +43,16 @@ FIELDS = (
 IDENTITY_FIELDS = ("tokenizer_sha256", "weights_sha256")
 # Where None is a value ("no scaling"), not "unknown".
 NULLABLE_FIELDS = ("rope_scaling",)
+# How the weights compared (returned by check, recorded in receivers' stats).
+WEIGHTS_SAME = "same"
+WEIGHTS_OTHER_ALLOWED = "other (allowed)"
+WEIGHTS_CARD_UNKNOWN = "unchecked (card has no weights digest)"
+WEIGHTS_MODEL_UNKNOWN = "unchecked (model has no weights digest)"
+
+
+class UncheckedWeightsWarning(UserWarning):
+    """A card without a weights digest (an older writer) was accepted."""
+
 
 _TOKENIZER_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -157,7 +171,7 @@ def fingerprint(source, tokenizer=None) -> dict:
         ConfigError: ``source`` is none of the above.
         ModelLoadError: a folder without a readable ``config.json``.
     """
-    shape = {}
+    shape, digest = {}, None
     if isinstance(source, dict) and not hasattr(source, "parameters"):
         config = source  # (mlx.nn.Module is a dict too)
     elif isinstance(source, (str, os.PathLike)):
@@ -169,6 +183,8 @@ def fingerprint(source, tokenizer=None) -> dict:
         if hasattr(hf_config, "get_text_config"):
             hf_config = hf_config.get_text_config(decoder=True)
         config = hf_config.to_dict()
+        if hasattr(source, "named_parameters"):
+            digest = weights.model_digest(source)
     else:
         config = model_args_config(source)
         if not config:
@@ -178,16 +194,45 @@ def fingerprint(source, tokenizer=None) -> dict:
                 "transformers model"
             )
         shape = module_shape(source)
-    return {**fingerprint_from_config(config, tokenizer), **shape}
+        if hasattr(source, "named_modules"):
+            digest = weights.model_digest(source)
+    fp = fingerprint_from_config(config, tokenizer, weights_sha256=digest)
+    return {**fp, **shape}
 
 
-def mismatches(card: dict, model: dict) -> list[str]:
+def context_length(source) -> int | None:
+    """The most positions a model holds (``max_position_embeddings``), or None.
+
+    Args:
+        source: as for :func:`fingerprint` (a fingerprint dict has none).
+    """
+    if isinstance(source, dict) and not hasattr(source, "parameters"):
+        config = source
+    elif isinstance(source, (str, os.PathLike)):
+        from .models import model_config
+
+        config = model_config(source)
+    elif hasattr(source, "config") and hasattr(source.config, "to_dict"):
+        hf_config = source.config
+        if hasattr(hf_config, "get_text_config"):
+            hf_config = hf_config.get_text_config(decoder=True)
+        config = hf_config.to_dict()
+    else:
+        config = model_args_config(source)
+    n = config.get("max_position_embeddings")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def mismatches(
+    card: dict, model: dict, *, allow_other_weights: bool = False
+) -> list[str]:
     """Fields where a card's fingerprint contradicts the model's, as messages.
 
     The one policy: a field the model side does not know (None) is not
     compared, except ``rope_scaling``, where None means "no scaling"; the
     identity hashes (tokenizer, weights) are compared only when both sides
-    have one.
+    have one. Other weights are reported as ``weights: ...`` unless
+    ``allow_other_weights``.
     """
     out = []
     for key in FIELDS:
@@ -196,20 +241,61 @@ def mismatches(card: dict, model: dict) -> list[str]:
             continue
         if b is None and key not in NULLABLE_FIELDS:
             continue
-        if a != b:
-            out.append(f"{key}: card has {a!r}, model has {b!r}")
+        if a == b:
+            continue
+        if key == "weights_sha256":
+            if not allow_other_weights:
+                out.append(
+                    f"weights: card made with weights_sha256 {a[:16]}..., model has "
+                    f"{b[:16]}... (allow_other_weights to accept it)"
+                )
+            continue
+        out.append(f"{key}: card has {a!r}, model has {b!r}")
     return out
 
 
-def check(card: dict, model: dict, *, extra: list[str] = ()) -> None:
+def weights_status(
+    card: dict, model: dict, *, allow_other_weights: bool = False
+) -> str:
+    """How a card's weights digest compares with the model's (a WEIGHTS_* value)."""
+    a, b = card.get("weights_sha256"), model.get("weights_sha256")
+    if a is None:
+        return WEIGHTS_CARD_UNKNOWN
+    if b is None:
+        return WEIGHTS_MODEL_UNKNOWN
+    return WEIGHTS_SAME if a == b else WEIGHTS_OTHER_ALLOWED
+
+
+def check(
+    card: dict,
+    model: dict,
+    *,
+    extra: list[str] = (),
+    allow_other_weights: bool = False,
+) -> str:
     """Raise ModelMismatchError naming every field in :func:`mismatches`.
 
     Args:
         card, model: the two fingerprints.
         extra: further mismatch messages found by the caller (e.g. the
             card's cache shape against the model's modules).
+        allow_other_weights: accept a card made with other weights.
+
+    Returns:
+        How the weights compared (:func:`weights_status`). A card without a
+        digest while the model has one is accepted with one
+        :class:`UncheckedWeightsWarning`.
     """
-    bad = mismatches(card, model)
+    bad = mismatches(card, model, allow_other_weights=allow_other_weights)
     bad += [m for m in extra if m not in bad]
     if bad:
         raise ModelMismatchError("card was made for another model: " + "; ".join(bad))
+    status = weights_status(card, model)
+    if status == WEIGHTS_CARD_UNKNOWN and model.get("weights_sha256") is not None:
+        warnings.warn(
+            "card has no weights digest (an older writer): accepted without "
+            "checking its weights",
+            UncheckedWeightsWarning,
+            stacklevel=3,
+        )
+    return status

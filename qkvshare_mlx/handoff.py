@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import time
 
-import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step
 
+from .align import token_ids
 from .capture import prefill
 from .card import CacheCard
+from .chat import prompt_ids
 from .dtypes import mx_name
-from .errors import ConfigError, PromptMismatchError
-from .fingerprint import fingerprint
+from .errors import PromptMismatchError
+from .fingerprint import fingerprint, weights_status
 from .formats import QuantConfig, QuantizedKV
+from .generation import GREEDY, Generation, SamplingOptions, check_max_tokens, generate
 from .inject import align, inject
 from .models import model_dtype
 from .quant.controllers import HandoffPlan
 from .quant.mlx_backend import quantize_cache
+from .weights import model_digest
 
 
 def make_card(
@@ -49,9 +51,10 @@ def make_card(
     Args:
         model: the sender's mlx-lm model.
         tokenizer: its tokenizer (hashed into the fingerprint; may be None).
-        prompt_tokens: the prompt ids the card will cover.
+        prompt_tokens: what the card will cover: token ids, or text (encoded
+            by the tokenizer, as mlx-lm does).
         controller, budget_bits, config, plan: see
-            :func:`~qkvshare_mlx.quantizer.quantize_cache`.
+            :func:`~qkvshare_mlx.quant.pipeline.quantize`.
         inherited: a card received earlier whose tokens begin the prompt: it
             is injected instead of re-prefilled and its segments are kept bit
             for bit (only the new tokens are quantized).
@@ -62,16 +65,15 @@ def make_card(
     Returns:
         A :class:`~qkvshare_mlx.card.CacheCard` at RoPE offset 0.
     """
-    tokens = np.asarray(prompt_tokens, dtype=np.int64).reshape(-1)
+    tokens = prompt_ids(tokenizer, prompt_tokens)
     fp = fingerprint(model_config if model_config is not None else model, tokenizer)
+    fp["weights_sha256"] = model_digest(model)  # the weights that make the cache
     cache, done, inherited_qkv = None, 0, None
     if inherited is not None:
         n = inherited.n_tokens
-        if inherited.offset != 0:
-            raise ConfigError(
-                f"inherited card offset {inherited.offset}: expected 0 (a card "
-                "made from the start of the conversation)"
-            )
+        inherited.require_start(
+            "an inherited card (made from the conversation's start)"
+        )
         if len(tokens) <= n or not np.array_equal(tokens[:n], inherited.tokens):
             raise PromptMismatchError(
                 f"prompt_tokens: expected the inherited card's {n} tokens followed "
@@ -98,75 +100,75 @@ def continue_from_card(
     card: CacheCard,
     model,
     tokenizer,
-    prompt_tokens,
+    prompt,
     *,
     mode: str = "dequantize",
     max_tokens: int = 64,
     policy: str = "prefix",
-) -> tuple[list[int], dict]:
-    """Continue a conversation from a card with greedy decoding.
+    sampling: SamplingOptions = GREEDY,
+    logits_processors=None,
+    prompt_progress_callback=None,
+    on_text=None,
+    allow_other_weights: bool = False,
+) -> Generation:
+    """Continue a conversation from a card, generating with mlx-lm.
 
     Args:
         card: the sender's card.
         model, tokenizer: the receiver's mlx-lm model and tokenizer (the
-            card is checked against both).
-        prompt_tokens: the receiver's full prompt (the card's tokens first).
+            card is checked against both; tokenizer may be None: ids only).
+        prompt: the receiver's full prompt, the card's tokens first: token
+            ids, or text (encoded by the tokenizer, as mlx-lm does).
         mode: injection mode, see :func:`~qkvshare_mlx.inject.inject`.
         max_tokens: most tokens to generate (stops early at EOS).
-        policy: alignment policy, see :func:`~qkvshare_mlx.inject.align`.
+        policy: alignment policy, see :func:`~qkvshare_mlx.align.plan_reuse`.
+        sampling, logits_processors, prompt_progress_callback, on_text: see
+            :func:`~qkvshare_mlx.generation.generate`.
+        allow_other_weights: accept a card made with other weights (e.g. a
+            base model's card for its LoRA merge); ``info["weights"]`` says so.
 
     Returns:
-        ``(tokens, info)``: generated ids (EOS excluded) and timings:
-        ``ttft_ms`` (inject + align + prefill of the rest + first token),
-        ``inject_ms``, ``decode_tps``, ``n_reused``, ``n_prefilled``,
-        ``cache_class``, ``cache_nbytes``, ``mode``, ``finish_reason``.
+        A :class:`~qkvshare_mlx.generation.Generation`: ``ttft_ms`` counts
+        inject + align + prefill of the rest + first token; ``info`` holds
+        ``mode``, ``cache_class``, ``cache_nbytes``, ``inject_ms`` and
+        ``weights`` (how the card's weights digest compared with the model's:
+        a ``qkvshare_mlx.fingerprint.WEIGHTS_*`` value).
     """
-    if max_tokens < 1:
-        raise ConfigError(f"max_tokens must be >= 1 but got {max_tokens}")
+    check_max_tokens(max_tokens)
+    ids = prompt_ids(tokenizer, prompt)
     expect = fingerprint(model, tokenizer) if tokenizer is not None else None
     tic = time.perf_counter()
-    cache = inject(card, model, mode=mode, expect=expect)
+    cache = inject(
+        card, model, mode=mode, expect=expect, allow_other_weights=allow_other_weights
+    )
     inject_s = time.perf_counter() - tic
-    n_reuse, rest = align(card, prompt_tokens, policy=policy, cache=cache)
+    n_reuse, rest = align(card, ids, policy=policy, cache=cache)
     cache_class = type(cache[0]).__name__
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    out: list[int] = []
-    finish = "length"
-    ttft = t_first = None
-    for n, (token, _) in enumerate(
-        generate_step(mx.array(rest), model, prompt_cache=cache, max_tokens=max_tokens)
-    ):
-        token = int(token)
-        if n == 0:
-            t_first = time.perf_counter()
-            ttft = t_first - tic
-        if token in eos:
-            finish = "stop"
-            break
-        out.append(token)
-    decode_s = time.perf_counter() - t_first
-    info = {
+    gen = generate(
+        model,
+        tokenizer,
+        rest,
+        prompt_cache=cache,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        logits_processors=logits_processors,
+        prompt_progress_callback=prompt_progress_callback,
+        on_text=on_text,
+        started=tic,
+    )
+    gen.n_reused, gen.n_prefilled = n_reuse, len(rest)
+    gen.info = {
         "mode": mode,
         "cache_class": cache_class,
         "cache_nbytes": sum(c.nbytes for c in cache),
-        "n_reused": n_reuse,
-        "n_prefilled": len(rest),
         "inject_ms": 1000 * inject_s,
-        "ttft_ms": 1000 * ttft,
-        "decode_tps": (len(out) - 1) / decode_s if len(out) > 1 and decode_s else None,
-        "finish_reason": finish,
+        "weights": weights_status(card.model, fingerprint(model)),
     }
-    return out, info
+    return gen
 
 
 def greedy_tokens(model, prompt_tokens, *, max_tokens: int = 64, eos=()) -> list[int]:
     """Greedy continuation of a prompt without a card (the baseline)."""
-    out = []
-    for token, _ in generate_step(
-        mx.array(np.asarray(prompt_tokens).reshape(-1)), model, max_tokens=max_tokens
-    ):
-        token = int(token)
-        if token in eos:
-            break
-        out.append(token)
-    return out
+    return generate(
+        model, None, token_ids(prompt_tokens), max_tokens=max_tokens, eos=eos
+    ).tokens

@@ -33,16 +33,16 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
 
 from . import fingerprint as fingerprints
+from .align import POLICIES, plan_reuse  # noqa: F401  (POLICIES re-exported)
 from .caches import MixedQuantizedKVCache, StreamedKVCache
 from .card import CacheCard
 from .dtypes import to_mx
-from .errors import ConfigError, PromptMismatchError
+from .errors import ConfigError
 from .formats import FLOAT_BITS, QuantizedKV
 from .models import model_dtype
 from .quant.fastpath import dequantize_layers, stream_layers
 
 MODES = ("dequantize", "stream", "compressed")
-POLICIES = ("prefix", "strict")
 QUANTIZED_KV_BITS = (2, 3, 4, 5, 6, 8)  # widths mlx-lm's QuantizedKVCache runs
 
 
@@ -50,13 +50,21 @@ QUANTIZED_KV_BITS = (2, 3, 4, 5, 6, 8)  # widths mlx-lm's QuantizedKVCache runs
 # Injection
 
 
-def check_fits(card_cache: dict, card_model: dict | None, model, expect=None) -> None:
+def check_fits(
+    card_cache: dict,
+    card_model: dict | None,
+    model,
+    expect=None,
+    *,
+    allow_other_weights: bool = False,
+) -> str:
     """Raise ModelMismatchError if a card cannot be used with ``model``.
 
     Compares the card's cache shape with the model's own modules (layers,
     KV heads, head_dim), and the card's fingerprint, by the one policy of
     :func:`qkvshare_mlx.fingerprint.mismatches`, with the model's (built
     from its args: no tokenizer needed) and with ``expect`` if given.
+    Returns how the weights compared (:func:`~qkvshare_mlx.fingerprint.check`).
     """
     shape = fingerprints.module_shape(model)
     held = {
@@ -70,8 +78,7 @@ def check_fits(card_cache: dict, card_model: dict | None, model, expect=None) ->
         if held[k] != v
     ]
     if card_model is None:
-        fingerprints.check({}, {}, extra=bad)
-        return
+        return fingerprints.check({}, {}, extra=bad)
     model_fp = {}
     if fingerprints.model_args_config(model):
         # the shape fields were compared with the modules above
@@ -79,8 +86,12 @@ def check_fits(card_cache: dict, card_model: dict | None, model, expect=None) ->
             k: v for k, v in fingerprints.fingerprint(model).items() if k not in shape
         }
     if expect is not None:
-        bad += fingerprints.mismatches(card_model, expect)
-    fingerprints.check(card_model, model_fp, extra=bad)
+        bad += fingerprints.mismatches(
+            card_model, expect, allow_other_weights=allow_other_weights
+        )
+    return fingerprints.check(
+        card_model, model_fp, extra=bad, allow_other_weights=allow_other_weights
+    )
 
 
 def _uniform_token_format(qkv: QuantizedKV) -> tuple[int, int] | None:
@@ -128,6 +139,7 @@ def inject(
     mode: str = "dequantize",
     dtype=None,
     expect: dict | None = None,
+    allow_other_weights: bool = False,
 ) -> list:
     """Turn a card into an mlx-lm prompt cache.
 
@@ -169,9 +181,15 @@ def inject(
             f"expected a CacheCard or QuantizedKV, got {type(card_or_qkv).__name__}"
         )
     if model is not None:
-        check_fits(cache_meta, card_model, model, expect)
+        check_fits(
+            cache_meta,
+            card_model,
+            model,
+            expect,
+            allow_other_weights=allow_other_weights,
+        )
     elif expect is not None and card_model is not None:
-        card.check_model(expect)
+        card.check_model(expect, allow_other_weights=allow_other_weights)
     dtype = _resolve_dtype(dtype, model, card_dtype)
     T = qkv.n_tokens
 
@@ -189,10 +207,7 @@ def inject(
         ]
 
     if offset != 0:
-        raise ConfigError(
-            f"card offset {offset}: mode {mode!r} (mlx-lm KVCache) needs a card "
-            "starting at position 0; use mode='compressed'"
-        )
+        card.require_start(f"mode {mode!r} (an mlx-lm KVCache; use 'compressed')")
     # Room for the receiver's next tokens (KVCache's step), made in the same
     # pass that orders the tokens: the first update then writes in place
     # instead of copying the whole cache into a larger buffer.
@@ -225,48 +240,23 @@ def _resolve_dtype(dtype, model, card_dtype):
 def align(
     card, prompt_tokens, *, policy: str = "prefix", cache: list | None = None
 ) -> tuple[int, list[int]]:
-    """How much of a card a receiver's prompt can reuse.
+    """How much of a card a receiver's prompt can reuse, trimming the cache to it.
 
-    The prompt must begin with the card's tokens. At least the prompt's last
-    token is always left to feed, so the model produces logits for it: a
-    prompt equal to the card's tokens reuses all but the last one.
+    :func:`qkvshare_mlx.align.plan_reuse` (the rule both runtimes share), then
+    mlx-lm's ``trim_prompt_cache`` on ``cache``.
 
     Args:
         card: a :class:`~qkvshare_mlx.card.CacheCard` (or anything with
             ``tokens``).
         prompt_tokens: the receiver's full prompt ids.
-        policy: ``"strict"``: the prompt must start with every card token
-            (PromptMismatchError names the first differing position);
-            ``"prefix"``: reuse the longest common prefix.
-        cache: the injected cache; trimmed in place (mlx-lm ``trim``) to
-            the reused tokens.
+        policy: ``"strict"`` or ``"prefix"`` (see ``plan_reuse``).
+        cache: the injected cache; trimmed in place to the reused tokens.
 
     Returns:
         ``(n_reuse, remaining_tokens)``: card tokens reused and the prompt
         tokens still to prefill (never empty).
     """
-    if policy not in POLICIES:
-        raise ConfigError(f"policy must be one of {list(POLICIES)} but got {policy!r}")
-    ref = np.asarray(card.tokens).reshape(-1)
-    prompt = np.asarray(prompt_tokens, dtype=np.int64).reshape(-1)
-    if prompt.size == 0:
-        raise PromptMismatchError(
-            "prompt_tokens: expected at least one token, got none"
-        )
-    n = min(len(ref), len(prompt))
-    diff = np.nonzero(ref[:n] != prompt[:n])[0]
-    common = int(diff[0]) if diff.size else n
-    if policy == "strict" and common < len(ref):
-        if common < len(prompt):
-            raise PromptMismatchError(
-                f"prompt_tokens[{common}]: expected the card's token "
-                f"{int(ref[common])}, got {int(prompt[common])}"
-            )
-        raise PromptMismatchError(
-            f"prompt_tokens: expected at least the card's {len(ref)} tokens, "
-            f"got {len(prompt)}"
-        )
-    n_reuse = min(common, len(prompt) - 1)
+    n_reuse, rest = plan_reuse(card.tokens, prompt_tokens, policy=policy)
     if cache is not None:
         c = cache[0]
         held = c.size() if isinstance(c, MixedQuantizedKVCache) else c.offset
@@ -276,4 +266,4 @@ def align(
                 f"cache: could not trim {drop} tokens (cache type "
                 f"{type(cache[0]).__name__})"
             )
-    return n_reuse, prompt[n_reuse:].tolist()
+    return n_reuse, rest

@@ -9,9 +9,12 @@ receiver undoes it after decoding, ``x = x_rot @ R.T``, so attention sees
 the original basis: nothing in the model changes.
 
 R is a randomized Hadamard matrix, ``R = diag(s) @ H_D / sqrt(D)`` (Sylvester
-construction, D a power of two), with signs ``s`` taken from the bits of
-SHA-256(b"qkvshare-mlx/hadamard/<D>"), so a card names its rotation with one
-word and every reader rebuilds the same matrix. This module knows nothing
+construction, D a power of two). The signs come from the concatenated digests
+SHA-256("qkvshare-mlx/hadamard/<D>/0"), SHA-256(".../<D>/1"), ... (ASCII, D
+in decimal, counter 0, 1, ... until there are D bits), read most significant
+bit first: ``s[i] = -1`` where bit i is 1, else +1 (docs/cachecard-format.md,
+section 5.1). So a card names its rotation with one word and every reader
+rebuilds the same matrix. This module knows nothing
 about MLX: it returns numpy matrices; callers multiply in their own library.
 """
 

@@ -11,6 +11,9 @@ sender, rank 1 the receiver. Scenarios:
 - ``die``: rank 0 joins the ring and exits without sending.
 - ``corrupt``: rank 0 sends a header for a valid card, then altered bytes, then
   the card intact; rank 1 rejects the first and prints ``RESENT {json}``.
+- ``signed``: both ranks hold ``CARD_KEY``; rank 0 sends the card unsigned,
+  signed with another key, then signed with ``CARD_KEY``; rank 1 prints
+  ``REFUSED <error>`` for each of the first two and ``SIGNED {json}``.
 
 Rank 1 exits with a code per outcome (see ``EXIT_CODES``) so the test can tell
 a timeout from a checksum failure from a crash.
@@ -39,6 +42,8 @@ EXIT_CODES = {
 }
 
 SEED = 0
+CARD_KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
 CONTEXT_TOKENS = 48
 MAX_TOKENS = 16
 TINY_CONFIG = {
@@ -97,8 +102,7 @@ def continue_from(card, model) -> list[int]:
     from qkvshare_mlx.handoff import continue_from_card
 
     _, prompt = prompts()
-    tokens, _ = continue_from_card(card, model, None, prompt, max_tokens=MAX_TOKENS)
-    return tokens
+    return continue_from_card(card, model, None, prompt, max_tokens=MAX_TOKENS).tokens
 
 
 def synthetic_card():
@@ -126,7 +130,7 @@ def sender(scenario: str, transport) -> None:
     if scenario == "handoff":
         transport.send(make_card(build_tiny_model()), 1, timeout=60)
     elif scenario == "corrupt":
-        from qkvshare_mlx.transport import encode_header
+        from qkvshare_mlx.distributed import encode_header
 
         card = synthetic_card()
         data = card.to_bytes()
@@ -135,6 +139,11 @@ def sender(scenario: str, transport) -> None:
         header = encode_header(data, chunk_bytes=transport.chunk_bytes)
         transport.send_bytes(bytes(bad), 1, header=header, timeout=60)
         transport.send(card, 1, timeout=60)  # the link is still in step: resend
+    elif scenario == "signed":
+        card = synthetic_card()
+        for key in (None, OTHER_KEY):
+            transport.send_bytes(card.to_bytes(key=key), 1, timeout=60)
+        transport.send(card, 1, timeout=60)  # signed with the transport's key
 
 
 def receiver(scenario: str, transport, timeout: float) -> int:
@@ -143,6 +152,21 @@ def receiver(scenario: str, transport, timeout: float) -> int:
 
     # The receiver's own copy of the same model (the failure scenarios skip it).
     model = build_tiny_model() if scenario == "handoff" else None
+    if scenario == "signed":
+        from qkvshare_mlx.errors import CardAuthError
+
+        for _ in range(2):
+            try:
+                transport.recv(0, timeout=timeout)
+            except CardAuthError as e:
+                print(f"REFUSED {type(e).__name__}: {e}", flush=True)
+        card = transport.recv(0, timeout=timeout)
+        print(
+            "SIGNED "
+            + json.dumps({"checksum": card.checksum(), "key_id": card.key_id}),
+            flush=True,
+        )
+        return EXIT_OK
     start = time.monotonic()
     try:
         data = transport.recv_bytes(0, timeout=timeout)
@@ -163,17 +187,20 @@ def receiver(scenario: str, transport, timeout: float) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["handoff", "silent", "die", "corrupt"])
+    parser.add_argument(
+        "scenario", choices=["handoff", "silent", "die", "corrupt", "signed"]
+    )
     parser.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args()
 
     import mlx.core as mx
 
     mx.set_default_device(mx.cpu)
-    from qkvshare_mlx.transport import DistributedTransport, init_group
+    from qkvshare_mlx.distributed import DistributedTransport, init_group
 
     # Small chunks, so the card crosses the link in several messages.
-    transport = DistributedTransport(init_group("ring"), chunk_bytes=4096)
+    key = CARD_KEY if args.scenario == "signed" else None
+    transport = DistributedTransport(init_group("ring"), chunk_bytes=4096, key=key)
     if transport.rank == 0:
         sender(args.scenario, transport)
         return EXIT_OK

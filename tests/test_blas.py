@@ -1,22 +1,9 @@
 """qkvshare_mlx.blas: OpenBLAS for MLX's CPU backend, only when asked for."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from conftest import run_python
 
 from qkvshare_mlx import blas
-
-
-def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **env},
-    )
 
 
 def test_pick_coretype_from_flags():
@@ -35,13 +22,15 @@ needs_openblas = pytest.mark.skipif(
 
 @needs_openblas
 def test_enable_openblas_preloads_it():
-    result = _python(f"import qkvshare_mlx; qkvshare_mlx.enable_openblas(); {_STATUS}")
+    result = run_python(
+        f"import qkvshare_mlx; qkvshare_mlx.enable_openblas(); {_STATUS}"
+    )
     assert "'preloaded': True, 'effective': True" in result.stdout, result.stderr
 
 
 @needs_openblas
 def test_openblas_opt_out():
-    result = _python(
+    result = run_python(
         f"import qkvshare_mlx; qkvshare_mlx.enable_openblas(); {_STATUS}",
         QKVSHARE_NO_OPENBLAS="1",
     )
@@ -51,7 +40,7 @@ def test_openblas_opt_out():
 
 @needs_openblas
 def test_openblas_after_mlx_is_reported_ineffective():
-    result = _python(
+    result = run_python(
         f"import mlx.core, qkvshare_mlx; qkvshare_mlx.enable_openblas(); {_STATUS}"
     )
     assert "'effective': False" in result.stdout, result.stderr
@@ -60,6 +49,6 @@ def test_openblas_after_mlx_is_reported_ineffective():
 
 @needs_openblas
 def test_not_enabled_is_reported():
-    result = _python(f"import qkvshare_mlx; {_STATUS}")
+    result = run_python(f"import qkvshare_mlx; {_STATUS}")
     assert "'preloaded': False" in result.stdout, result.stderr
     assert "enable_openblas() was never called" in result.stdout

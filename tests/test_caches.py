@@ -11,17 +11,14 @@ from concurrent.futures import Future
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA_CONFIG, prefill_card
 from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, save_prompt_cache
 
 import qkvshare_mlx
 from qkvshare_mlx.caches import MixedQuantizedKVCache, StreamedKVCache
-from qkvshare_mlx.capture import prefill
-from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.errors import CardFormatError
-from qkvshare_mlx.fingerprint import fingerprint
 from qkvshare_mlx.formats import FLOAT_BITS, QuantConfig
 from qkvshare_mlx.handoff import continue_from_card
 from qkvshare_mlx.inject import inject
@@ -29,48 +26,11 @@ from qkvshare_mlx.quant.controllers import TokenStats
 from qkvshare_mlx.quant.mlx_backend import quantize_cache
 
 H, T, D = 2, 200, 64  # T not a multiple of 64: per-channel keys leave token tails
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "rms_norm_eps": 1e-5,
-    "vocab_size": 100,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-}
-
-
-def tiny_model(seed: int = 0):
-    """A random-weight Llama whose attention is far from uniform."""
-    mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(TINY))
-    params = [
-        (
-            name,
-            1.0 + 0.1 * mx.random.normal(p.shape)
-            if "norm" in name
-            else 0.2 * mx.random.normal(p.shape),
-        )
-        for name, p in tree_flatten(model.parameters())
-    ]
-    model.load_weights(params)
-    model.eval()
-    mx.eval(model.parameters())
-    return model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return np.random.default_rng(7).integers(0, TINY["vocab_size"], 160)
+def model(tiny_mlx):
+    return tiny_mlx
 
 
 def random_qkv(seed=0, *, n_layers=2, controller="saliency", budget=5.0, **config):
@@ -98,20 +58,6 @@ def random_qkv(seed=0, *, n_layers=2, controller="saliency", budget=5.0, **confi
         stats=stats,
         config=QuantConfig(**config),
     )
-
-
-def card_of(model, toks, *, controller="uniform", budget=32, config=None):
-    pre = prefill(model, toks, probe_queries=16)
-    qkv = quantize_cache(
-        pre.keys,
-        pre.values,
-        controller=controller,
-        budget_bits=budget,
-        config=config or QuantConfig(float_dtype="float32"),
-        stats=pre.stats,
-    )
-    card = CacheCard.from_quantized(qkv, toks, fingerprint(model))
-    return CacheCard.from_bytes(card.to_bytes())
 
 
 def last_logits(model, cache, feed):
@@ -352,10 +298,9 @@ def test_streamed_cache_state_set_before_arrival_replaces_the_rows():
 
 
 @pytest.mark.parametrize("rotation", ["none", "hadamard"])
-def test_stream_mode_continues_exactly_like_dequantize(rotation):
-    model = tiny_model()
-    ids = np.random.default_rng(4).integers(0, TINY["vocab_size"], 150)
-    card = card_of(
+def test_stream_mode_continues_exactly_like_dequantize(model, rotation):
+    ids = np.random.default_rng(4).integers(0, TINY_LLAMA_CONFIG["vocab_size"], 150)
+    card, _ = prefill_card(
         model,
         ids,
         controller="saliency",
@@ -378,15 +323,16 @@ def test_stream_mode_continues_exactly_like_dequantize(rotation):
         assert mx.array_equal(s.values, e.values).item()
 
 
-def test_stream_mode_generates_and_saves_as_kv_cache(tmp_path):
-    model = tiny_model()
-    ids = np.random.default_rng(5).integers(0, TINY["vocab_size"], 120)
-    card = card_of(model, ids, controller="saliency", budget=4.0, config=QuantConfig())
-    want, _ = continue_from_card(card, model, None, list(ids) + [9], max_tokens=8)
-    got, info = continue_from_card(
+def test_stream_mode_generates_and_saves_as_kv_cache(model, tmp_path):
+    ids = np.random.default_rng(5).integers(0, TINY_LLAMA_CONFIG["vocab_size"], 120)
+    card = prefill_card(
+        model, ids, controller="saliency", budget=4.0, config=QuantConfig()
+    )[0]
+    want = continue_from_card(card, model, None, list(ids) + [9], max_tokens=8)
+    got = continue_from_card(
         card, model, None, list(ids) + [9], max_tokens=8, mode="stream"
     )
-    assert got == want and info["cache_class"] == "StreamedKVCache"
+    assert got.tokens == want.tokens and got.info["cache_class"] == "StreamedKVCache"
     # saved before any forward: reading the state waits for the decode
     cache = inject(card, model, mode="stream", dtype="float16")
     save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
@@ -403,7 +349,7 @@ def test_stream_mode_generates_and_saves_as_kv_cache(tmp_path):
 
 
 def test_mixed_cache_state_round_trip_and_trim(model, ids):
-    card = card_of(
+    card, _ = prefill_card(
         model, ids[:80], controller="saliency", budget=4.5, config=QuantConfig()
     )
     cache = inject(card, model, mode="compressed")
@@ -417,7 +363,7 @@ def test_mixed_cache_state_round_trip_and_trim(model, ids):
 
 
 def test_mixed_cache_trim_into_card_then_refeed(model, ids):
-    card = card_of(model, ids[:80])  # float32: refeeding is exact
+    card = prefill_card(model, ids[:80])[0]  # float32: refeeding is exact
     cache = [MixedQuantizedKVCache(layer, 80) for layer in card.layers]
     last_logits(model, cache, [1, 2, 3])
     # trim drops the 3 tail tokens, then hides 7 card tokens

@@ -1,60 +1,24 @@
-"""Sender-side capture: chunked prefill, probe attention statistics, fingerprint."""
+"""Sender-side capture: chunked prefill, probe attention statistics."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-from mlx_lm.models import llama
+from conftest import TINY_LLAMA_CONFIG
 from mlx_lm.models.base import create_causal_mask
 
 import qkvshare_mlx  # noqa: F401  (preloads OpenBLAS before mlx is used)
 from qkvshare_mlx.capture import prefill, probe_attention
 from qkvshare_mlx.errors import ConfigError
-from qkvshare_mlx.fingerprint import fingerprint, fingerprint_from_config
-
-# head_dim 32: the smallest head the quantizer's group sizes (32, 64, 128) fit.
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "rms_norm_eps": 1e-5,
-    "vocab_size": 100,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-}
-
-
-def tiny_model(seed: int = 0, **overrides):
-    """A random-weight Llama whose attention is far from uniform."""
-    mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict({**TINY, **overrides}))
-    params = [
-        (
-            name,
-            1.0 + 0.1 * mx.random.normal(p.shape)
-            if "norm" in name
-            else 0.2 * mx.random.normal(p.shape),
-        )
-        for name, p in tree_flatten(model.parameters())
-    ]
-    model.load_weights(params)
-    model.eval()
-    mx.eval(model.parameters())
-    return model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model()
+def model(tiny_mlx):
+    return tiny_mlx
 
 
 def tokens(n, seed=0):
-    return np.random.default_rng(seed).integers(0, TINY["vocab_size"], n)
+    return np.random.default_rng(seed).integers(0, TINY_LLAMA_CONFIG["vocab_size"], n)
 
 
 def naive_probe(model, ids, P):
@@ -162,13 +126,3 @@ def test_prefill_rejects_bad_input(model):
         prefill(model, [])
     with pytest.raises(ConfigError, match="chunk_size"):
         prefill(model, [1, 2], chunk_size=0)
-
-
-def test_fingerprint_from_model_and_config(model, tmp_path):
-    fp = fingerprint(model)
-    assert fp == fingerprint_from_config(TINY)
-    assert (fp["n_layers"], fp["n_kv_heads"], fp["head_dim"]) == (2, 2, 32)
-    (tmp_path / "config.json").write_text(__import__("json").dumps(TINY))
-    assert fingerprint(tmp_path) == fp
-    with pytest.raises(ConfigError, match="fingerprint"):
-        fingerprint(object())

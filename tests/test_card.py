@@ -428,3 +428,77 @@ def test_inspect_fails_on_a_tampered_card(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("qkvshare: error:") and "checksum" in err
     assert "\n" not in err
+
+
+# ----------------------------------------------------------------------------
+# Schema strictness (docs/cachecard-format.md, section 8.4)
+
+
+def _reforge(edit, seed=0):
+    """A small valid card whose card JSON ``edit`` changed, checksum valid."""
+    meta, m, tensors = F.parts(F.small_card_bytes(seed))
+    edit(m)
+    return F.forge(m, tensors)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [(), ("cache",), ("quant",), ("layers", 0, 0), ("layers", 0, 0, "k")],
+    ids=["card", "cache", "quant", "segment", "segment.k"],
+)
+def test_extra_key_refused_where_the_reader_would_drop_it(path):
+    def edit(m):
+        obj = m
+        for p in path:
+            obj = obj[p]
+        obj["extra"] = 1
+
+    with pytest.raises(CardFormatError, match="extra \\['extra'\\]"):
+        CacheCard.from_bytes(_reforge(edit))
+
+
+@pytest.mark.parametrize("where", ["model", "producer", "user"])
+def test_extra_key_kept_where_allowed(where):
+    data = _reforge(lambda m: m[where].update(future_field="x"))
+    card = CacheCard.from_bytes(data)
+    assert getattr(card, where)["future_field"] == "x"
+    assert card.to_bytes() == data  # kept as read, so handed on unchanged
+
+
+@pytest.mark.parametrize("value", [2**31, -1])
+def test_cache_ints_are_int32(value):
+    with pytest.raises(CardFormatError, match="cache.offset.*0..2147483647"):
+        CacheCard.from_bytes(_reforge(lambda m: m["cache"].update(offset=value)))
+
+
+def test_largest_int32_offset_is_read():
+    data = _reforge(lambda m: m["cache"].update(offset=2**31 - 1))
+    assert CacheCard.from_bytes(data).offset == 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [(("cache", "n_tokens"), True), (("layers", 0, 0, "bits"), True)],
+)
+def test_json_true_is_no_integer(field, value):
+    def edit(m):
+        obj = m
+        for p in field[:-1]:
+            obj = obj[p]
+        obj[field[-1]] = value
+
+    with pytest.raises(CardFormatError, match="expected int, got True"):
+        CacheCard.from_bytes(_reforge(edit))
+
+
+@pytest.mark.parametrize("digest", ["ab" * 31, "AB" * 32, "zz" * 32, 5])
+def test_hash_fields_are_64_lowercase_hex(digest):
+    data = _reforge(lambda m: m["model"].update(weights_sha256=digest))
+    with pytest.raises(CardFormatError, match="model.weights_sha256"):
+        CacheCard.from_bytes(data)
+
+
+def test_model_keys_may_be_missing():
+    # older writers (and hand-built fingerprints) omit fields: unknown, not wrong
+    data = _reforge(lambda m: m["model"].pop("weights_sha256"))
+    assert "weights_sha256" not in CacheCard.from_bytes(data).model

@@ -1,7 +1,7 @@
 """Cards across runtimes: made in MLX, continued in transformers, and back.
 
-Tier (b): the same tiny random Llama in both runtimes (conftest's builder,
-with head_dim 64 so the whole format menu fits). Tier (c, slow): the
+Tier (b): the same tiny random Llama in both runtimes (conftest's
+``wide_twins``: head_dim 64 so the whole format menu fits). Tier (c, slow): the
 embedded default model on GSM8K prompts.
 """
 
@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_LLAMA_CONFIG, build_tiny_llama_twins
+from conftest import WIDE_HEAD_CONFIG, element_steps
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -22,21 +22,18 @@ from qkvshare_converters.hf_cache import (
 )
 from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.fingerprint import fingerprint, fingerprint_from_config
-from qkvshare_mlx.formats import Encoded, QuantConfig
-from qkvshare_mlx.quant import numpy_backend as codec
+from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.quant.controllers import TokenStats
 from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
 from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
 
 FLOAT32 = QuantConfig(float_dtype="float32")  # width 16 = a lossless fp32 copy
-CONFIG = {**TINY_LLAMA_CONFIG, "head_dim": 64, "max_position_embeddings": 512}
+CONFIG = WIDE_HEAD_CONFIG
 
 
 @pytest.fixture(scope="module")
-def twins():
-    tw = build_tiny_llama_twins(seed=0, config=CONFIG)
-    tw.hf_model.generation_config.eos_token_id = None  # random weights: no stop
-    return tw
+def twins(wide_twins):
+    return wide_twins
 
 
 def tokens(n, seed=0):
@@ -69,33 +66,6 @@ def token_formats(qkv):
     return out
 
 
-def element_steps(layer, n_tokens):
-    """|decode(code 1) - decode(code 0)| per element: (B, H, T, D) K and V steps."""
-
-    def step(enc, bits):
-        if enc.layout == "float":
-            return np.zeros(np.asarray(enc.data).shape, np.float32)
-        codes = np.asarray(enc.codes)
-        lead, n = codes.shape[:-1], codes.shape[-1] * 32 // bits
-        scales, biases = np.asarray(enc.scales), np.asarray(enc.biases)
-
-        def dec(c):
-            packed = codec.pack_codes(np.full((*lead, n), c, np.uint8), bits)
-            return codec.decode(
-                Encoded(enc.layout, enc.group, packed, scales, biases), bits
-            )
-
-        return np.abs(dec(1) - dec(0))
-
-    order = np.argsort(
-        np.concatenate([np.asarray(s.index) for s in layer]), kind="stable"
-    )
-    k = np.concatenate([step(s.keys, s.bits) for s in layer], axis=2)[:, :, order]
-    v = np.concatenate([step(s.values, s.bits) for s in layer], axis=2)[:, :, order]
-    assert k.shape[2] == n_tokens
-    return k, v
-
-
 # ----------------------------------------------------------------------------
 # 16-bit cards: identical greedy continuations across runtimes
 
@@ -116,7 +86,7 @@ def test_mlx_card_continues_in_transformers(twins, extra):
     for a, b in zip(own.layers, injected.layers):
         torch.testing.assert_close(b.keys, a.keys, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(b.values, a.values, atol=1e-4, rtol=1e-4)
-    got = continue_hf(card, twins.hf_model, None, ids, max_tokens=32)
+    got = continue_hf(card, twins.hf_model, None, ids, max_tokens=32).tokens
     assert got == hf_greedy_tokens(twins.hf_model, ids, max_tokens=32)
 
 
@@ -149,7 +119,9 @@ def test_transformers_card_continues_in_mlx(twins, extra):
 
 
 def test_fingerprints_agree_across_runtimes(twins):
-    assert fingerprint(twins.hf_model) == fingerprint_from_config(CONFIG)
+    hf, mlx = fingerprint(twins.hf_model), fingerprint(twins.mlx_model)
+    assert hf == mlx  # the weights digest included: the same weights
+    assert {**hf, "weights_sha256": None} == fingerprint_from_config(CONFIG)
 
 
 # ----------------------------------------------------------------------------
@@ -249,8 +221,9 @@ def test_default_model_fingerprints_agree(default_pair, default_model_dir):
     mlx_model, mlx_tok, hf_model, hf_tok = default_pair
     fp = fingerprint(hf_model, hf_tok)
     assert fp["rope_theta"] is not None and fp["tokenizer_sha256"] is not None
-    assert fingerprint(default_model_dir, mlx_tok) == fp
-    assert fingerprint(mlx_model, mlx_tok) == fp
+    assert fingerprint(mlx_model, mlx_tok) == fp and fp["weights_sha256"] is not None
+    # a folder's config knows no weights: every other field agrees
+    assert fingerprint(default_model_dir, mlx_tok) == {**fp, "weights_sha256": None}
 
 
 @pytest.mark.slow
@@ -269,5 +242,5 @@ def test_default_model_mlx_card_continues_in_transformers(default_pair):
             keys, values, controller="uniform", budget_bits=32, config=FLOAT32
         )
         card = CacheCard.from_bytes(CacheCard.from_quantized(qkv, ids, fp).to_bytes())
-        got = continue_hf(card, hf_model, hf_tok, ids, max_tokens=32)
+        got = continue_hf(card, hf_model, hf_tok, ids, max_tokens=32).tokens
         assert got == hf_greedy_tokens(hf_model, ids, max_tokens=32, eos=eos)

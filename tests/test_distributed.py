@@ -146,6 +146,24 @@ def test_corrupted_transfer_is_rejected_by_the_checksum(tmp_path):
     assert resent["checksum"] == dist_worker.synthetic_card().checksum()
 
 
+def test_signed_card_over_the_ring_needs_the_key(tmp_path):
+    from qkvshare_mlx.card.auth import CardKey
+
+    with Ring(tmp_path, "signed") as ring:
+        code1, out1, err1 = ring.wait(1)
+    assert code1 == dist_worker.EXIT_OK, f"receiver:\n{out1}\n{err1}"
+    refused = [line for line in out1.splitlines() if line.startswith("REFUSED ")]
+    key_id = CardKey(dist_worker.CARD_KEY).key_id
+    other_id = CardKey(dist_worker.OTHER_KEY).key_id
+    assert len(refused) == 2 and "unsigned" in refused[0], refused
+    assert other_id in refused[1] and key_id in refused[1], refused
+    got = json.loads(receiver_line(out1, "SIGNED "))
+    assert got == {
+        "checksum": dist_worker.synthetic_card().checksum(),
+        "key_id": key_id,
+    }
+
+
 def test_demo_outside_mlx_launch_fails_with_one_clear_line(monkeypatch, capsys):
     from qkvshare_mlx.cli import dist_demo
 

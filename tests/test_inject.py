@@ -1,10 +1,11 @@
-"""Receiver-side injection: cards as mlx-lm caches, prompt alignment, handoff API."""
+"""Receiver-side injection: cards as mlx-lm caches, prompt alignment."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY_LLAMA_CONFIG, tiny_llama
+from conftest import prefill_card as card_of
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
-from test_capture import TINY, tiny_model
 
 from qkvshare_mlx.caches import MixedQuantizedKVCache
 from qkvshare_mlx.capture import prefill
@@ -12,7 +13,6 @@ from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.errors import ConfigError, ModelMismatchError, PromptMismatchError
 from qkvshare_mlx.fingerprint import fingerprint
 from qkvshare_mlx.formats import QuantConfig
-from qkvshare_mlx.handoff import continue_from_card, greedy_tokens, make_card
 from qkvshare_mlx.inject import align, inject
 from qkvshare_mlx.quant.mlx_backend import quantize_cache
 
@@ -21,29 +21,8 @@ TOKEN_G32 = QuantConfig(key_layout="token", group_size=32, adaptive_groups=False
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return np.random.default_rng(7).integers(0, TINY["vocab_size"], 160)
-
-
-def card_of(
-    model, toks, *, controller="uniform", budget=32, config=FLOAT32, stats=True
-):
-    pre = prefill(model, toks, probe_queries=16)
-    qkv = quantize_cache(
-        pre.keys,
-        pre.values,
-        controller=controller,
-        budget_bits=budget,
-        config=config,
-        stats=pre.stats if stats else None,
-    )
-    card = CacheCard.from_quantized(qkv, toks, fingerprint(model))
-    return CacheCard.from_bytes(card.to_bytes()), pre
+def model(tiny_mlx):
+    return tiny_mlx
 
 
 def last_logits(model, cache, feed):
@@ -57,19 +36,6 @@ def exact_logits(model, toks):
 
 # ---------------------------------------------------------------------------
 # Lossless cards: the handoff is invisible.
-
-
-@pytest.mark.parametrize("mode", ["dequantize", "compressed"])
-def test_float32_card_continues_like_no_handoff(model, ids, mode):
-    card, _ = card_of(model, ids)
-    prompt = list(ids) + [5, 6, 7]
-    want = greedy_tokens(model, prompt, max_tokens=32)
-    got, info = continue_from_card(card, model, None, prompt, mode=mode, max_tokens=32)
-    assert got == want and len(got) == 32
-    assert info["n_reused"] == len(ids) and info["n_prefilled"] == 3
-    assert info["cache_class"] == (
-        "KVCache" if mode == "dequantize" else "MixedQuantizedKVCache"
-    )
 
 
 @pytest.mark.parametrize("rotation", ["none", "hadamard"])
@@ -204,12 +170,14 @@ def test_uniform_token_card_becomes_quantized_kv_cache(model, ids):
 def test_card_for_another_model_is_refused(model, ids):
     card, _ = card_of(model, ids[:20])
     card.model["tokenizer_sha256"] = None  # no tokenizer hash to lean on
-    for other in (tiny_model(num_hidden_layers=3), tiny_model(head_dim=64)):
+    three_layers = tiny_llama({**TINY_LLAMA_CONFIG, "num_hidden_layers": 3}).mlx_model
+    wide_head = tiny_llama({**TINY_LLAMA_CONFIG, "head_dim": 64}).mlx_model
+    for other in (three_layers, wide_head):
         with pytest.raises(ModelMismatchError, match="another model"):
             inject(card, other)
     qkv = card.to_quantized()
     with pytest.raises(ModelMismatchError, match="n_layers"):
-        inject(qkv, tiny_model(num_hidden_layers=3))
+        inject(qkv, three_layers)
     with pytest.raises(ConfigError, match="mode"):
         inject(card, model, mode="fast")
 
@@ -246,64 +214,51 @@ def test_align_strict_and_prefix(model, ids):
 # High-level API
 
 
-def test_make_card_inherits_segments_bit_for_bit(model, ids):
-    first = make_card(model, None, ids[:64], controller="saliency", budget_bits=4.5)
-    assert first.n_tokens == 64 and first.quant["controller"] == "saliency"
-    second = make_card(
-        model, None, ids[:100], controller="saliency", budget_bits=3.5, inherited=first
-    )
-    assert second.n_tokens == 100
-    for la, lb in zip(first.layers, second.layers, strict=True):
-        for sa, sb in zip(la, lb[: len(la)], strict=True):
-            np.testing.assert_array_equal(sa.index, sb.index)
-            for ea, eb in ((sa.keys, sb.keys), (sa.values, sb.values)):
-                for name, arr in ea.arrays().items():
-                    np.testing.assert_array_equal(arr, eb.arrays()[name])
-    with pytest.raises(PromptMismatchError):
-        make_card(model, None, ids[1:100], inherited=first)
-
-
 # ---------------------------------------------------------------------------
-# The real default model (slow)
-
-GSM8K_LIKE = (
-    "A bakery sells muffins for $3 each and cookies for $2 each. On Monday it "
-    "sold 14 muffins and 23 cookies. On Tuesday it sold twice as many muffins "
-    "and 5 fewer cookies than on Monday. How much money did the bakery make on "
-    "the two days together?"
-)
+# Room for the receiver's tokens; stream mode
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    from qkvshare_mlx.models import load_model
-
-    return load_model(None, dtype="float32")
-
-
-@pytest.mark.slow
-def test_default_model_mixed_card_keeps_first_token(default_model):
-    from qkvshare_mlx.cli.handoff import receiver_suffix, sender_tokens
-
-    model, tok = default_model
-    ids = sender_tokens(tok, GSM8K_LIKE, True)
-    card = make_card(model, tok, ids, controller="saliency", budget_bits=4.5)
-    card = CacheCard.from_bytes(card.to_bytes(), expect=fingerprint(model, tok))
-    assert len(card.width_histogram()) > 1 and card.effective_bits <= 4.52
-    prompt = list(ids) + receiver_suffix(tok, None, True)
-    # the CLI's receiver tokens are the whole conversation rendered at once
-    follow = [
-        {"role": "user", "content": GSM8K_LIKE},
-        {"role": "user", "content": "Go"},
-    ]
-    whole = tok.apply_chat_template(follow, tokenize=False, add_generation_prompt=True)
-    assert list(ids) + receiver_suffix(tok, "Go", True) == tok.encode(
-        whole, add_special_tokens=False
+def test_injected_cache_has_room_and_continues_exactly(model):
+    ids = np.random.default_rng(3).integers(0, TINY_LLAMA_CONFIG["vocab_size"], 150)
+    pre = prefill(model, ids, probe_queries=8)
+    qkv = quantize_cache(
+        pre.keys,
+        pre.values,
+        controller="uniform",
+        budget_bits=32,
+        config=QuantConfig(float_dtype="float32"),
     )
-    want = greedy_tokens(model, prompt, max_tokens=1)
-    for mode in ("dequantize", "compressed"):
-        got, info = continue_from_card(
-            card, model, tok, prompt, mode=mode, max_tokens=1
-        )
-        assert got == want, mode
-        assert info["n_reused"] == len(ids)
+    card = CacheCard.from_bytes(
+        CacheCard.from_quantized(qkv, ids, fingerprint(model)).to_bytes()
+    )
+    cache = inject(card, model, mode="dequantize")
+    assert all(c.offset == 150 and c.keys.shape[2] >= 151 for c in cache)
+    before = [c.keys for c in cache]
+    feed = mx.array([[1, 2, 3]])
+    got = np.array(model(feed, cache=cache)[0, -1])
+    # the new tokens went into the preallocated room (no reallocation)
+    assert all(c.keys.shape == b.shape for c, b in zip(cache, before))
+    ref = np.array(model(mx.array(np.r_[ids, [1, 2, 3]].astype(np.int32))[None])[0, -1])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def offset_card(model, ids, offset, rotation="none", budget=4.0):
+    pre = prefill(model, ids, probe_queries=8)
+    qkv = quantize_cache(
+        pre.keys,
+        pre.values,
+        controller="saliency",
+        budget_bits=budget,
+        stats=pre.stats,
+        config=QuantConfig(rotation=rotation),
+    )
+    return CacheCard.from_bytes(
+        CacheCard.from_quantized(qkv, ids, fingerprint(model), offset=offset).to_bytes()
+    )
+
+
+def test_stream_mode_refuses_an_offset_card(model):
+    ids = np.random.default_rng(6).integers(0, TINY_LLAMA_CONFIG["vocab_size"], 80)
+    card = offset_card(model, ids, offset=5)
+    with pytest.raises(ConfigError, match="'stream'"):
+        inject(card, model, mode="stream")

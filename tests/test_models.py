@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -109,28 +107,3 @@ def test_hub_id_passes_through():
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == (
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
-
-
-def _run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "qkvshare_mlx", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_cli_bad_model_path_is_one_line_exit_2():
-    result = _run_cli("doctor", "--model", "/nonexistent")
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "qkvshare: error: model folder /nonexistent does not exist"
-    ]
-    assert "Traceback" not in result.stdout + result.stderr
-
-
-def test_cli_debug_shows_traceback():
-    result = _run_cli("doctor", "--model", "/nonexistent", "--debug")
-    assert result.returncode != 0
-    assert "Traceback" in result.stderr
-    assert "ModelLoadError" in result.stderr

@@ -1,24 +1,11 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-
-def _python(code: str, **env) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **env},
-    )
+from conftest import run_python
 
 
 def test_import_pulls_in_neither_torch_nor_mlx():
-    result = _python(
+    result = run_python(
         "import sys, qkvshare_mlx; "
         "heavy = [m for m in ('torch', 'transformers', 'mlx') if m in sys.modules]; "
         "assert not heavy, heavy"
@@ -28,7 +15,7 @@ def test_import_pulls_in_neither_torch_nor_mlx():
 
 def test_import_has_no_side_effects():
     # no native library mapped, no environment variable changed
-    result = _python(
+    result = run_python(
         "import os, sys; before = dict(os.environ); import qkvshare_mlx; "
         "assert 'mlx.core' not in sys.modules; "
         "maps = open('/proc/self/maps').read() if sys.platform == 'linux' else ''; "
@@ -39,7 +26,7 @@ def test_import_has_no_side_effects():
 
 
 def test_errors_and_converters_import_without_mlx():
-    result = _python(
+    result = run_python(
         "import sys, qkvshare_mlx.errors, qkvshare_converters; "
         "import qkvshare_converters.gguf_model, qkvshare_converters.hf_model; "
         "heavy = [m for m in ('torch', 'transformers', 'mlx') if m in sys.modules]; "
@@ -58,24 +45,6 @@ def test_lazy_public_names():
     assert qkvshare_mlx.__version__ == "0.1.0"
     with pytest.raises(AttributeError, match="no_such_name"):
         qkvshare_mlx.no_such_name  # noqa: B018
-
-
-def test_cli_help_lists_available_verbs():
-    result = subprocess.run(
-        [sys.executable, "-m", "qkvshare_mlx", "--help"], capture_output=True, text=True
-    )
-    assert result.returncode == 0
-    assert "doctor" in result.stdout and "demo" in result.stdout
-
-
-def test_cli_unknown_verb_exit_2():
-    result = subprocess.run(
-        [sys.executable, "-m", "qkvshare_mlx", "frobnicate"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.startswith("qkvshare: error: unknown verb 'frobnicate'")
 
 
 def test_converters_package_maps_to_repo_folder():

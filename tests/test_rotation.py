@@ -5,8 +5,8 @@ import hashlib
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import CARD_MODEL_CONFIG as CONFIG
 from mlx_lm.models.cache import QuantizedKVCache
-from test_card import CONFIG
 
 from qkvshare_mlx.caches import MixedQuantizedKVCache
 from qkvshare_mlx.card import CacheCard

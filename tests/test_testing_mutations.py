@@ -87,7 +87,7 @@ def test_valid_card_round_trips_bit_exactly():
 
 
 def test_every_sampled_payload_byte_flip_is_detected():
-    _, hi = F._region(ORIGINAL)
+    _, hi = F.region(ORIGINAL)
     rng = np.random.default_rng(1)
     positions = rng.choice(np.arange(hi, len(ORIGINAL)), size=200, replace=False)
     for i in positions:
@@ -98,7 +98,7 @@ def test_every_sampled_payload_byte_flip_is_detected():
 
 @pytest.mark.parametrize("cut", [0, 1, 7, 8, 9, 100, "json_end", "data", -1])
 def test_truncation_in_every_region(cut):
-    lo, hi = F._region(ORIGINAL)
+    lo, hi = F.region(ORIGINAL)
     n = {"json_end": hi - 1, "data": (hi + len(ORIGINAL)) // 2, -1: len(ORIGINAL) - 1}
     data = ORIGINAL[: n.get(cut, cut)]
     err = _raises(data, CardFormatError)
@@ -107,7 +107,7 @@ def test_truncation_in_every_region(cut):
 
 @pytest.mark.parametrize("lie", [2**63, 2**64 - 1, 0, 1, "plus", "minus"])
 def test_header_length_lies(lie):
-    lo, hi = F._region(ORIGINAL)
+    lo, hi = F.region(ORIGINAL)
     n = {"plus": hi - lo + 8, "minus": hi - lo - 8}.get(lie, lie)
     _raises(struct.pack("<Q", n) + ORIGINAL[8:], CardFormatError)
 
@@ -170,7 +170,7 @@ def test_duplicate_json_keys_are_rejected(where):
     rng = np.random.default_rng(0)
     for _ in range(50):  # draw until the requested variant comes up
         state = rng.bit_generator.state
-        if F._pick(rng, ["tensor", "field", "metadata", "card"]) == where:
+        if F.pick(rng, ["tensor", "field", "metadata", "card"]) == where:
             rng.bit_generator.state = state
             break
     data = F.duplicate_keys(ORIGINAL, rng)
@@ -320,7 +320,7 @@ def test_empty_and_odd_files(tmp_path):
 
 
 def test_whitespace_in_header_is_accepted_identical():
-    lo, hi = F._region(ORIGINAL)
+    lo, hi = F.region(ORIGINAL)
     text = ORIGINAL[lo:hi].rstrip(b" ")
     for pad in (b"\t\n\r ", b"        "):
         spaced = text.replace(b'{"', b'{ "', 1) + pad
@@ -331,7 +331,7 @@ def test_whitespace_in_header_is_accepted_identical():
 def test_header_json_is_what_the_writer_produces():
     # the fuzz helpers must start from a layout the writer really emits
     header, _ = F.split(ORIGINAL)
-    assert F.header_bytes(header) == ORIGINAL[8 : F._region(ORIGINAL)[1]]
+    assert F.header_bytes(header) == ORIGINAL[8 : F.region(ORIGINAL)[1]]
     assert json.loads(header["__metadata__"]["card"])["version"] == 1  # no rotation
 
 
@@ -357,3 +357,20 @@ def test_version_must_match_the_rotation(rotation, version):
     else:
         m["quant"]["config"].pop("rotation", None)
     _raises(F.forge(m, t, version=version), CardFormatError, "rotation")
+
+
+SIGNED = F.small_card_bytes(0, key=F.KEY)
+
+
+@pytest.mark.parametrize("category", sorted(F.AUTH_MUTATIONS))
+@pytest.mark.parametrize("seed", range(6))
+def test_forged_signatures_are_refused_by_a_keyed_reader(category, seed):
+    _, data = F.mutate(SIGNED, np.random.default_rng(seed), category)
+    out = F.load_outcome(SIGNED, data, expect=F.FINGERPRINT, key=F.KEY)
+    assert out.kind == "error", (category, out)
+    assert out.error in ("CardAuthError", "CardIntegrityError", "CardFormatError")
+
+
+def test_signed_original_is_identical_with_the_key():
+    out = F.load_outcome(SIGNED, SIGNED, expect=F.FINGERPRINT, key=F.KEY)
+    assert out.kind == "identical"

@@ -13,6 +13,15 @@ import numpy as np
 import pytest
 
 from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.distributed import (
+    HEADER_MAGIC,
+    HEADER_WORDS,
+    DistributedTransport,
+    decode_header,
+    encode_header,
+    init_group,
+    verify_payload,
+)
 from qkvshare_mlx.errors import (
     CardIntegrityError,
     CardTooLargeError,
@@ -22,18 +31,7 @@ from qkvshare_mlx.errors import (
     TransportTimeoutError,
 )
 from qkvshare_mlx.quant.mlx_backend import quantize_cache
-from qkvshare_mlx.transport import (
-    HEADER_MAGIC,
-    HEADER_WORDS,
-    DirectoryTransport,
-    DistributedTransport,
-    MemoryTransport,
-    Transport,
-    decode_header,
-    encode_header,
-    init_group,
-    verify_payload,
-)
+from qkvshare_mlx.transport import DirectoryTransport, MemoryTransport, Transport
 
 FINGERPRINT = {
     "model_type": "llama",

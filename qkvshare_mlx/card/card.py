@@ -27,7 +27,12 @@ import numpy as np
 
 from .. import fingerprint as fingerprints
 from ..dtypes import SAFETENSORS, safetensors_code
-from ..errors import CardFormatError, CardIntegrityError, CardTooLargeError
+from ..errors import (
+    CardFormatError,
+    CardIntegrityError,
+    CardOffsetError,
+    CardTooLargeError,
+)
 from ..formats import (
     Encoded,
     QuantizedKV,
@@ -36,7 +41,7 @@ from ..formats import (
     layer_index,
     width_histogram,
 )
-from . import container, schema
+from . import auth, container, schema
 
 DEFAULT_MAX_BYTES = 8 << 30  # refuse cards claiming more than 8 GiB
 
@@ -55,6 +60,9 @@ class CacheCard:
         dtype: dtype of the cache the card was made from.
         producer: runtime and library that wrote the card.
         user: free-form JSON metadata (e.g. the sender's role).
+        key_id: the key id of the signature the card was read with (set by
+            the reader when it checked one; None for an unchecked or unsigned
+            card). Not part of the card's content.
     """
 
     qkv: QuantizedKV
@@ -64,6 +72,7 @@ class CacheCard:
     dtype: str = "float32"
     producer: dict = field(default_factory=dict)
     user: dict = field(default_factory=dict)
+    key_id: str | None = field(default=None, compare=False)
 
     # ---- construction ------------------------------------------------------
 
@@ -183,14 +192,33 @@ class CacheCard:
         """Token count per width, summed over layers."""
         return width_histogram(self.layers)
 
-    def check_model(self, expect) -> None:
+    def require_start(self, receiver: str) -> None:
+        """Raise CardOffsetError unless the card starts at RoPE position 0.
+
+        Args:
+            receiver: what needs it, for the message (e.g. "a DynamicCache").
+        """
+        if self.offset != 0:
+            raise CardOffsetError(
+                f"cache.offset: {receiver} starts at position 0, card has {self.offset}"
+            )
+
+    def check_model(self, expect, *, allow_other_weights: bool = False) -> str:
         """Raise ModelMismatchError listing every field that differs from ``expect``.
 
         Args:
             expect: a fingerprint dict (or a model, folder or config that
                 :func:`qkvshare_mlx.fingerprint.fingerprint` accepts).
+            allow_other_weights: accept a card made with other weights (e.g.
+                a base model's card for its LoRA merge).
+
+        Returns:
+            How the weights compared (see :func:`qkvshare_mlx.fingerprint.check`).
         """
-        fp = expect if isinstance(expect, dict) else fingerprints.fingerprint(expect)
+        is_fp = isinstance(expect, dict) and not hasattr(expect, "parameters")
+        fp = (
+            expect if is_fp else fingerprints.fingerprint(expect)
+        )  # (a Module is a dict)
         extra = []
         vocab = fp.get("vocab_size")
         if vocab is not None and self.tokens.size and int(self.tokens.max()) >= vocab:
@@ -198,7 +226,9 @@ class CacheCard:
                 f"tokens: id {int(self.tokens.max())} outside the model's vocabulary "
                 f"of {vocab}"
             )
-        fingerprints.check(self.model, fp, extra=extra)
+        return fingerprints.check(
+            self.model, fp, extra=extra, allow_other_weights=allow_other_weights
+        )
 
     # ---- serialisation -----------------------------------------------------
 
@@ -276,8 +306,13 @@ class CacheCard:
             schema.checksum_domain(self.version), meta, self._tensors()
         )
 
-    def to_bytes(self) -> bytes:
-        """Serialise to safetensors bytes (see docs/cachecard-format.md)."""
+    def to_bytes(self, *, key=None) -> bytes:
+        """Serialise to safetensors bytes (see docs/cachecard-format.md).
+
+        Args:
+            key: sign the card with this key (a :class:`~.auth.CardKey`, raw
+                bytes or hex text; section 11 of the spec).
+        """
         meta = container.canonical_json(self._metadata())
         tensors = self._tensors()
         header = {
@@ -288,16 +323,30 @@ class CacheCard:
                 schema.checksum_domain(self.version), meta, tensors
             ),
         }
+        key = auth.load_key(key, env={})
+        if key is not None:
+            header["signature"] = key.sign(header["sha256"])
+            header["key_id"] = key.key_id
         return container.write(tensors, header)
 
-    def save(self, path) -> Path:
-        """Write atomically: temp file in the same folder, fsync, rename."""
+    def save(self, path, *, key=None) -> Path:
+        """Write atomically: temp file in the same folder, fsync, rename.
+
+        The file gets the permissions ``open()`` would give it (0o666 less the
+        umask), so an agent running as another user can read a card meant
+        for it where the umask allows.
+
+        Args:
+            path: the card file.
+            key: sign the card with this key (see :meth:`to_bytes`).
+        """
         path = Path(path)
-        data = self.to_bytes()
+        data = self.to_bytes(key=key)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
         )
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0o600
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -318,28 +367,53 @@ class CacheCard:
 
     @classmethod
     def from_bytes(
-        cls, data, *, expect=None, max_bytes: int = DEFAULT_MAX_BYTES
+        cls,
+        data,
+        *,
+        expect=None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_tokens: int | None = None,
+        key=None,
+        allow_other_weights: bool = False,
     ) -> CacheCard:
         """Parse and fully validate card bytes; see :meth:`load`."""
-        card = _read(memoryview(data), max_bytes)
+        if max_tokens is None and expect is not None:
+            max_tokens = fingerprints.context_length(expect)
+        key = auth.load_key(key, env={})
+        card = _read(memoryview(data), max_bytes, max_tokens, key)
         if expect is not None:
-            card.check_model(expect)
+            card.check_model(expect, allow_other_weights=allow_other_weights)
         return card
 
     @classmethod
     def load(
-        cls, path, *, expect=None, max_bytes: int = DEFAULT_MAX_BYTES
+        cls,
+        path,
+        *,
+        expect=None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_tokens: int | None = None,
+        key=None,
+        allow_other_weights: bool = False,
     ) -> CacheCard:
         """Read a card file, validating it before use.
 
         Args:
             path: the card file.
-            expect: a model fingerprint (dict) to check the card against.
+            expect: a model fingerprint (dict), or a model, folder or config
+                (see :func:`qkvshare_mlx.fingerprint.fingerprint`) to check
+                the card against.
             max_bytes: refuse cards claiming more than this many bytes.
+            max_tokens: refuse cards of more tokens, before any tensor is
+                touched; default: the context length of ``expect`` when it is
+                a model, folder or config (a fingerprint dict has none).
+            key: require a valid signature with this key (a
+                :class:`~.auth.CardKey`, raw bytes or hex text).
+            allow_other_weights: accept a card made with other weights.
 
         Raises:
             CardFormatError, CardIntegrityError, CardTooLargeError,
-            ModelMismatchError.
+            CardAuthError, ModelMismatchError.
         """
         path = Path(path)
         try:
@@ -355,14 +429,31 @@ class CacheCard:
                 data = f.read(max_bytes + 1)
         except OSError as e:
             raise CardFormatError(f"{path}: cannot read card: {e.strerror}") from None
-        return cls.from_bytes(data, expect=expect, max_bytes=max_bytes)
+        return cls.from_bytes(
+            data,
+            expect=expect,
+            max_bytes=max_bytes,
+            max_tokens=max_tokens,
+            key=key,
+            allow_other_weights=allow_other_weights,
+        )
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)  # the only way to read it: set, then restore
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------
 # Reading
 
 
-def _read(buf: memoryview, max_bytes: int) -> CacheCard:
+METADATA_KEYS = ("format", "version", "card", "sha256")
+SIGNATURE_KEYS = ("signature", "key_id")  # optional (docs/cachecard-format.md, 11)
+
+
+def _read(buf: memoryview, max_bytes: int, max_tokens, key) -> CacheCard:
     header = container.read_header(buf, max_bytes)
     meta = header.metadata
     # 1. format and version
@@ -376,9 +467,19 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
             f"version: this reader knows versions {list(schema.READ_VERSIONS)}, "
             f"card has {version!r:.60}"
         )
-    for key in ("card", "sha256"):
-        if key not in meta:
-            raise CardFormatError(f"__metadata__: missing {key!r}")
+    for name in ("card", "sha256"):
+        if name not in meta:
+            raise CardFormatError(f"__metadata__: missing {name!r}")
+    extra = sorted(set(meta) - {*METADATA_KEYS, *SIGNATURE_KEYS})
+    if extra:
+        raise CardFormatError(
+            f"__metadata__: expected keys {list(METADATA_KEYS)} and optionally "
+            f"{list(SIGNATURE_KEYS)}, got extra {[k[:40] for k in extra[:5]]}"
+        )
+    # 1b. authentication: refuse an unsigned or forged card before parsing
+    auth.check_fields(meta)
+    if key is not None:
+        auth.verify(meta, key)
     try:
         card_raw = meta["card"].encode("utf-8")
     except UnicodeEncodeError:
@@ -386,6 +487,12 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
     card_meta = container.parse_json(meta["card"], "card metadata")
     # 2. schema and tensor table, before touching tensor bytes
     expected = schema.expected_tensors(card_meta, int(version))
+    n_tokens = card_meta["cache"]["n_tokens"]
+    if max_tokens is not None and n_tokens > max_tokens:
+        raise CardTooLargeError(
+            f"cache.n_tokens: card holds {n_tokens} tokens, this receiver takes at "
+            f"most {max_tokens}"
+        )
     names = set(header.tensors)
     if names != set(expected):
         missing = sorted(set(expected) - names)[:5]
@@ -411,7 +518,9 @@ def _read(buf: memoryview, max_bytes: int) -> CacheCard:
             f"{got[:16]}..."
         )
     # 4. content checks
-    return _assemble(card_meta, tensors)
+    card = _assemble(card_meta, tensors)
+    card.key_id = meta.get("key_id") if key is not None else None
+    return card
 
 
 def _segments(m: dict, li: int, packed: dict, index: np.ndarray) -> list[Segment]:

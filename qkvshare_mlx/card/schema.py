@@ -28,7 +28,7 @@ READ_VERSIONS = (1, 2)
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 # Per-layer token positions are stored as U16 while they fit, else as I32.
 MAX_U16_TOKENS = 1 << 16
-MAX_SIZE = 2**31  # cache.* sizes
+MAX_SIZE = 2**31  # cache.* values are int32: 0 <= v < MAX_SIZE
 FLOAT_TENSOR_DTYPES = {"float16": "F16", "float32": "F32"}  # quant.config.float_dtype
 # The packed per-layer tensors and their dtypes (None: quant.config.float_dtype).
 PACKED = {"codes": "U32", "scales": "F16", "biases": "F16", "float": None}
@@ -52,6 +52,24 @@ FINGERPRINT_KINDS = {
     "tokenizer_sha256": str,
     "weights_sha256": str,
 }
+HASH_FIELDS = ("tokenizer_sha256", "weights_sha256")  # 64 lowercase hex digits
+# Keys of each object, exactly: a key the reader did not know would be
+# dropped when the card is handed on (and another reader might act on it).
+# ``model``, ``producer`` and ``user`` take any further keys (kept as read).
+CARD_KEYS = (
+    "format",
+    "version",
+    "producer",
+    "model",
+    "cache",
+    "quant",
+    "layers",
+    "user",
+)
+QUANT_KEYS = ("controller", "budget_bits", "effective_bits", "nominal_bits", "config")
+SEGMENT_KEYS = ("bits", "n", "k", "v")
+ENCODED_KEYS = ("layout", "group")
+_HEX = frozenset("0123456789abcdef")
 
 
 def checksum_domain(version: int) -> str:
@@ -120,18 +138,34 @@ def req(obj, key, kind, where):
     return v
 
 
+def exact_keys(obj: dict, keys, where: str) -> None:
+    """Refuse an object whose keys are not exactly ``keys``."""
+    if set(obj) != set(keys):
+        missing = sorted(set(keys) - set(obj))
+        extra = sorted(set(obj) - set(keys))
+        raise CardFormatError(
+            f"{where}: expected keys {sorted(keys)}, missing {missing}, "
+            f"extra {[k[:40] for k in extra[:5]]}"
+        )
+
+
 def check_fingerprint(model: dict) -> None:
     """Fingerprint fields, where present and not null, have their JSON types."""
     for key, kind in FINGERPRINT_KINDS.items():
         if model.get(key) is None:
             continue
         v = req(model, key, kind, "model")
-        if kind is int and v < 0:
-            raise CardFormatError(f"model.{key}: expected a size >= 0, got {v}")
+        if kind is int and not 0 <= v < MAX_SIZE:
+            raise CardFormatError(f"model.{key}: expected 0..{MAX_SIZE - 1}, got {v}")
+        if key in HASH_FIELDS and (len(v) != 64 or not set(v) <= _HEX):
+            raise CardFormatError(
+                f"model.{key}: expected 64 lowercase hex digits, got {v!r:.70}"
+            )
 
 
 def check_quant(quant: dict) -> None:
     """The quantization summary can rebuild a QuantConfig (see :func:`quant_config`)."""
+    exact_keys(quant, QUANT_KEYS, "quant")
     req(quant, "controller", str, "quant")
     for key in ("budget_bits", "effective_bits", "nominal_bits"):
         if key == "budget_bits" and key in quant and quant[key] is None:
@@ -171,10 +205,11 @@ def _check_cache(c: dict) -> None:
     # The cache shape is what decoding uses. The fingerprint describes the
     # model; a card whose two disagree fits no model, so every receiver
     # refuses it (ModelMismatchError) when it checks the card against itself.
+    exact_keys(c, (*CACHE_FIELDS, "dtype"), "cache")
     for k in CACHE_FIELDS:
         v = req(c, k, int, "cache")
-        if v < 0 or v > MAX_SIZE:
-            raise CardFormatError(f"cache.{k}: {v} out of range 0..{MAX_SIZE}")
+        if not 0 <= v < MAX_SIZE:
+            raise CardFormatError(f"cache.{k}: {v} out of range 0..{MAX_SIZE - 1}")
     dtype = req(c, "dtype", str, "cache")
     if dtype not in CACHE_DTYPES:
         raise CardFormatError(
@@ -200,6 +235,7 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
             f"card metadata: format/version {m.get('format')!r}/{m.get('version')!r} "
             f"is not {FORMAT_NAME!r}/{version} (the header's)"
         )
+    exact_keys(m, CARD_KEYS, "card")
     c = req(m, "cache", dict, "card")
     for k in ("model", "quant", "producer", "user"):
         req(m, k, dict, "card")
@@ -232,6 +268,9 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         sizes = dict.fromkeys(PACKED, 0)
         for si, seg in enumerate(layer):
             where = f"layers[{li}][{si}]"
+            if not isinstance(seg, dict):
+                raise CardFormatError(f"{where}: expected an object, got {seg!r:.40}")
+            exact_keys(seg, SEGMENT_KEYS, where)
             bits = req(seg, "bits", int, where)
             n = req(seg, "n", int, where)
             if bits not in ALL_BITS:
@@ -243,6 +282,7 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
             covered += n
             for kv, D in (("k", dk), ("v", dv)):
                 e = req(seg, kv, dict, where)
+                exact_keys(e, ENCODED_KEYS, f"{where}.{kv}")
                 layout = req(e, "layout", str, f"{where}.{kv}")
                 group = req(e, "group", int, f"{where}.{kv}")
                 shape = (B, H, n, D)

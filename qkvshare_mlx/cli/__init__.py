@@ -7,7 +7,9 @@ Any ``QKVShareError`` becomes one line on stderr and exit code 2; ``--debug``
 
 import importlib
 import importlib.util
+import os
 import sys
+import warnings
 
 from .. import __version__
 from ..blas import enable_openblas
@@ -16,8 +18,11 @@ from ..errors import QKVShareError
 VERBS = {
     "doctor": "check the installation: versions, BLAS speed, MLX vs HF agreement",
     "demo": "three agents solve a GSM8K problem, handing on CacheCards",
+    "make-card": "the sender: prefill a prompt (and answer it) into a card",
+    "generate": "the receiver: continue from a card, stream, hand on a card",
+    "chain": "run a chain of agents from a JSON/TOML spec, one card per hop",
+    "convert": "a card <-> an mlx-lm prompt-cache file",
     "inspect": "print a CacheCard's header, sizes and checksum",
-    "handoff": "hand a prompt's KV cache from one agent to another",
     "eval": "evaluate handoffs on GSM8K",
     "dist-demo": "two processes hand a card over mx.distributed (run under mlx.launch)",
 }
@@ -40,7 +45,7 @@ def _usage() -> str:
         "",
         "verbs:",
     ]
-    lines += [f"  {verb:<10}{VERBS[verb]}" for verb in available_verbs()]
+    lines += [f"  {verb:<11}{VERBS[verb]}" for verb in available_verbs()]
     lines += [
         "",
         "options:",
@@ -65,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     enable_openblas()  # before any verb imports mlx (a no-op off Linux)
+    if verb == "handoff":
+        print(
+            "qkvshare: error: 'handoff' was replaced by 'make-card' (the sender) "
+            "and 'generate' (the receiver); see qkvshare --help",
+            file=sys.stderr,
+        )
+        return 2
     if verb not in available_verbs():
         known = ", ".join(available_verbs())
         print(
@@ -72,12 +84,29 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    warnings.showwarning = _notice  # library warnings as one-line notices
     module = importlib.import_module(_module(verb))
     try:
         return module.main(rest) or 0
-    except QKVShareError as e:
+    except BrokenPipeError:
+        # the reader went away (``qkvshare inspect --json | head -1``): quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (QKVShareError, OSError) as e:
         if debug:
             raise
+        return _error(e)
+
+
+def _notice(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"qkvshare: notice: {message}", file=sys.stderr)
+
+
+def _error(e: Exception) -> int:
+    if isinstance(e, OSError) and not isinstance(e, QKVShareError):
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror or e}"
+    else:
         message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"qkvshare: error: {message}", file=sys.stderr)
-        return 2
+    print(f"qkvshare: error: {message}", file=sys.stderr)
+    return 2

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from .. import agents as A
 from ..card import CacheCard
+from ..chat import ChatFormat
 from ..evals import gsm8k
 from ..evals.roles import gsm8k_agents
 from ..inject import inject
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = gsm8k.load_problems("test", n=args.problem + 1)[args.problem]
     shots = gsm8k.load_problems("train", n=args.shots) if args.shots else []
     model, tokenizer = load_model(model_path)
-    chat = A.ChatFormat(tokenizer, [(p["question"], p["answer"]) for p in shots])
+    chat = ChatFormat(tokenizer, [(p["question"], p["answer"]) for p in shots])
     middle, answerer = gsm8k_agents(
         2, middle_tokens=args.max_tokens, answer_tokens=args.max_tokens
     )

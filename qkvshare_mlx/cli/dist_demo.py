@@ -146,17 +146,18 @@ def run_receiver(transport, args) -> int:
     )
     prompt = card.tokens.tolist()
     _baseline_ttft(model, prompt[:8])  # warm-up, so neither timing pays for it
-    tokens, info = continue_from_card(
+    gen = continue_from_card(
         card, model, tokenizer, prompt, mode=args.mode, max_tokens=args.max_tokens
     )
+    tokens = gen.tokens
     base_s, base_first = _baseline_ttft(model, prompt)
     same = bool(tokens) and tokens[0] == base_first
-    reply = tokenizer.decode(tokens)
+    reply = gen.text
     _say(RECEIVER, f"reply: {reply.strip()}")
     _say(
         RECEIVER,
-        f"TTFT from the card: {info['ttft_ms']:.1f} ms ({info['n_reused']} tokens "
-        f"reused, {info['n_prefilled']} prefilled); re-prefill from text: "
+        f"TTFT from the card: {gen.ttft_ms:.1f} ms ({gen.n_reused} tokens "
+        f"reused, {gen.n_prefilled} prefilled); re-prefill from text: "
         f"{1000 * base_s:.1f} ms; same first token: {same}",
     )
     if card.user.get("task") == "gsm8k":
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..blas import enable_openblas
 
     enable_openblas()  # run as a script, not through the dispatcher
-    from ..transport import DistributedTransport, init_group
+    from ..distributed import DistributedTransport, init_group
 
     rank = "?"  # until the group is up
     try:

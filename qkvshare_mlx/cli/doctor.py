@@ -23,6 +23,7 @@ PROMPT_TEXT = (
     "many clips in May. How many clips did Natalia sell altogether in April and May? "
 )
 PROMPT_TOKENS = 64
+LOGITS_TOLERANCE = 1e-2  # float32 MLX vs transformers on the same weights
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -157,6 +158,23 @@ def collect(model: str | None, *, skip_models: bool = False) -> dict:
     return report
 
 
+def verdict(report: dict) -> list[str]:
+    """The checks that failed (empty: the installation is healthy)."""
+    failed = []
+    if sys.platform.startswith("linux") and os.environ.get(blas.OPT_OUT_ENV, "") in (
+        "",
+        "0",
+    ):
+        if not report["openblas_effective"]:
+            failed.append(f"OpenBLAS preload: {report['openblas_note']}")
+    if report.get("argmax_agree") is False:
+        failed.append("MLX and transformers disagree on the next token")
+    diff = report.get("logits_max_abs_diff")
+    if diff is not None and diff > LOGITS_TOLERANCE:
+        failed.append(f"MLX vs transformers logits differ by {diff:.2e}")
+    return failed
+
+
 def _print_human(report: dict) -> None:
     width = max(len(key) for key in report)
     for key, value in report.items():
@@ -166,8 +184,10 @@ def _print_human(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     report = collect(args.model, skip_models=args.skip_models)
+    failed = verdict(report)
+    report["verdict"] = "ok" if not failed else "FAIL: " + "; ".join(failed)
     if args.json:
         print(json.dumps(report))
     else:
         _print_human(report)
-    return 0
+    return 1 if failed else 0

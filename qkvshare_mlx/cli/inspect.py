@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 
 from ..card import CacheCard
+from ..errors import ModelMismatchError
 from ..fingerprint import fingerprint_from_config, mismatches
+from . import options
 
 PREVIEW_TOKENS = 48
 
@@ -165,13 +167,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "fingerprint is also compared with it (default: the default model's "
         "tokenizer, if already converted)",
     )
+    options.add_security(parser, receiver=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     path = Path(args.card)
-    card = CacheCard.load(path)  # verifies; CardError -> one line, exit 2
+    card = CacheCard.load(
+        path, key=options.card_key(args)
+    )  # verifies; CardError -> exit 2
     tokenizer, config = _load_tokenizer(args.model, card)
     summary = summarize(card, file_bytes=path.stat().st_size, tokenizer=tokenizer)
     model_check = None
@@ -182,4 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
         print(_format_text(summary, model_check))
+    if model_check:
+        raise ModelMismatchError(
+            f"{path} was made for another model than {args.model}: "
+            + "; ".join(model_check)
+        )
     return 0

@@ -18,7 +18,6 @@ from mlx_lm.models.cache import BatchKVCache, trim_prompt_cache
 from ..agents import (
     Agent,
     ChainRun,
-    ChatFormat,
     Handoff,
     add_reply,
     answerer_cache,
@@ -26,6 +25,7 @@ from ..agents import (
     receiver_cache,
 )
 from ..card import CacheCard
+from ..chat import ChatFormat
 from ..errors import ConfigError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..agents import ChatFormat
+from ..chat import ChatFormat
 from ..errors import ConfigError
 from ..models import load_model
 from .gsm8k import load_problems

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models import llama
+from conftest import PROMPT_CACHE_CONFIG, tiny_llama
 from mlx_lm.models.cache import (
     KVCache,
     QuantizedKVCache,
@@ -130,19 +130,7 @@ def test_tokens_are_required_when_the_file_has_none(tmp_path):
 
 def test_real_prefill_saved_by_mlx_lm_comes_back_exactly(tmp_path):
     """A tiny random Llama prefills with mlx-lm; its saved cache becomes a card."""
-    mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=128,
-        num_hidden_layers=2,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=300,
-        rope_theta=10000.0,
-    )
-    model = llama.Model(args)
+    model = tiny_llama(PROMPT_CACHE_CONFIG).mlx_model
     tokens = np.random.default_rng(0).integers(0, 300, 37)
     cache = make_prompt_cache(model)
     model(mx.array(tokens)[None], cache=cache)

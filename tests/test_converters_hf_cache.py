@@ -1,8 +1,8 @@
 """The transformers side of a handoff, without MLX: cards <-> DynamicCache.
 
-A tiny random-weight Llama in transformers only (head_dim 64, so every group
-size of the format menu fits). Cross-runtime checks with the MLX twin live in
-test_cross_runtime.py.
+A tiny random-weight Llama in transformers only (conftest's ``tiny_hf``:
+head_dim 64, so every group size of the format menu fits). Cross-runtime
+checks with the MLX twin live in test_cross_runtime.py.
 """
 
 import subprocess
@@ -12,7 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from conftest import WIDE_HEAD_CONFIG, element_steps, tiny_llama
+from transformers import DynamicCache
 
 from qkvshare_converters.hf_cache import (
     card_to_dynamic_cache,
@@ -28,51 +29,28 @@ from qkvshare_mlx.errors import (
     PromptMismatchError,
 )
 from qkvshare_mlx.fingerprint import fingerprint
-from qkvshare_mlx.formats import Encoded, QuantConfig
-from qkvshare_mlx.quant import numpy_backend as codec
-from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
+from qkvshare_mlx.formats import QuantConfig
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    vocab_size=100,
-    rope_theta=10000.0,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 FLOAT32 = QuantConfig(float_dtype="float32")  # width 16 = a lossless fp32 copy
 
 
-def tiny_hf(seed=0, attn="sdpa", **overrides):
-    """Random Llama whose attention is far from uniform (weights ~ N(0, 0.2))."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(
-        LlamaConfig(**{**TINY, **overrides}, attn_implementation=attn)
-    ).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(
-                1.0 + 0.1 * torch.randn_like(p)
-                if name.endswith("norm.weight")
-                else 0.2 * torch.randn_like(p)
-            )
-            p.requires_grad_(False)
-    model.generation_config.eos_token_id = None  # random weights: no stop token
-    return model
+def hf_variant(attn="sdpa", **overrides):
+    """The :func:`tiny_hf` weights (torch seed 0) under another config or attention."""
+    return tiny_llama(
+        {**WIDE_HEAD_CONFIG, **overrides},
+        runtimes=("hf",),
+        init="torch",
+        attn_implementation=attn,
+    ).hf_model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_hf()
+def model(tiny_hf):
+    return tiny_hf
 
 
 def tokens(n, seed=0):
-    return np.random.default_rng(seed).integers(0, TINY["vocab_size"], n)
+    return np.random.default_rng(seed).integers(0, WIDE_HEAD_CONFIG["vocab_size"], n)
 
 
 def hf_greedy(model, ids, n):
@@ -93,35 +71,6 @@ def float_card(model, ids):
     ), cache
 
 
-def element_steps(layer, n_tokens):
-    """Per-element quantization step (B, H, T, D) of K and V, 0 for float tokens.
-
-    The step is decode(code 1) - decode(code 0) of each element's group, i.e.
-    its float16-rounded scale, computed through the reference codec.
-    """
-
-    def step(enc, bits):
-        if enc.layout == "float":
-            return np.zeros(np.asarray(enc.data).shape, np.float32)
-        lead, n = enc.codes.shape[:-1], enc.codes.shape[-1] * 32 // bits
-        one, zero = (
-            codec.pack_codes(np.full((*lead, n), c, np.uint8), bits) for c in (1, 0)
-        )
-
-        def dec(c):
-            return codec.decode(
-                Encoded(enc.layout, enc.group, c, enc.scales, enc.biases), bits
-            )
-
-        return np.abs(dec(one) - dec(zero))
-
-    order = np.argsort(np.concatenate([s.index for s in layer]), kind="stable")
-    k = np.concatenate([step(s.keys, s.bits) for s in layer], axis=2)[:, :, order]
-    v = np.concatenate([step(s.values, s.bits) for s in layer], axis=2)[:, :, order]
-    assert k.shape[2] == n_tokens
-    return k, v
-
-
 # ----------------------------------------------------------------------------
 # Fingerprint, prefill statistics
 
@@ -136,13 +85,13 @@ def test_fingerprint_reads_transformers5_rope_parameters(model):
 def test_probe_attention_equals_eager_attention_weights(model):
     ids, P = tokens(40), 8
     _, stats, _ = hf_prefill(model, ids, probe_queries=P)
-    eager = tiny_hf(attn="eager")
+    eager = hf_variant(attn="eager")
     with torch.no_grad():
         out = eager(torch.tensor(ids).view(1, -1), output_attentions=True)
     ref = np.stack(
         [a[0, :, -P:].sum(dim=(0, 1)).double().numpy() for a in out.attentions]
     )
-    n_heads = TINY["num_attention_heads"]
+    n_heads = WIDE_HEAD_CONFIG["num_attention_heads"]
     assert stats.attention.shape == (2, 40)
     np.testing.assert_allclose(stats.attention.sum(axis=1), n_heads * P, rtol=1e-5)
     np.testing.assert_allclose(stats.attention, ref, atol=1e-5)
@@ -168,7 +117,7 @@ def test_float32_card_round_trip_is_bit_exact(model):
 def test_continue_hf_equals_transformers_generate(model, extra):
     ids = tokens(40 + extra, seed=1)
     card, _ = float_card(model, ids[:40])
-    got = continue_hf(card, model, None, ids, max_tokens=24)
+    got = continue_hf(card, model, None, ids, max_tokens=24).tokens
     assert got == hf_greedy(model, ids, 24)
 
 
@@ -190,11 +139,15 @@ def test_prompt_must_start_with_card_tokens(model):
     ids = tokens(20, seed=3)
     card, _ = float_card(model, ids)
     other = ids.copy()
-    other[7] = (other[7] + 1) % TINY["vocab_size"]
+    other[7] = (other[7] + 1) % WIDE_HEAD_CONFIG["vocab_size"]
     with pytest.raises(PromptMismatchError, match="position 7"):
-        continue_hf(card, model, None, other)
+        continue_hf(card, model, None, other, policy="strict")
     with pytest.raises(PromptMismatchError, match="card.s 20 tokens"):
-        continue_hf(card, model, None, ids[:10])
+        continue_hf(card, model, None, ids[:10], policy="strict")
+    # prefix (the default in both runtimes): reuse the common part, as MLX does
+    assert continue_hf(card, model, None, other, max_tokens=6).tokens == hf_greedy(
+        model, other, 6
+    )
 
 
 @pytest.mark.parametrize(
@@ -202,7 +155,7 @@ def test_prompt_must_start_with_card_tokens(model):
 )
 def test_card_for_another_model_is_refused(model, overrides):
     card, _ = float_card(model, tokens(16))
-    other = tiny_hf(**overrides)
+    other = hf_variant(**overrides)
     with pytest.raises(ModelMismatchError, match=next(iter(overrides)).split("_")[-1]):
         card_to_dynamic_cache(card, other)
     with pytest.raises(ModelMismatchError):
@@ -290,54 +243,6 @@ def test_cache_must_cover_the_tokens(model):
 
 
 # ----------------------------------------------------------------------------
-# numpy quantizer
-
-
-def test_numpy_quantizer_error_is_at_most_half_a_step():
-    rng = np.random.default_rng(0)
-    keys = [rng.standard_normal((1, 2, 100, 64)).astype(np.float32) for _ in range(2)]
-    values = [rng.standard_normal((1, 2, 100, 64)).astype(np.float32) for _ in range(2)]
-    qkv = quantize_cache_np(keys, values, controller="sink-recent", budget_bits=3.5)
-    assert len(qkv.width_histogram()) > 1
-    dk, dv = dequantize_cache_np(qkv)
-    for li in range(2):
-        sk, sv = element_steps(qkv.layers[li], 100)
-        assert (np.abs(dk[li] - keys[li]) <= sk / 2 * (1 + 1e-3) + 1e-6).all()
-        assert (np.abs(dv[li] - values[li]) <= sv / 2 * (1 + 1e-3) + 1e-6).all()
-
-
-def test_numpy_quantizer_validates_input():
-    ok = np.zeros((1, 2, 8, 64), np.float32)
-    bad = ok.copy()
-    bad[0, 1, 3, 5] = np.nan
-    with pytest.raises(CacheShapeError, match="NaN"):
-        quantize_cache_np([ok], [bad], controller="uniform")
-    with pytest.raises(CacheShapeError, match=r"\(B, H, T, D\)"):
-        quantize_cache_np([ok[0]], [ok[0]], controller="uniform")
-    with pytest.raises(CacheShapeError, match="differ"):
-        quantize_cache_np([ok], [ok[:, :1]], controller="uniform")
-    with pytest.raises(ConfigError, match="budget_bits"):
-        quantize_cache_np([ok], [ok], controller="uniform", budget_bits=99)
-
-
-def test_numpy_quantizer_keeps_inherited_segments():
-    rng = np.random.default_rng(1)
-    k = [rng.standard_normal((1, 2, 70, 64)).astype(np.float32)]
-    v = [rng.standard_normal((1, 2, 70, 64)).astype(np.float32)]
-    first = quantize_cache_np(
-        [x[:, :, :40] for x in k],
-        [x[:, :, :40] for x in v],
-        controller="uniform",
-        budget_bits=4.5,
-    )
-    both = quantize_cache_np(
-        k, v, controller="uniform", budget_bits=8.5, inherited=first
-    )
-    assert both.layers[0][: len(first.layers[0])] == first.layers[0]
-    assert both.n_tokens == 70
-
-
-# ----------------------------------------------------------------------------
 # No MLX on the transformers side
 
 
@@ -364,7 +269,7 @@ card = hf_cache.dynamic_cache_to_card(cache, ids, model, stats=stats)
 card = CacheCard.from_bytes(card.to_bytes())
 back = hf_cache.card_to_dynamic_cache(card, model)
 assert back.get_seq_length() == 40
-print(hf_cache.continue_hf(card, model, None, ids, max_tokens=3))
+print(hf_cache.continue_hf(card, model, None, ids, max_tokens=3).tokens)
 assert not [m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm")
             and sys.modules[m] is not None]
 print("ok")

@@ -1,0 +1,265 @@
+"""Flags shared by the verbs, named as mlx-lm names them, and the checks that
+run before any model is loaded (paths, budgets, contradictory flags).
+
+Each ``add_*`` adds one group of flags to a parser; each ``check_*`` raises
+ConfigError (one line, exit 2) on what it can tell from the arguments alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..formats import ALL_BITS, GROUP_SIZES, KEY_LAYOUTS, QuantConfig
+from ..generation import SamplingOptions
+from ..quant.allocator import validate_budget
+from ..quant.controllers import CONTROLLERS, HandoffPlan
+from ..rotation import ROTATIONS
+
+# The widest per-token group any head size allows: the cheapest formats a
+# model can reach (a model whose head size is smaller reaches fewer).
+_BEST_CASE_HEAD_DIM = max(GROUP_SIZES)
+
+
+def add_model(p: argparse.ArgumentParser, *, card_default: bool = False) -> None:
+    default = "the model the card names" if card_default else "the embedded model"
+    p.add_argument("--model", help=f"model folder or hub id (default: {default})")
+    p.add_argument(
+        "--runtime",
+        choices=("mlx", "hf"),
+        default="mlx",
+        help="run the model with mlx-lm or transformers (default: mlx)",
+    )
+
+
+def add_prompt(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "-p",
+        "--prompt",
+        required=required,
+        help="the prompt ('-' reads it from stdin)",
+    )
+    p.add_argument("--system-prompt", help="a system prompt before the first turn")
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="treat prompts as plain text (also for models without a template)",
+    )
+
+
+def add_card(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("card")
+    g.add_argument(
+        "--budget-bits",
+        type=float,
+        default=4.5,
+        help="average stored bits per K/V element, scales and biases included "
+        "(4.5 is about mlx-lm's --kv-bits 4 with --kv-group-size 64; reachable: "
+        "2.25 to 16, less for small head dims; default: 4.5)",
+    )
+    g.add_argument(
+        "--controller",
+        choices=sorted(CONTROLLERS),
+        default="saliency",
+        help="how widths are chosen per token (default: saliency)",
+    )
+    g.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=64,
+        help="quantization group size (mlx-lm's --kv-group-size; default: 64)",
+    )
+    g.add_argument(
+        "--key-layout",
+        choices=KEY_LAYOUTS,
+        default="channel",
+        help="group keys per channel (KIVI, default) or per token",
+    )
+    g.add_argument(
+        "--rotation",
+        choices=ROTATIONS,
+        default="none",
+        help="rotate K/V by a Hadamard matrix before quantizing (lower error "
+        "at 3-6 bits; power-of-two head dims)",
+    )
+    g.add_argument(
+        "--hops-remaining",
+        type=int,
+        default=0,
+        help="handoffs after the receiver (topology controller)",
+    )
+
+
+def add_generation(p: argparse.ArgumentParser, *, default_tokens: int = 256) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument(
+        "-m",
+        "--max-tokens",
+        type=int,
+        default=default_tokens,
+        help=f"most tokens to generate (default: {default_tokens})",
+    )
+    g.add_argument("--temp", type=float, default=0.0, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling")
+    g.add_argument("--min-p", type=float, default=0.0, help="min-p sampling")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling")
+    g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print prompt and generation tokens/s and peak memory",
+    )
+
+
+def add_security(p: argparse.ArgumentParser, *, receiver: bool) -> None:
+    g = p.add_argument_group("identity and authentication")
+    g.add_argument(
+        "--card-key-file",
+        help="a file holding the shared card key (hex): cards written are "
+        "signed, cards read must be signed with it (default: $QKVSHARE_CARD_KEY; "
+        "neither: unsigned)",
+    )
+    if receiver:
+        g.add_argument(
+            "--allow-other-weights",
+            action="store_true",
+            help="accept a card made with other weights of the same model "
+            "(e.g. base -> LoRA merge); refused by default",
+        )
+
+
+def card_key(args):
+    """The key of ``--card-key-file`` or ``$QKVSHARE_CARD_KEY``, or None."""
+    from ..card.auth import load_key
+
+    return load_key(key_file=getattr(args, "card_key_file", None))
+
+
+def prompt_text(value: str | None) -> str | None:
+    """The prompt flag's text: ``-`` reads stdin (as mlx-lm's ``-p -``)."""
+    if value == "-":
+        return sys.stdin.read()
+    return value
+
+
+def sampling(args) -> SamplingOptions:
+    """The sampling flags; ``--seed`` is applied by :func:`seed_now`."""
+    return SamplingOptions(
+        temp=args.temp, top_p=args.top_p, min_p=args.min_p, top_k=args.top_k
+    )
+
+
+def seed_now(args) -> None:
+    """Seed ``mx.random`` where ``mlx_lm.generate`` does: before the model is
+    loaded (building it draws initial weights), so that with the same seed
+    and cache both sample the same tokens."""
+    if getattr(args, "seed", None) is not None:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)
+
+
+def quant_config(args) -> QuantConfig:
+    return QuantConfig(
+        group_size=args.group_size,
+        key_layout=args.key_layout,
+        key_group=args.group_size,
+        rotation=args.rotation,
+    )
+
+
+def plan(args) -> HandoffPlan:
+    if args.hops_remaining < 0:
+        raise ConfigError(
+            f"--hops-remaining must be >= 0 but got {args.hops_remaining}"
+        )
+    return HandoffPlan(hops_remaining=args.hops_remaining)
+
+
+def check_budget(args) -> None:
+    """The budget against the formats' reachable range, before any load.
+
+    A model's head size can narrow the range (checked again on the cache);
+    the card's effective bits are checked after quantizing.
+    """
+    config = quant_config(args)
+    formats = config.menu(_BEST_CASE_HEAD_DIM)
+    try:
+        validate_budget(args.budget_bits, formats, config.float_bits)
+    except ConfigError as e:
+        raise ConfigError(f"--budget-bits: {e}") from None
+
+
+def check_card_meets_budget(card, budget_bits: float, inherited=None) -> None:
+    """A card whose new tokens (those not ``inherited``) take more than 0.02
+    bits over the budget is an error, not a file."""
+    bits, elements = 8 * card.payload_bytes, card.n_elements
+    if inherited is not None:
+        bits -= 8 * inherited.payload_bytes
+        elements -= inherited.n_elements
+    effective = bits / max(elements, 1)
+    if effective > budget_bits + 0.02:
+        raise ConfigError(
+            f"--budget-bits {budget_bits}: the cheapest card this cache allows "
+            f"stores {effective:.3f} effective bits (head dims and per-channel "
+            f"tails limit the formats; widths {sorted(ALL_BITS)})"
+        )
+
+
+def check_readable(path: str, what: str) -> Path:
+    """``path`` is a readable regular file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {path}: no such file")
+    if not p.is_file():
+        raise ConfigError(f"{what} {path}: not a regular file")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(f"{what} {path}: not readable")
+    return p
+
+
+def check_writable(path: str, what: str) -> Path:
+    """A file can be written at ``path``: its folder exists and is writable,
+    and it is not a folder itself."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {path}: is a folder, expected a file path")
+    folder = p.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: folder {folder} is not writable")
+    return p
+
+
+def size_line(card, file_bytes: int) -> str:
+    """The one size figure every verb prints: file bytes against fp16 K/V."""
+    return (
+        f"{file_bytes:,} bytes, {card.fp16_bytes / max(file_bytes, 1):.2f}x smaller "
+        f"than its fp16 K/V ({card.fp16_bytes:,} bytes; payload "
+        f"{card.payload_bytes:,}), {card.effective_bits:.3f} effective bits"
+    )
+
+
+def stats_lines(gen) -> list[str]:
+    """mlx-lm's ``--verbose`` figures for a generation."""
+    out = []
+    if gen.prompt_tps is not None:
+        out.append(
+            f"Prompt: {gen.n_prefilled} tokens ({gen.n_reused} from the card), "
+            f"{gen.prompt_tps:.3f} tokens-per-sec"
+        )
+    if gen.generation_tps is not None:
+        out.append(
+            f"Generation: {len(gen.tokens)} tokens, "
+            f"{gen.generation_tps:.3f} tokens-per-sec"
+        )
+    if gen.ttft_ms is not None:
+        out.append(f"TTFT: {gen.ttft_ms:.1f} ms")
+    if gen.peak_memory_gb is not None:
+        out.append(f"Peak memory: {gen.peak_memory_gb:.3f} GB")
+    return out

@@ -1,0 +1,130 @@
+"""``qkvshare make-card`` (cli/make_card): the sender, and what it refuses
+before a model loads."""
+
+import os
+import stat
+
+import pytest
+from conftest import run_cli
+
+from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.cli import main
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if any verb loads a model."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("qkvshare_mlx.models.load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out", "/nonexistent/dir/a.qkv"], "folder /nonexistent/dir does not exist"),
+        (["--out", "{tmp}"], "is a folder, expected a file path"),
+        (["--out", "{tmp}/a.qkv", "--budget-bits", "0.5"], "--budget-bits"),
+        (["--out", "{tmp}/a.qkv", "--budget-bits", "40"], "--budget-bits"),
+        (["--out", "{tmp}/a.qkv", "--generate", "-1"], "--generate"),
+        (["--out", "{tmp}/a.qkv", "--generate", "4", "--runtime", "hf"], "--runtime"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_before_the_model_loads(
+    extra, message, tmp_path, capsys, no_model
+):
+    args = ["make-card", "-p", "hello"] + [a.format(tmp=tmp_path) for a in extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and err[0].startswith("qkvshare: error: ") and message in err[0]
+    )
+
+
+def test_help_states_the_budget_range_and_what_it_counts():
+    text = " ".join(run_cli("make-card", "--help").stdout.split())
+    assert "2.25 to 16" in text and "scales and biases included" in text
+    assert "--kv-bits 4" in text
+
+
+@pytest.mark.slow
+def test_make_card_writes_a_card_with_the_umask(tiny_chat_model_dir, tmp_path):
+    out = tmp_path / "a.qkv"
+    old = os.umask(0o022)
+    try:
+        assert (
+            main(
+                [
+                    "make-card",
+                    "--model",
+                    str(tiny_chat_model_dir),
+                    "-p",
+                    "Hello there",
+                    "--out",
+                    str(out),
+                    "--budget-bits",
+                    "16",
+                ]
+            )
+            == 0
+        )
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    card = CacheCard.load(out)
+    assert card.user["messages"] == [{"role": "user", "content": "Hello there"}]
+    assert card.user["open"] is True and card.user["model"] == str(tiny_chat_model_dir)
+
+
+@pytest.mark.slow
+def test_an_unreachable_budget_writes_no_card(tiny_chat_model_dir, tmp_path, capsys):
+    out = tmp_path / "a.qkv"
+    args = [
+        "make-card",
+        "--model",
+        str(tiny_chat_model_dir),
+        "-p",
+        "Hello there",
+        "--out",
+        str(out),
+        "--budget-bits",
+        "2.3",
+        "--controller",
+        "uniform",
+    ]
+    assert main(args) == 2
+    assert "effective bits" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.slow
+def test_prompt_from_stdin_and_generate_streams_the_reply(
+    tiny_chat_model_dir, tmp_path
+):
+    out = tmp_path / "a.qkv"
+    result = run_cli(
+        "make-card",
+        "--model",
+        tiny_chat_model_dir,
+        "-p",
+        "-",
+        "--generate",
+        "5",
+        "--out",
+        out,
+        "--verbose",
+        input="What is 2+2?",
+    )
+    assert result.returncode == 0, result.stderr
+    card = CacheCard.load(out)
+    reply = card.user["messages"][-1]
+    assert (
+        reply["role"] == "assistant"
+        and result.stdout.strip() == reply["content"].strip()
+    )
+    assert card.user["messages"][0]["content"] == "What is 2+2?"
+    assert (
+        "Generation: 5 tokens" in result.stderr
+        and "smaller than its fp16" in result.stderr
+    )

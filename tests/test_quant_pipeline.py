@@ -1,0 +1,204 @@
+"""The quantization pipeline (quant/pipeline), through the MLX backend's
+quantize_cache: budgets, hop stability, and typed errors on bad input."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qkvshare_mlx.card import CacheCard
+from qkvshare_mlx.errors import CacheShapeError, ConfigError
+from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.quant.controllers import CONTROLLERS, TokenStats
+from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
+
+# ---------------------------------------------------------------------------
+# Budgets
+
+
+def _realistic_cache(L=4, H=2, T=512, D=64, seed=0):
+    rng = np.random.default_rng(seed)
+    ks, vs = [], []
+    for _ in range(L):
+        k = rng.standard_normal((1, H, T, D)).astype(np.float32)
+        k[..., [3, 17]] *= 15  # outlier channels, as RoPE'd keys have
+        k[..., 40] += 8
+        ks.append(mx.array(k))
+        vs.append(mx.array(rng.standard_normal((1, H, T, D)).astype(np.float32)))
+    stats = TokenStats(
+        attention=rng.random((L, T)) ** 4, key_norms=np.abs(rng.standard_normal((L, T)))
+    )
+    return ks, vs, stats
+
+
+@pytest.fixture(scope="module")
+def realistic():
+    return _realistic_cache()
+
+
+@pytest.mark.parametrize("budget", [2.5, 3, 4, 4.5, 6])
+@pytest.mark.parametrize("controller", sorted(CONTROLLERS))
+def test_effective_bits_meet_budget(realistic, controller, budget):
+    ks, vs, stats = realistic
+    qkv = quantize_cache(ks, vs, controller=controller, budget_bits=budget, stats=stats)
+    assert abs(qkv.effective_bits - budget) <= 0.05
+    assert "budget_note" not in qkv.info
+    # The accounting is what is really stored.
+    stored = sum(
+        a.nbytes
+        for layer in qkv.layers
+        for s in layer
+        for e in (s.keys, s.values)
+        for a in e.arrays().values()
+    )
+    assert qkv.payload_bytes == stored
+
+
+def test_mixed_budget_beats_uniform_error(realistic):
+    """At the same budget, the saliency allocation lowers attention-weighted error."""
+    ks, vs, stats = realistic
+
+    def weighted_error(qkv):
+        k2, v2 = dequantize_cache(qkv)
+        tot = 0.0
+        for li in range(len(ks)):
+            e = ((np.array(k2[li]) - np.array(ks[li])) ** 2).sum(axis=(0, 1, 3))
+            e += ((np.array(v2[li]) - np.array(vs[li])) ** 2).sum(axis=(0, 1, 3))
+            tot += float((stats.attention[li] * e).sum())
+        return tot
+
+    uni = quantize_cache(ks, vs, controller="uniform", budget_bits=3, stats=stats)
+    sal = quantize_cache(ks, vs, controller="saliency", budget_bits=3, stats=stats)
+    assert sal.effective_bits <= uni.effective_bits + 0.05
+    assert weighted_error(sal) < weighted_error(uni)
+
+
+# ---------------------------------------------------------------------------
+# Hop stability
+
+
+def _arrays(seg):
+    out = [np.asarray(seg.index)]
+    for e in (seg.keys, seg.values):
+        out += [np.asarray(a) for a in e.arrays().values()]
+    return out
+
+
+def test_inherited_segments_survive_eight_hops_bit_identical():
+    L, H, D = 3, 2, 64
+    T0, step, hops = 96, 24, 8
+    ks, vs, stats = _realistic_cache(L=L, H=H, T=T0 + step * hops, D=D, seed=3)
+    qkv = quantize_cache(
+        [k[:, :, :T0] for k in ks],
+        [v[:, :, :T0] for v in vs],
+        controller="saliency",
+        budget_bits=4,
+        stats=TokenStats(attention=stats.attention[:, :T0]),
+    )
+    first = [[_arrays(s) for s in layer] for layer in qkv.layers]
+    first_dq = [np.array(k) for k in dequantize_cache(qkv)[0]]
+    controllers = ["saliency", "topology", "uniform", "sink-recent"]
+    for hop in range(hops):
+        # Each hop goes through a card file, as between agents.
+        card = CacheCard.from_quantized(qkv, np.zeros(qkv.n_tokens), {})
+        prev = CacheCard.from_bytes(card.to_bytes()).to_quantized()
+        T = prev.n_tokens + step
+        before = [[_arrays(s) for s in layer] for layer in prev.layers]
+        qkv = quantize_cache(
+            [k[:, :, :T] for k in ks],
+            [v[:, :, :T] for v in vs],
+            controller=controllers[hop % 4],
+            budget_bits=3 + hop % 3,
+            stats=TokenStats(attention=stats.attention[:, :T]),
+            inherited=prev,
+        )
+        assert qkv.n_tokens == T
+        for li, layer in enumerate(qkv.layers):
+            kept = len(before[li])
+            for old, new in zip(before[li], layer[:kept]):
+                assert all(
+                    a.tobytes() == b.tobytes() for a, b in zip(old, _arrays(new))
+                )
+            new_index = np.concatenate([np.asarray(s.index) for s in layer[kept:]])
+            assert np.array_equal(np.sort(new_index), np.arange(T - step, T))
+    for li, layer in enumerate(qkv.layers):
+        for old, new in zip(first[li], layer):
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(old, _arrays(new)))
+    k_last = dequantize_cache(qkv)[0]
+    for li in range(L):
+        assert np.array_equal(np.array(k_last[li])[:, :, :T0], first_dq[li])
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+def _kv(shape=(1, 2, 8, 64), n=2):
+    return [mx.zeros(shape) for _ in range(n)], [mx.zeros(shape) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "keys,values,needle",
+    [
+        ([mx.zeros((2, 8, 64))], [mx.zeros((2, 8, 64))], "(B, H, T, D)"),
+        ([mx.zeros((1, 2, 8, 64))], [mx.zeros((1, 2, 9, 64))], "differ in (B, H, T)"),
+        (
+            [mx.zeros((1, 2, 8, 64)), mx.zeros((1, 3, 8, 64))],
+            [mx.zeros((1, 2, 8, 64)), mx.zeros((1, 3, 8, 64))],
+            "layer 1",
+        ),
+        ([mx.zeros((1, 2, 8, 64))], [], "0"),
+        ([], [], "non-zero"),
+    ],
+)
+def test_bad_shapes_are_cache_shape_errors(keys, values, needle):
+    with pytest.raises(CacheShapeError) as err:
+        quantize_cache(keys, values, controller="uniform", budget_bits=4.5)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused(bad):
+    keys, values = _kv()
+    values[1] = mx.array(np.where(np.arange(64) == 7, bad, 0.0).astype(np.float32))
+    values[1] = mx.broadcast_to(values[1], (1, 2, 8, 64))
+    with pytest.raises(CacheShapeError, match="layer 1.*NaN or Inf"):
+        quantize_cache(keys, values, controller="uniform", budget_bits=4.5)
+
+
+def test_unknown_controller_is_named():
+    keys, values = _kv()
+    with pytest.raises(ConfigError, match="'greedy'"):
+        quantize_cache(keys, values, controller="greedy", budget_bits=4.5)
+
+
+@pytest.mark.parametrize(
+    "budget,float_dtype",
+    [
+        (1.0, "float16"),
+        (2.0, "float16"),
+        (16.5, "float16"),
+        (32.5, "float32"),
+        (float("nan"), "float16"),
+        ("lots", "float16"),
+    ],
+)
+def test_budget_outside_reach_is_named(budget, float_dtype):
+    keys, values = _kv()
+    config = QuantConfig(float_dtype=float_dtype)
+    for controller in ("uniform", "saliency"):
+        with pytest.raises(ConfigError) as err:
+            quantize_cache(
+                keys,
+                values,
+                controller=controller,
+                budget_bits=budget,
+                config=config,
+                stats=TokenStats(attention=np.ones((2, 8))),
+            )
+        assert "budget_bits" in str(err.value) and repr(budget) in str(err.value)
+
+
+def test_saliency_without_stats_is_a_config_error():
+    keys, values = _kv()
+    with pytest.raises(ConfigError, match="statistics"):
+        quantize_cache(keys, values, controller="saliency", budget_bits=4.5)
