@@ -789,49 +789,69 @@ def write_reports(result, out: Path):
         log(f"plots failed: {e}")
 
 
+def _mode_colours(modes):
+    """One fixed colour per mode, the same in every panel and plot."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {m: cmap(k % 20) for k, m in enumerate(sorted(modes))}
+
+
 def plots(rows, meta, prefix):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = _mode_colours({r["mode"] for r in rows})
+    floor = {r["context"]: r["ttft_ms"]["median"] for r in rows if r["mode"] == "floor"}
+    # 1. TTFT relative to the floor, linear, one panel per transport; the
+    # re-prefill baseline in its own panel (it would crush the others' axis)
     transports = ["memory", "file", "distributed", "1Gbit/s (modelled)"]
     fig, axes = plt.subplots(
-        1, len(transports), figsize=(5 * len(transports), 4.5), sharey=True
+        1, len(transports) + 1, figsize=(4.6 * (len(transports) + 1), 4.6)
     )
-    modes = sorted({r["mode"] for r in rows})
+    card_modes = sorted({r["mode"] for r in rows} - {"floor", "reprefill"})
     for ax, tr in zip(axes, transports):
-        for mode in modes:
+        for mode in card_modes:
             pts = sorted(
-                (r["context"], r["ttft_ms"]["median"])
+                (r["context"], r["ttft_ms"]["median"] / floor[r["context"]])
                 for r in rows
-                if r["mode"] == mode
-                and (r["transport"] == tr or mode in ("floor", "reprefill"))
+                if r["mode"] == mode and r["transport"] == tr and r["context"] in floor
             )
             if pts:
-                ax.plot(
-                    *zip(*pts),
-                    marker="o",
-                    label=mode,
-                    linestyle="--" if mode in ("floor", "reprefill") else "-",
-                )
-        ax.set_title(tr)
+                ax.plot(*zip(*pts), marker="o", label=mode, color=colours[mode])
+        ax.axhline(1.0, color="black", linestyle=":", label="floor (suffix forward)")
+        ax.set_title(f"{tr}: TTFT / floor")
         ax.set_xlabel("context tokens")
-        ax.set_yscale("log")
-    axes[0].set_ylabel("receiver TTFT ms (median)")
-    axes[-1].legend(fontsize=7)
+        ax.legend(fontsize=6)
+    ax = axes[-1]
+    for mode in ("floor", "reprefill"):
+        pts = sorted(
+            (r["context"], r["ttft_ms"]["median"]) for r in rows if r["mode"] == mode
+        )
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=mode, color=colours[mode])
+    ax.set_title("re-prefill vs floor (ms)")
+    ax.set_xlabel("context tokens")
+    ax.legend(fontsize=7)
+    axes[0].set_ylabel("receiver TTFT / floor (median)")
     fig.tight_layout()
     fig.savefig(f"{prefix}_vs_context.png", dpi=110)
     plt.close(fig)
 
+    # 2. stages at the longest context, bars sorted by mode
     top = max(r["context"] for r in rows)
-    sel = [
-        r
-        for r in rows
-        if r["context"] == top
-        and r["transport"] in ("memory", "none")
-        and r["mode"] != "reprefill"
-    ]
+    sel = sorted(
+        (
+            r
+            for r in rows
+            if r["context"] == top
+            and r["transport"] in ("memory", "none")
+            and r["mode"] != "reprefill"
+        ),
+        key=lambda r: r["mode"],
+    )
     stages = [
         "serialize_ms",
         "transfer_ms",
@@ -865,13 +885,16 @@ def plots(rows, meta, prefix):
     fig.savefig(f"{prefix}_stages.png", dpi=110)
     plt.close(fig)
 
+    # 3. bytes on the wire, in the modes' colours
     fig, ax = plt.subplots(figsize=(8, 4))
-    by = {}
-    for r in rows:
-        if r["context"] == top and r["card_bytes"] and r["transport"] == "memory":
-            by[r["mode"].split("/")[0]] = r["card_bytes"] / 1e6
-    ax.bar(list(by), list(by.values()))
+    by = {
+        r["mode"]: r["card_bytes"] / 1e6
+        for r in sorted(rows, key=lambda r: r["mode"])
+        if r["context"] == top and r["card_bytes"] and r["transport"] == "memory"
+    }
+    ax.bar(list(by), list(by.values()), color=[colours[m] for m in by])
     ax.set_ylabel(f"MB on the wire at {top} tokens")
+    ax.set_title("card bytes by mode")
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
     fig.savefig(f"{prefix}_bytes.png", dpi=110)

@@ -48,6 +48,7 @@ _LAZY = {
     "CardOffsetError": "errors",
     "EmptyTokensError": "errors",
     "SegmentCoverageError": "errors",
+    "UnsupportedCacheError": "errors",
     "ModelMismatchError": "errors",
     "PromptMismatchError": "errors",
     "TransportError": "errors",

@@ -36,7 +36,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .align import token_ids
-from .errors import CacheShapeError, ConfigError
+from .errors import CacheShapeError, ConfigError, UnsupportedCacheError
 from .quant.controllers import TokenStats
 
 _ATTN_FIELDS = ("q_proj", "rope", "n_heads", "n_kv_heads", "scale")
@@ -103,6 +103,29 @@ def _cache_kv(c) -> tuple[mx.array, mx.array]:
     raise CacheShapeError(
         f"prefill reads keys from mlx-lm KVCache layers, got {type(c).__name__}"
     )
+
+
+def check_cache_layers(cache: list) -> None:
+    """Raise UnsupportedCacheError, naming the layer and its cache type,
+    unless every layer keeps plain keys and values a card can carry.
+
+    Called before any prefill: a model whose ``make_prompt_cache`` gives
+    sliding-window (``RotatingKVCache``) or recurrent (``ArraysCache``,
+    Mamba) layers is refused at once, not after the forward pass.
+    """
+    for i, c in enumerate(cache):
+        if isinstance(c, KVCache) or hasattr(c, "dequantized"):
+            continue
+        kind = type(c).__name__
+        why = (
+            "a sliding-window layer"
+            if "Rotating" in kind
+            else "not keys and values (recurrent or other state)"
+        )
+        raise UnsupportedCacheError(
+            f"layer {i}: the model's cache is {kind}, {why}; cards carry "
+            "KVCache layers only"
+        )
 
 
 def _tokens_array(tokens) -> np.ndarray:
@@ -175,6 +198,7 @@ def prefill(
             f"and {probe_queries}"
         )
     cache = make_prompt_cache(model) if cache is None else cache
+    check_cache_layers(cache)
     attns = _attention_modules(model) if probe_queries else None
     n = len(ids)
     P = min(probe_queries, n) if attns is not None else 0

@@ -61,6 +61,11 @@ class CardOffsetError(CardError, ConfigError):
     inherited card: all start at position 0)."""
 
 
+class UnsupportedCacheError(ConfigError):
+    """A model layer keeps a cache the handoff cannot carry (not plain K/V:
+    a sliding window, recurrent state); raised before any prefill."""
+
+
 class PromptMismatchError(QKVShareError):
     """The receiver's prompt does not begin with the card's tokens."""
 

@@ -150,10 +150,12 @@ class QuantConfig:
             head_dim_v: D_v, the values' (default: D_k).
 
         With ``adaptive_groups`` the group sizes vary too (per-token groups
-        only of sizes that divide the head size they group).
+        only of sizes that divide the head size they group). A head size no
+        group size divides (80, 160) leaves only the float widths: a lossless
+        card always works.
 
         Raises:
-            ConfigError: no group size divides a head size that needs one.
+            ConfigError: no format at all fits these head sizes.
         """
         dv = head_dim if head_dim_v is None else head_dim_v
         key_token_groups = [g for g in GROUP_SIZES if head_dim % g == 0]
@@ -170,12 +172,17 @@ class QuantConfig:
             if self.key_layout == "token" and head_dim % self.group_size:
                 kgroups = []
         if needs_codes and (not vgroups or not kgroups):
-            value_side = kgroups and dv != head_dim
-            head, size = ("head_dim_v", dv) if value_side else ("head_dim", head_dim)
-            raise ConfigError(
-                f"{head} {size} is not a multiple of any group size "
-                f"{list(GROUP_SIZES) if self.adaptive_groups else [self.group_size]}"
-            )
+            if FLOAT_BITS not in self.widths:
+                value_side = kgroups and dv != head_dim
+                head, size = (
+                    ("head_dim_v", dv) if value_side else ("head_dim", head_dim)
+                )
+                groups = GROUP_SIZES if self.adaptive_groups else (self.group_size,)
+                raise ConfigError(
+                    f"{head} {size} is not a multiple of any group size "
+                    f"{list(groups)} and widths {list(self.widths)} hold no float"
+                )
+            kgroups = vgroups = []  # code widths cannot be stored: floats only
         out = []
         for b in self.widths:
             if b == FLOAT_BITS:

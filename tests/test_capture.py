@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import TINY_LLAMA_CONFIG
 from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import KVCache
 
-import qkvshare_mlx  # noqa: F401  (preloads OpenBLAS before mlx is used)
 from qkvshare_mlx.capture import prefill, probe_attention
 from qkvshare_mlx.errors import ConfigError
 
@@ -126,3 +126,20 @@ def test_prefill_rejects_bad_input(model):
         prefill(model, [])
     with pytest.raises(ConfigError, match="chunk_size"):
         prefill(model, [1, 2], chunk_size=0)
+
+
+def test_layers_that_are_not_kv_are_refused_before_any_prefill(tiny_mlx, monkeypatch):
+    from mlx_lm.models.cache import ArraysCache, RotatingKVCache
+
+    from qkvshare_mlx.errors import UnsupportedCacheError
+
+    calls = []
+    monkeypatch.setattr(type(tiny_mlx), "__call__", lambda *a, **k: calls.append(1))
+    for layer_cache, name in (
+        (RotatingKVCache(max_size=16), "RotatingKVCache, a sliding-window layer"),
+        (ArraysCache(size=2), "ArraysCache, not keys and values"),
+    ):
+        cache = [KVCache(), layer_cache]
+        with pytest.raises(UnsupportedCacheError, match=f"layer 1: .*{name}"):
+            prefill(tiny_mlx, [1, 2, 3], cache=cache)
+    assert calls == []  # refused before the forward pass

@@ -26,3 +26,19 @@ def test_plot_writes_both_figures(tmp_path):
     assert paths == [str(tmp_path / "p_bits.png"), str(tmp_path / "p_hops.png")]
     assert all((tmp_path / p).stat().st_size > 1000 for p in paths)
     assert plot([{**r, "kl": None} for r in ROWS], tmp_path / "q") == []
+
+
+def test_quality_against_bytes_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [
+        {
+            **r,
+            "card_bytes": 1e6 * r["budget_bits"],
+            "agreement": 0.5,
+            "top1_agreement": 0.9,
+        }
+        for r in ROWS
+    ]
+    paths = plot(rows, tmp_path / "p")
+    assert paths[-1] == str(tmp_path / "p_quality_bytes.png")
+    assert (tmp_path / "p_quality_bytes.png").stat().st_size > 1000

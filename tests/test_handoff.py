@@ -45,3 +45,22 @@ def test_make_card_inherits_segments_bit_for_bit(model, ids):
                     np.testing.assert_array_equal(arr, eb.arrays()[name])
     with pytest.raises(PromptMismatchError):
         make_card(model, None, ids[1:100], inherited=first)
+
+
+def test_head_dim_80_takes_a_lossless_card_and_names_the_limit():
+    from conftest import TINY_LLAMA_CONFIG, tiny_llama
+
+    from qkvshare_mlx.errors import ConfigError
+    from qkvshare_mlx.formats import QuantConfig
+
+    model = tiny_llama({**TINY_LLAMA_CONFIG, "head_dim": 80}).mlx_model
+    toks = list(range(1, 41))
+    lossless = QuantConfig(float_dtype="float32")
+    card = make_card(
+        model, None, toks, controller="uniform", budget_bits=32, config=lossless
+    )
+    prompt = toks + [7, 8]
+    got = continue_from_card(card, model, None, prompt, max_tokens=12)
+    assert got.tokens == greedy_tokens(model, prompt, max_tokens=12)
+    with pytest.raises(ConfigError, match=r"head dims \(80, 80\).*only lossless"):
+        make_card(model, None, toks, budget_bits=4.5)

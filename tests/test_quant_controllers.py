@@ -90,3 +90,30 @@ def test_unknown_controller_is_refused():
     problem, _ = _problem()
     with pytest.raises(ConfigError, match="'kivi'"):
         run_controller("kivi", problem, 4.0)
+
+
+def test_saliency_without_attention_falls_back_to_key_norms_with_a_notice():
+    from qkvshare_mlx.quant.controllers import NoAttentionStatsWarning
+    from qkvshare_mlx.quant.numpy_backend import quantize_cache_np
+
+    rng = np.random.default_rng(0)
+    keys = [rng.standard_normal((1, 2, 64, 32)).astype(np.float32) for _ in range(2)]
+    norms = np.stack([np.linalg.norm(k, axis=-1).sum(axis=(0, 1)) for k in keys])
+    with pytest.warns(NoAttentionStatsWarning, match="key norms instead"):
+        got = quantize_cache_np(
+            keys,
+            keys,
+            controller="saliency",
+            budget_bits=4.0,
+            stats=TokenStats(attention=None, key_norms=norms),
+        )
+    want = quantize_cache_np(
+        keys,
+        keys,
+        controller="saliency-keynorm",
+        budget_bits=4.0,
+        stats=TokenStats(attention=None, key_norms=norms),
+    )
+    assert got.width_histogram() == want.width_histogram()
+    with pytest.raises(ConfigError, match="needs token statistics"):
+        quantize_cache_np(keys, keys, controller="saliency", budget_bits=4.0)

@@ -1,4 +1,5 @@
-"""Figures of the study: teacher-forced KL by bits, hops and controller.
+"""Figures of the study: teacher-forced KL by bits, hops and controller, and
+quality (answer agreement, top-1) against card bytes.
 
 matplotlib is optional (the ``eval`` extra, ``pip install 'qkvshare-mlx[eval]'``)
 and imported only when a figure is drawn. The module draws aggregated rows
@@ -39,10 +40,42 @@ def _panels(plt, tf, ctrls, panel, x, title, xlabel, path, width, log_x=False):
     return path
 
 
+def quality_vs_bytes(plt, rows, path: str) -> str | None:
+    """Answer agreement and teacher-forced top-1 against mean card bytes, per
+    controller, at 1 hop: ``<prefix>_quality_bytes.png``."""
+    one = [r for r in rows if r["hops"] == 1 and r.get("card_bytes")]
+    if not one:
+        return None
+    ctrls = sorted({r["controller"] for r in one})
+    colour = {c: plt.get_cmap("tab10")(k % 10) for k, c in enumerate(ctrls)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in (
+        (axes[0], "agreement", "answer agreement with the exact chain"),
+        (axes[1], "top1_agreement", "teacher-forced top-1 agreement"),
+    ):
+        for c in ctrls:
+            pts = sorted(
+                (r["card_bytes"] / 1e6, r[key])
+                for r in one
+                if r["controller"] == c and r.get(key) is not None
+            )
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=c, color=colour[c])
+        ax.set_xlabel("mean card MB (1 hop)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("quality against card bytes (budgets 2.5 to 6 bits)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot(rows, prefix: Path) -> list[str]:
     """KL plots of the teacher-forced rows: ``<prefix>_bits.png`` (KL vs
     effective bits, a panel per hop count) and ``<prefix>_hops.png`` (KL vs
-    hops, a panel per budget).
+    hops, a panel per budget); ``<prefix>_quality_bytes.png`` (agreement and
+    top-1 vs card bytes).
 
     Returns:
         The paths written (none when no row has a KL).
@@ -90,5 +123,6 @@ def plot(rows, prefix: Path) -> list[str]:
             log_x=True,
         ),
     ]
+    extra = quality_vs_bytes(plt, rows, str(prefix) + "_quality_bytes.png")
     plt.close("all")
-    return paths
+    return paths + ([extra] if extra else [])

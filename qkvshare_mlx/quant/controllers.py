@@ -10,6 +10,7 @@ Everything here is numpy over plain arrays: no MLX, no model.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,12 @@ from ..errors import ConfigError
 from .allocator import AllocationProblem, allocate_bits, uniform_format, validate_budget
 
 N_SINK = 4
+
+
+class NoAttentionStatsWarning(UserWarning):
+    """A saliency controller fell back to key norms (no attention probe)."""
+
+
 N_RECENT = 32
 KEY_FLOOR = 1.0  # flat share of key-error weight (see kv_importance)
 VALUE_FLOOR = 0.1  # flat share of value-error weight
@@ -94,6 +101,16 @@ def _attention_mass(stats: TokenStats | None, source: str, problem) -> np.ndarra
         and stats.key_norms is not None
     ):
         parts.append(_normalise(stats.key_norms))
+    if not parts and source == "attention" and stats is not None:
+        if stats.key_norms is not None:
+            # the default settings never fail: no probe (e.g. a fused qkv_proj)
+            warnings.warn(
+                "saliency: no attention statistics for this model (its attention "
+                "could not be probed); weighting tokens by key norms instead",
+                NoAttentionStatsWarning,
+                stacklevel=4,
+            )
+            parts.append(_normalise(stats.key_norms))
     if not parts:
         raise ConfigError(
             f"controller needs token statistics ({source}) but none were given"

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import CacheShapeError, ConfigError
 from ..formats import (
     FLOAT_BITS,
+    GROUP_SIZES,
     Encoded,
     Format,
     QuantConfig,
@@ -220,6 +221,12 @@ def quantize(
         if start > T:
             raise CacheShapeError(f"inherited cache covers {start} tokens but T={T}")
     formats = config.menu(dk, dv)
+    if all(f.is_float for f in formats) and float(budget_bits) < config.float_bits:
+        raise ConfigError(
+            f"head dims ({dk}, {dv}): no group size of {list(GROUP_SIZES)} divides "
+            f"them, so only lossless cards are possible (budget_bits="
+            f"{config.float_bits}), but got budget_bits={budget_bits}"
+        )
     new_layers: list[list[Segment]] = [[] for _ in keys]
     # 4. allocate: errors per (layer, token, format), then the controller
     info = {}
