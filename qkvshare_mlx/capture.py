@@ -176,6 +176,7 @@ def prefill(
     cache: list | None = None,
     probe_queries: int = 32,
     chunk_size: int = 512,
+    progress=None,
 ) -> Prefill:
     """Run the prompt through the model and capture its cache and statistics.
 
@@ -187,6 +188,8 @@ def prefill(
         probe_queries: how many last positions probe the attention (0: key
             norms only).
         chunk_size: tokens per forward pass before the probe chunk.
+        progress: called as ``progress(processed, total)`` after each chunk
+            (mlx-lm's ``prompt_progress_callback`` convention).
 
     Returns:
         A :class:`Prefill`.
@@ -209,6 +212,8 @@ def prefill(
     for i in range(0, n - last, chunk_size):
         model(body[None, i : i + chunk_size], cache=cache)
         mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress(min(i + chunk_size, n - last), n)
 
     # 2. the probe chunk, with q_proj recorded
     offset = cache[0].offset if cache else 0
@@ -220,6 +225,8 @@ def prefill(
                 attn.q_proj = wrappers[-1]
         logits = model(mx.array(ids[n - last :])[None], cache=cache)[:, -1, :]
         mx.eval(logits, [c.state for c in cache])
+        if progress is not None:
+            progress(n, n)
     finally:
         for attn, w in zip(attns or [], wrappers):
             attn.q_proj = w.inner

@@ -185,7 +185,14 @@ class CardOptions:
     extra: dict = field(default_factory=dict)  # further user metadata
 
 
-def _card(model, tokenizer, conv: Conversation, opts: CardOptions, inherited=None):
+def _card(
+    model,
+    tokenizer,
+    conv: Conversation,
+    opts: CardOptions,
+    inherited=None,
+    progress=None,
+):
     return make_card(
         model,
         tokenizer,
@@ -196,6 +203,7 @@ def _card(model, tokenizer, conv: Conversation, opts: CardOptions, inherited=Non
         plan=opts.plan,
         inherited=inherited,
         user={**opts.extra, **conv.metadata()},
+        progress=progress,
     )
 
 
@@ -232,7 +240,8 @@ def send(
             prompt_progress_callback=prompt_progress_callback,
         )
         conv = with_reply(tokenizer, messages, ids, gen, conv.chat)
-    return _card(model, tokenizer, conv, card or CardOptions()), gen
+    opts = card or CardOptions()
+    return _card(model, tokenizer, conv, opts, progress=prompt_progress_callback), gen
 
 
 def receive(

@@ -45,6 +45,7 @@ def make_card(
     user: dict | None = None,
     model_config: dict | None = None,
     probe_queries: int = 32,
+    progress=None,
 ) -> CacheCard:
     """Prefill a prompt and pack its KV cache into a card.
 
@@ -61,6 +62,7 @@ def make_card(
         user: free-form JSON metadata for the card.
         model_config: the model's config.json dict (default: ``model.args``).
         probe_queries: last positions whose attention drives saliency.
+        progress: ``progress(processed, total)`` during the prefill.
 
     Returns:
         A :class:`~qkvshare_mlx.card.CacheCard` at RoPE offset 0.
@@ -81,7 +83,13 @@ def make_card(
             )
         cache = inject(inherited, model, mode="dequantize", expect=fp)
         done, inherited_qkv = n, inherited.to_quantized()
-    pre = prefill(model, tokens[done:], cache=cache, probe_queries=probe_queries)
+    pre = prefill(
+        model,
+        tokens[done:],
+        cache=cache,
+        probe_queries=probe_queries,
+        progress=progress,
+    )
     qkv: QuantizedKV = quantize_cache(
         pre.keys,
         pre.values,

@@ -143,3 +143,11 @@ def test_layers_that_are_not_kv_are_refused_before_any_prefill(tiny_mlx, monkeyp
         with pytest.raises(UnsupportedCacheError, match=f"layer 1: .*{name}"):
             prefill(tiny_mlx, [1, 2, 3], cache=cache)
     assert calls == []  # refused before the forward pass
+
+
+def test_prefill_reports_progress_per_chunk(tiny_mlx):
+    seen = []
+    prefill(
+        tiny_mlx, list(range(1, 100)), chunk_size=32, progress=lambda *a: seen.append(a)
+    )
+    assert seen == [(32, 99), (64, 99), (67, 99), (99, 99)]

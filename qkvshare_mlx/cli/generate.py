@@ -118,6 +118,7 @@ def _mlx(args, card, model_arg, prompt, sampling, out):
         hand_on=hand_on,
         on_text=_print,
         allow_other_weights=args.allow_other_weights,
+        prompt_progress_callback=options.progress_printer(args),
     )
 
 

@@ -95,6 +95,7 @@ def _mlx_card(args, prompt, chat, config, plan, sampling):
         chat=chat,
         card=opts,
         on_text=lambda t: print(t, end="", flush=True),
+        prompt_progress_callback=options.progress_printer(args),
     )
     if gen is not None:
         print(flush=True)

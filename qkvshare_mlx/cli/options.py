@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -243,6 +244,26 @@ def size_line(card, file_bytes: int) -> str:
         f"than its fp16 K/V ({card.fp16_bytes:,} bytes; payload "
         f"{card.payload_bytes:,}), {card.effective_bits:.3f} effective bits"
     )
+
+
+def progress_printer(args):
+    """A ``(processed, total)`` callback printing the prefill's progress on
+    stderr (a terminal, or ``--verbose``), or None."""
+    if not (getattr(args, "verbose", False) or sys.stderr.isatty()):
+        return None
+    start = time.perf_counter()
+
+    def show(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        end = "\n" if done >= total else ""
+        print(
+            f"\rprefill {done}/{total} tokens ({rate:.0f} tokens/s)",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
 
 
 def stats_lines(gen) -> list[str]:
