@@ -171,33 +171,39 @@ def fingerprint(source, tokenizer=None) -> dict:
         ConfigError: ``source`` is none of the above.
         ModelLoadError: a folder without a readable ``config.json``.
     """
+    kind, config = _config_of(source)
+    if kind == "mlx" and not config:
+        raise ConfigError(
+            f"cannot build a fingerprint from {type(source).__name__}: expected "
+            "a config dict, a model folder, an mlx-lm model with .args or a "
+            "transformers model"
+        )
     shape, digest = {}, None
-    if isinstance(source, dict) and not hasattr(source, "parameters"):
-        config = source  # (mlx.nn.Module is a dict too)
-    elif isinstance(source, (str, os.PathLike)):
-        from .models import model_config
-
-        config = model_config(source)
-    elif hasattr(source, "config") and hasattr(source.config, "to_dict"):
-        hf_config = source.config
-        if hasattr(hf_config, "get_text_config"):
-            hf_config = hf_config.get_text_config(decoder=True)
-        config = hf_config.to_dict()
-        if hasattr(source, "named_parameters"):
-            digest = weights.model_digest(source)
-    else:
-        config = model_args_config(source)
-        if not config:
-            raise ConfigError(
-                f"cannot build a fingerprint from {type(source).__name__}: expected "
-                "a config dict, a model folder, an mlx-lm model with .args or a "
-                "transformers model"
-            )
+    if kind == "hf" and hasattr(source, "named_parameters"):
+        digest = weights.model_digest(source)
+    elif kind == "mlx":
         shape = module_shape(source)
         if hasattr(source, "named_modules"):
             digest = weights.model_digest(source)
     fp = fingerprint_from_config(config, tokenizer, weights_sha256=digest)
     return {**fp, **shape}
+
+
+def _config_of(source) -> tuple[str, dict]:
+    """``(kind, config dict)`` of a config dict, a model folder, a transformers
+    model (its text config) or an mlx-lm model (its args)."""
+    if isinstance(source, dict) and not hasattr(source, "parameters"):
+        return "dict", source  # (mlx.nn.Module is a dict too)
+    if isinstance(source, (str, os.PathLike)):
+        from .models import model_config
+
+        return "folder", model_config(source)
+    if hasattr(source, "config") and hasattr(source.config, "to_dict"):
+        hf_config = source.config
+        if hasattr(hf_config, "get_text_config"):
+            hf_config = hf_config.get_text_config(decoder=True)
+        return "hf", hf_config.to_dict()
+    return "mlx", model_args_config(source)
 
 
 def context_length(source) -> int | None:
@@ -206,19 +212,7 @@ def context_length(source) -> int | None:
     Args:
         source: as for :func:`fingerprint` (a fingerprint dict has none).
     """
-    if isinstance(source, dict) and not hasattr(source, "parameters"):
-        config = source
-    elif isinstance(source, (str, os.PathLike)):
-        from .models import model_config
-
-        config = model_config(source)
-    elif hasattr(source, "config") and hasattr(source.config, "to_dict"):
-        hf_config = source.config
-        if hasattr(hf_config, "get_text_config"):
-            hf_config = hf_config.get_text_config(decoder=True)
-        config = hf_config.to_dict()
-    else:
-        config = model_args_config(source)
+    _, config = _config_of(source)
     n = config.get("max_position_embeddings")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
