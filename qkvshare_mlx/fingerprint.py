@@ -38,11 +38,29 @@ FIELDS = (
     "vocab_size",
     "tokenizer_sha256",
     "weights_sha256",
+    # written only where a model has them (absent: the default)
+    "rope_local_theta",
+    "partial_rotary_factor",
+    "sliding_window",
+    "layer_types",
+    "attn_softcap",
 )
 # Identity hashes: compared only when both sides have one.
 IDENTITY_FIELDS = ("tokenizer_sha256", "weights_sha256")
 # Where None is a value ("no scaling"), not "unknown".
-NULLABLE_FIELDS = ("rope_scaling",)
+NULLABLE_FIELDS = (
+    "rope_scaling",
+    "rope_local_theta",
+    "partial_rotary_factor",
+    "sliding_window",
+    "layer_types",
+    "attn_softcap",
+)
+# Why a field can differ for one checkpoint, added to its mismatch message.
+_WHY = {
+    "sliding_window": " (one runtime applies a sliding window the other ignores: "
+    "mlx-lm's Llama-family models only with layer_types)",
+}
 # How the weights compared (returned by check, recorded in receivers' stats).
 WEIGHTS_SAME = "same"
 WEIGHTS_OTHER_ALLOWED = "other (allowed)"
@@ -85,41 +103,122 @@ def tokenizer_hash(tokenizer) -> str | None:
     return digest
 
 
+def canonical_scaling(scaling) -> dict | None:
+    """A RoPE scaling dict in one spelling: ``rope_type`` (``type`` in older
+    configs; absent for ``default``) and its parameters, no nulls, no theta
+    and no ``partial_rotary_factor`` (fields of their own); None if empty."""
+    if not isinstance(scaling, dict):
+        return None
+    skip = ("rope_theta", "partial_rotary_factor", "type", "rope_type")
+    out = {k: v for k, v in scaling.items() if v is not None and k not in skip}
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind and kind != "default":
+        out["rope_type"] = kind
+    return dict(sorted(out.items())) or None
+
+
+def _rope(config: dict) -> dict:
+    """theta (full-attention layers), the local layers' theta, scaling and
+    partial rotary factor, from flat, transformers 5 or per-layer-type keys."""
+    params = config.get("rope_parameters") or {}
+    per_type = bool(params) and all(isinstance(v, dict) for v in params.values())
+    full = (params.get("full_attention") or {}) if per_type else params
+    local = (params.get("sliding_attention") or {}) if per_type else {}
+    theta = config.get("rope_theta")
+    theta = full.get("rope_theta") if theta is None else theta
+    local_theta = config.get("rope_local_base_freq")
+    local_theta = local.get("rope_theta") if local_theta is None else local_theta
+    scaling = config.get("rope_scaling")
+    factor = config.get("partial_rotary_factor")
+    factor = full.get("partial_rotary_factor") if factor is None else factor
+    return {
+        "rope_theta": float(theta) if theta is not None else None,
+        "rope_scaling": canonical_scaling(full if scaling is None else scaling),
+        "rope_local_theta": float(local_theta) if local_theta is not None else None,
+        "partial_rotary_factor": (
+            float(factor) if factor is not None and float(factor) != 1.0 else None
+        ),
+    }
+
+
+def _window(config: dict, runtime: str) -> tuple[int | None, list | None]:
+    """The sliding window the runtime applies, and which layers use it
+    (None when all do): transformers applies a ``sliding_window`` to every
+    layer unless ``layer_types`` (or Gemma's ``sliding_window_pattern``)
+    says which, or ``use_sliding_window`` is false; mlx-lm's Llama-family
+    modules apply it only with ``layer_types``."""
+    window = config.get("sliding_window")
+    types = config.get("layer_types")
+    pattern, n = config.get("sliding_window_pattern"), config.get("num_hidden_layers")
+    if types is None and pattern and n:
+        types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(n)
+        ]
+    if not window or config.get("use_sliding_window") is False:
+        return None, None
+    if types is None:
+        return (None, None) if runtime == "mlx" else (int(window), None)
+    sliding = [t == "sliding_attention" for t in types]
+    if not any(sliding):
+        return None, None
+    if all(sliding):
+        return int(window), None
+    return int(window), ["sliding" if s else "full" for s in sliding]
+
+
 def fingerprint_from_config(
-    config: dict, tokenizer=None, *, weights_sha256: str | None = None
+    config: dict,
+    tokenizer=None,
+    *,
+    weights_sha256: str | None = None,
+    runtime: str = "hf",
 ) -> dict:
     """The fingerprint fields of a ``config.json`` dict.
 
     Args:
         config: a model's config as a dict (HF or mlx-lm spelling; RoPE
-            values flat or nested in transformers 5's ``rope_parameters``).
+            values flat, nested in transformers 5's ``rope_parameters``, or
+            per layer type).
         tokenizer: optional tokenizer with ``get_vocab()``.
         weights_sha256: optional digest of the weights.
+        runtime: whose attention the config describes, ``"hf"`` (a
+            checkpoint as transformers runs it) or ``"mlx"`` (an mlx-lm
+            model's args): they differ in when a sliding window applies.
+
+    Returns:
+        The nine base fields, plus ``rope_local_theta``,
+        ``partial_rotary_factor``, ``sliding_window``, ``layer_types`` and
+        ``attn_softcap`` only where a model has them (absent means the
+        default: written cards of plain models stay as they were).
     """
-    rope_params = dict(config.get("rope_parameters") or {})
-    theta = config.get("rope_theta", rope_params.get("rope_theta"))
-    scaling = config.get("rope_scaling")
-    if scaling is None:
-        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
-        scaling = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
     n_heads = config.get("num_attention_heads")
     head_dim = config.get("head_dim")
     if head_dim is None and n_heads:
         head_dim = config["hidden_size"] // n_heads
-    return {
+    rope = _rope(config)
+    window, layer_types = _window(config, runtime)
+    fp = {
         "model_type": config.get("model_type"),
         "n_layers": config.get("num_hidden_layers"),
         "n_kv_heads": config.get("num_key_value_heads", n_heads),
         "head_dim": head_dim,
-        "rope_theta": float(theta) if theta is not None else None,
-        "rope_scaling": scaling or None,
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": rope["rope_scaling"],
         "vocab_size": config.get("vocab_size"),
         "tokenizer_sha256": tokenizer_hash(tokenizer)
         if tokenizer is not None
         else None,
         "weights_sha256": weights_sha256,
     }
+    extra = {
+        "rope_local_theta": rope["rope_local_theta"] if layer_types else None,
+        "partial_rotary_factor": rope["partial_rotary_factor"],
+        "sliding_window": window,
+        "layer_types": layer_types,
+        "attn_softcap": config.get("attn_logit_softcapping"),
+    }
+    return {**fp, **{k: v for k, v in extra.items() if v is not None}}
 
 
 def model_args_config(model) -> dict:
@@ -185,7 +284,10 @@ def fingerprint(source, tokenizer=None) -> dict:
         shape = module_shape(source)
         if hasattr(source, "named_modules"):
             digest = weights.model_digest(source)
-    fp = fingerprint_from_config(config, tokenizer, weights_sha256=digest)
+    runtime = "mlx" if kind == "mlx" else "hf"
+    fp = fingerprint_from_config(
+        config, tokenizer, weights_sha256=digest, runtime=runtime
+    )
     return {**fp, **shape}
 
 
@@ -223,14 +325,17 @@ def mismatches(
     """Fields where a card's fingerprint contradicts the model's, as messages.
 
     The one policy: a field the model side does not know (None) is not
-    compared, except ``rope_scaling``, where None means "no scaling"; the
-    identity hashes (tokenizer, weights) are compared only when both sides
-    have one. Other weights are reported as ``weights: ...`` unless
-    ``allow_other_weights``.
+    compared, except the RoPE and attention fields (:data:`NULLABLE_FIELDS`),
+    where None means the default (no scaling, no window); RoPE scaling is
+    compared in its canonical spelling; the identity hashes (tokenizer,
+    weights) are compared only when both sides have one. Other weights are
+    reported as ``weights: ...`` unless ``allow_other_weights``.
     """
     out = []
     for key in FIELDS:
         a, b = card.get(key), model.get(key)
+        if key == "rope_scaling":  # cards written before the canonical spelling
+            a, b = canonical_scaling(a), canonical_scaling(b)
         if key in IDENTITY_FIELDS and (a is None or b is None):
             continue
         if b is None and key not in NULLABLE_FIELDS:
@@ -244,7 +349,7 @@ def mismatches(
                     f"{b[:16]}... (allow_other_weights to accept it)"
                 )
             continue
-        out.append(f"{key}: card has {a!r}, model has {b!r}")
+        out.append(f"{key}: card has {a!r}, model has {b!r}{_WHY.get(key, '')}")
     return out
 
 

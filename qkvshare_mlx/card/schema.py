@@ -51,6 +51,11 @@ FINGERPRINT_KINDS = {
     "vocab_size": int,
     "tokenizer_sha256": str,
     "weights_sha256": str,
+    "rope_local_theta": (int, float),
+    "partial_rotary_factor": (int, float),
+    "sliding_window": int,
+    "layer_types": list,
+    "attn_softcap": (int, float),
 }
 HASH_FIELDS = ("tokenizer_sha256", "weights_sha256")  # 64 lowercase hex digits
 # Keys of each object, exactly: a key the reader did not know would be
