@@ -1,6 +1,6 @@
 # `make demo` and `make test` work from a fresh clone: they create .venv, install
 # the package (editable, with the hf and dev extras) once per pyproject.toml change,
-# and make sure Debian's OpenBLAS is there for MLX's CPU backend (see _blas.py).
+# and make sure Debian's OpenBLAS is there for MLX's CPU backend (see qkvshare_mlx/blas.py).
 
 PYTHON ?= python3
 VENV := .venv

@@ -7,9 +7,10 @@ and ``model(input_ids, ...)`` continue from; a ``DynamicCache`` is quantized
 with the numpy quantizer into a card the MLX side reads.
 
 This module needs torch, transformers and numpy, never MLX: from the core it
-imports only modules that are numpy-only (card, codec, formats, controllers,
-errors, np_quantizer). torch and transformers are imported inside the
-functions, so importing ``qkvshare_converters`` stays cheap.
+imports only modules that are numpy-only (card, formats, fingerprint, align,
+chat, generation, errors, quant.numpy_backend). torch and transformers are
+imported inside the functions, so importing ``qkvshare_converters`` stays
+cheap.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def dynamic_cache_to_card(
         model: the model that made the cache (for the fingerprint and dtype).
         tokenizer: optional, adds the tokenizer hash to the fingerprint.
         controller, budget_bits, config, stats, plan: as in
-            ``np_quantizer.quantize_cache_np``. Without ``stats`` the key
+            ``quant.numpy_backend.quantize_cache_np``. Without ``stats`` the key
             norms of the cache are used (enough for ``saliency-keynorm``;
             ``saliency`` needs the attention from :func:`hf_prefill`).
         user: free-form JSON metadata stored in the card.

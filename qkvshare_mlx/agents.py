@@ -44,11 +44,13 @@ from . import generation
 from .capture import Prefill
 from .card import CacheCard
 from .chat import ChatFormat
+from .dtypes import mx_name
 from .errors import ConfigError
 from .fingerprint import fingerprint
 from .formats import QuantConfig
 from .handoff import make_card
 from .inject import inject
+from .models import model_dtype
 from .quant.controllers import CONTROLLERS, HandoffPlan
 from .quant.mlx_backend import quantize_cache
 from .quant.numpy_backend import decode_layer
@@ -178,8 +180,9 @@ def hop_card(
             stats=pre.stats,
             plan=plan,
         )
+        dtype = mx_name(model_dtype(model))  # as make_card records it
         return CacheCard.from_quantized(
-            qkv, tokens, fingerprint(model, tokenizer), user=user
+            qkv, tokens, fingerprint(model, tokenizer), dtype=dtype, user=user
         )
     return make_card(
         model,

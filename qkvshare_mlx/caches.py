@@ -73,7 +73,7 @@ class StreamedKVCache(KVCache):
 
     Args:
         future: resolves to the layer's evaluated (B, H, capacity, D) float32
-            keys and values (see :func:`~qkvshare_mlx.quant.mlx_backend.stream_layers`).
+            keys and values (see :func:`~qkvshare_mlx.quant.fastpath.stream_layers`).
         offset: the number of cached tokens.
         dtype: the dtype the receiver wants (cast on arrival when not float32).
     """

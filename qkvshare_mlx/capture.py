@@ -2,7 +2,7 @@
 
 :func:`prefill` runs an mlx-lm model over a prompt with ordinary mlx-lm caches
 and returns everything a card needs: per-layer keys and values (B, H, T, D),
-the last-position logits, and :class:`~qkvshare_mlx.controllers.TokenStats`
+the last-position logits, and :class:`~qkvshare_mlx.quant.controllers.TokenStats`
 for the saliency controllers:
 
 - ``key_norms`` (L, T): the L2 norm of each token's key, summed over heads;

@@ -4,8 +4,10 @@ A card covers a conversation prefix; the next agent's prompt must begin
 with exactly those ids. :class:`ChatFormat` renders the model's chat
 template once around placeholder strings to learn the text between turns,
 then builds each new turn alone and appends it, keeping generated ids as
-they were (no re-tokenization drift). :func:`sender_tokens` and
-:func:`receiver_suffix` are the CLI's one-turn forms.
+they were (no re-tokenization drift): the token-level chains of
+:mod:`qkvshare_mlx.agents`. :func:`render` is the one call of a chat
+template (the conversation API, :mod:`qkvshare_mlx.conversation`, uses it
+too); :func:`prompt_ids` turns a prompt given as text or ids into ids.
 
 The module knows tokenizers and chat templates; nothing about caches.
 """
@@ -18,11 +20,37 @@ from .align import token_ids
 from .errors import ConfigError
 
 
-def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    """The chat template applied to ``messages`` as text."""
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
+def render(
+    tokenizer, messages: list[dict], generation_prompt: bool, *, open_last=False
+) -> str:
+    """The chat template applied to ``messages`` as text.
+
+    Args:
+        tokenizer: a tokenizer with a chat template.
+        messages: ``{"role", "content"}`` dicts.
+        generation_prompt: end with an open assistant turn.
+        open_last: leave the last message open (``continue_final_message``).
+
+    Raises:
+        ConfigError: the template refuses the turns (or there is none).
+    """
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            continue_final_message=open_last,
+        )
+    except Exception as e:
+        # jinja2's TemplateError and the template's raise_exception;
+        # transformers' ValueError (no template, an unrenderable final message)
+        if not isinstance(e, ValueError) and type(e).__name__ not in (
+            "TemplateError",
+            "TemplateSyntaxError",
+        ):
+            raise
+        roles = [m.get("role") for m in messages]
+        raise ConfigError(f"chat template refused the turns {roles}: {e}") from None
 
 
 def encode(tokenizer, text: str, special: bool) -> list[int]:
@@ -45,29 +73,6 @@ def prompt_ids(tokenizer, prompt) -> np.ndarray:
         special = bos is None or not prompt.startswith(bos)
         return token_ids(encode(tokenizer, prompt, special), "prompt")
     return token_ids(prompt, "prompt")
-
-
-def sender_tokens(tokenizer, text: str, chat: bool) -> list[int]:
-    """The tokens a card covers: the rendered user turn, or the raw text."""
-    if not chat:
-        return encode(tokenizer, text, True)
-    return encode(
-        tokenizer, render(tokenizer, [{"role": "user", "content": text}], False), False
-    )
-
-
-def receiver_suffix(tokenizer, text: str | None, chat: bool) -> list[int]:
-    """Tokens the receiver appends to a card's tokens."""
-    if not chat:
-        return encode(tokenizer, text, False) if text else []
-    turn = [{"role": "user", "content": "X"}]
-    base = render(tokenizer, turn, False)
-    more = turn + ([{"role": "user", "content": text}] if text else [])
-    full = render(tokenizer, more, True)
-    if not full.startswith(base):
-        # Template is not prefix-stable: append the prompt as raw text.
-        return encode(tokenizer, text, False) if text else []
-    return encode(tokenizer, full[len(base) :], False)
 
 
 class ChatFormat:

@@ -35,8 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .card import CacheCard
-from .chat import encode
-from .errors import ConfigError
+from .chat import encode, render
+from .errors import CardFormatError, ConfigError
 from .generation import GREEDY, Generation, SamplingOptions, generate
 from .handoff import continue_from_card, make_card
 
@@ -49,18 +49,7 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def _render(tokenizer, messages, *, open_last=False, generation_prompt=False) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
-            continue_final_message=open_last,
-        )
-    except Exception as e:  # jinja2's TemplateError and the template's raise()
-        if type(e).__name__ not in ("TemplateError", "TemplateSyntaxError"):
-            raise
-        roles = [m["role"] for m in messages]
-        raise ConfigError(f"chat template refused the turns {roles}: {e}") from None
+    return render(tokenizer, messages, generation_prompt, open_last=open_last)
 
 
 @dataclass
@@ -75,14 +64,37 @@ class Conversation:
 
     @classmethod
     def of_card(cls, card: CacheCard) -> Conversation:
+        """The conversation a card records, checked (its ``user`` metadata
+        comes from a file): CardFormatError naming the field otherwise."""
         u = card.user
         messages = u.get(MESSAGES_KEY)
-        return cls(
-            messages=messages,
-            open=bool(u.get(OPEN_KEY, True)),
-            tokens=card.tokens.tolist(),
-            chat=bool(u.get(CHAT_KEY, messages is None)),
-        )
+        is_open, chat = u.get(OPEN_KEY, True), u.get(CHAT_KEY, messages is None)
+        if messages is not None and not (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and set(m) == {"role", "content"}
+                and isinstance(m["role"], str)
+                and isinstance(m["content"], str)
+                for m in messages
+            )
+        ):
+            raise CardFormatError(
+                "user.messages: expected a non-empty list of {role, content} "
+                f"strings, got {messages!r:.80}"
+            )
+        if not isinstance(is_open, bool) or not isinstance(chat, bool):
+            raise CardFormatError(
+                f"user.open, user.chat: expected booleans, got {is_open!r:.20}, "
+                f"{chat!r:.20}"
+            )
+        if messages is not None and is_open and messages[-1]["role"] != "user":
+            raise CardFormatError(
+                "user.open: only a user message can be open, the last message is "
+                f"{messages[-1]['role']!r:.20}"
+            )
+        return cls(messages, is_open, card.tokens.tolist(), chat)
 
     def metadata(self) -> dict:
         return {MESSAGES_KEY: self.messages, OPEN_KEY: self.open, CHAT_KEY: self.chat}
@@ -174,6 +186,24 @@ def with_reply(
     return conv
 
 
+def receiver_ids(tokenizer, card: CacheCard, prompt: str | None):
+    """A receiver's prompt ids for ``card`` (either runtime): the card's
+    conversation, ``prompt`` as its turn, the generation prompt; and the
+    conversation's messages after that turn (None for a card of ids only).
+
+    Raises:
+        CardFormatError: the card's conversation metadata is malformed.
+        ConfigError: a chat card and a tokenizer without a chat template.
+    """
+    conv = Conversation.of_card(card)
+    if conv.messages is None:  # ids only: the receiver's template decides
+        conv.chat = has_chat_template(tokenizer)
+    elif conv.chat:
+        _check_chat(tokenizer, True)
+    ids, messages = turn(tokenizer, conv, prompt)
+    return conv, ids, messages
+
+
 @dataclass
 class CardOptions:
     """How a hop's card is made (see :func:`~qkvshare_mlx.handoff.make_card`)."""
@@ -192,6 +222,7 @@ def _card(
     opts: CardOptions,
     inherited=None,
     progress=None,
+    allow_other_weights: bool = False,
 ):
     return make_card(
         model,
@@ -204,6 +235,7 @@ def _card(
         inherited=inherited,
         user={**opts.extra, **conv.metadata()},
         progress=progress,
+        allow_other_weights=allow_other_weights,
     )
 
 
@@ -268,12 +300,12 @@ def receive(
     Returns:
         ``(generation, card handed on or None)``.
     """
-    conv = Conversation.of_card(card)
-    if conv.messages is None:  # ids only: the receiver's template decides
-        conv.chat = has_chat_template(tokenizer)
-    elif conv.chat:
-        _check_chat(tokenizer, True)
-    ids, messages = turn(tokenizer, conv, prompt)
+    conv, ids, messages = receiver_ids(tokenizer, card, prompt)
+    if hand_on is not None and messages is None:
+        raise ConfigError(
+            "card: handing on needs the conversation's messages, and this card "
+            "was made from token ids"
+        )
     gen = continue_from_card(
         card,
         model,
@@ -290,12 +322,16 @@ def receive(
     if hand_on is None:
         return gen, None
     after = with_reply(tokenizer, messages, ids, gen, conv.chat)
-    if after is None:
-        raise ConfigError(
-            "card: handing on needs the conversation's messages, and this card "
-            "was made from token ids"
-        )
-    return gen, _card(model, tokenizer, after, hand_on, inherited=card)
+    # a template that is not prefix-stable re-renders the past: no inheritance
+    inherits = after.tokens[: card.n_tokens] == conv.tokens
+    return gen, _card(
+        model,
+        tokenizer,
+        after,
+        hand_on,
+        inherited=card if inherits else None,
+        allow_other_weights=allow_other_weights,
+    )
 
 
 @dataclass(frozen=True)
@@ -364,8 +400,9 @@ def run_chat_chain(
 
 
 def hop_row(role: str, gen: Generation | None, card: CacheCard | None) -> dict:
-    """One hop's figures: the reply and its TTFT, the card handed on and its
-    size (file bytes against fp16 K/V bytes, payload beside it)."""
+    """One hop's figures: the reply and its TTFT, the card handed on (tokens,
+    fp16 and payload bytes, effective bits; file bytes once it is written,
+    see :func:`card_size`)."""
     row: dict = {"role": role}
     if gen is not None:
         row.update(
@@ -376,7 +413,12 @@ def hop_row(role: str, gen: Generation | None, card: CacheCard | None) -> dict:
             n_prefilled=gen.n_prefilled,
         )
     if card is not None:
-        row.update(card_size(card), card_tokens=card.n_tokens)
+        row.update(
+            card_tokens=card.n_tokens,
+            fp16_bytes=card.fp16_bytes,
+            payload_bytes=card.payload_bytes,
+            effective_bits=round(card.effective_bits, 4),
+        )
     return row
 
 

@@ -25,9 +25,6 @@ SAFETENSORS = {
 }
 _SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS.items()}
 
-# Names of the float copies a card may store (numpy has no bfloat16).
-_NUMPY_FLOATS = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
-
 
 def check_float_name(name, what: str = "dtype") -> str:
     """``name`` if it is one of :data:`FLOAT_NAMES`, else ConfigError."""
@@ -39,15 +36,6 @@ def check_float_name(name, what: str = "dtype") -> str:
 def safetensors_code(dtype) -> str | None:
     """The safetensors code of a numpy dtype (None if a card cannot hold it)."""
     return _SAFETENSORS_CODES.get(np.dtype(dtype))
-
-
-def to_numpy(name: str) -> np.dtype:
-    """numpy dtype of a float name (float16/float32)."""
-    if name not in _NUMPY_FLOATS:
-        raise ConfigError(
-            f"dtype must be one of {list(_NUMPY_FLOATS)} but got {name!r}"
-        )
-    return _NUMPY_FLOATS[name]
 
 
 def to_mx(dtype):
@@ -72,9 +60,3 @@ def to_torch(dtype):
     if isinstance(dtype, torch.dtype):
         return dtype
     return getattr(torch, check_float_name(dtype))
-
-
-def torch_name(dtype) -> str:
-    """The name of a floating ``torch.dtype`` (``"float32"`` for any other)."""
-    name = str(dtype).rsplit(".", 1)[-1]
-    return name if name in FLOAT_NAMES else "float32"

@@ -1,11 +1,11 @@
 """A handoff in two calls: the sender makes a card, the receiver continues.
 
 :func:`make_card` prefills the sender's prompt (:mod:`.capture`), quantizes
-the cache under a bit budget (:mod:`.quantizer`, widths chosen by a
+the cache under a bit budget (:mod:`.quant`, widths chosen by a
 controller from the probe statistics) and wraps it with the model's
 fingerprint (:mod:`.card`). :func:`continue_from_card` injects a card
 (:mod:`.inject`), aligns the receiver's prompt with it, prefills only what
-is new and decodes greedily with mlx-lm.
+is new and generates with mlx-lm (:mod:`.generation`).
 
 Both functions return data: no printing, no files.
 """
@@ -46,6 +46,7 @@ def make_card(
     model_config: dict | None = None,
     probe_queries: int = 32,
     progress=None,
+    allow_other_weights: bool = False,
 ) -> CacheCard:
     """Prefill a prompt and pack its KV cache into a card.
 
@@ -63,6 +64,9 @@ def make_card(
         model_config: the model's config.json dict (default: ``model.args``).
         probe_queries: last positions whose attention drives saliency.
         progress: ``progress(processed, total)`` during the prefill.
+        allow_other_weights: accept an ``inherited`` card made with other
+            weights of the same model (its segments are kept as they are; the
+            new card names this model's weights).
 
     Returns:
         A :class:`~qkvshare_mlx.card.CacheCard` at RoPE offset 0.
@@ -81,7 +85,13 @@ def make_card(
                 f"prompt_tokens: expected the inherited card's {n} tokens followed "
                 f"by at least one new token ({len(tokens)} given)"
             )
-        cache = inject(inherited, model, mode="dequantize", expect=fp)
+        cache = inject(
+            inherited,
+            model,
+            mode="dequantize",
+            expect=fp,
+            allow_other_weights=allow_other_weights,
+        )
         done, inherited_qkv = n, inherited.to_quantized()
     pre = prefill(
         model,

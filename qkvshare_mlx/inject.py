@@ -155,7 +155,7 @@ def inject(
         dtype: dtype of the decoded keys/values (an ``mx.Dtype`` or its name);
             default: the model's, else the card's, else float32.
         expect: a full fingerprint (e.g. with the tokenizer hash, see
-            :func:`~qkvshare_mlx.capture.fingerprint`) to check too.
+            :func:`~qkvshare_mlx.fingerprint.fingerprint`) to check too.
 
     Returns:
         One cache per layer; its ``offset`` is the card's offset plus its

@@ -27,6 +27,15 @@ SPEC = {
         ({"agents": [{"role": "x"}, {"prompt": "y"}]}, "agents[0] needs a 'prompt'"),
         ({**SPEC, "colour": "red"}, "expected an object with keys"),
         ({"agents": [{"prompt": "a", "temp": 1}, {"prompt": "b"}]}, "unknown keys"),
+        ({"agents": [{"prompt": "a", "max_tokens": 0}, {"prompt": "b"}]}, "max_tokens"),
+        (
+            {"agents": [{"prompt": "a", "controller": "x"}, {"prompt": "b"}]},
+            "controller",
+        ),
+        (
+            {"agents": [{"prompt": "a", "budget_bits": "4"}, {"prompt": "b"}]},
+            "budget_bits",
+        ),
     ],
 )
 def test_bad_specs_are_named(spec, message, tmp_path):

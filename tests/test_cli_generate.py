@@ -53,6 +53,12 @@ def _one_line(capsys, message):
         (["--card", "{card}", "--mode", "stream", "--runtime", "hf"], "--runtime mlx"),
         (["--card", "{card}", "--out", "{tmp}/b.qkv", "--budget-bits", "1"], "budget"),
         (["--card", "{junk}"], "too short for a safetensors header"),
+        (["--card", "{card}", "-m", "0"], "max_tokens must be an int >= 1"),
+        (
+            ["--card", "{card}", "--out", "{tmp}/b.qkv", "--hops-remaining", "-1"],
+            "hops",
+        ),
+        (["--card", "{card}", "--out", "{tmp}/b.qkv"], "made from token ids"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_before_the_model_loads(

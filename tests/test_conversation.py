@@ -142,3 +142,27 @@ def test_default_model_mixed_card_keeps_first_token(default_model):
         got = continue_from_card(card, model, tok, prompt, mode=mode, max_tokens=1)
         assert got.tokens == want, mode
         assert got.n_reused == card.n_tokens
+
+
+@pytest.mark.parametrize(
+    "user, message",
+    [
+        ({"messages": []}, "non-empty list"),
+        ({"messages": [{"role": "user"}]}, "non-empty list"),
+        ({"messages": [{"role": "user", "content": 5}]}, "non-empty list"),
+        ({"messages": [1]}, "non-empty list"),
+        ({"messages": [{"role": "user", "content": "a"}], "open": "false"}, "booleans"),
+        (
+            {"messages": [{"role": "assistant", "content": "a"}], "open": True},
+            "only a user message can be open",
+        ),
+    ],
+)
+def test_a_malformed_conversation_in_a_card_is_a_format_error(user, message):
+    from qkvshare_mlx.errors import CardFormatError
+    from qkvshare_mlx.testing.mutations import small_card
+
+    card = small_card()
+    card.user = user
+    with pytest.raises(CardFormatError, match=message):
+        Conversation.of_card(card)

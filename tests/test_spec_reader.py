@@ -1,6 +1,6 @@
 """A CacheCard reader written only from docs/cachecard-format.md.
 
-It uses safetensors + numpy + json + hashlib, never qkvshare_mlx.codec or
+It uses safetensors + numpy + json + hashlib, never qkvshare_mlx.quant.numpy_backend or
 qkvshare_mlx.card, so it checks that the spec alone is enough to decode a card
 and verify its checksum, and that the library writes what the spec says.
 """

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..formats import QuantConfig
 from ..inject import MODES
 from . import options
 
@@ -54,8 +55,12 @@ def load_spec(path: Path) -> dict:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise ConfigError(
+                    f"{path}: TOML specs need Python 3.11 (tomllib); use JSON"
+                ) from None
             spec = tomllib.loads(text)
         else:
             spec = json.loads(text)
@@ -79,7 +84,27 @@ def load_spec(path: Path) -> dict:
                 f"{path}: agents[{i}] has unknown keys {sorted(set(a) - _AGENT_KEYS)}"
                 f" (expected some of {sorted(_AGENT_KEYS)})"
             )
+        _check_agent(path, i, a)
     return spec
+
+
+def _check_agent(path: Path, i: int, a: dict) -> None:
+    from ..quant.controllers import CONTROLLERS
+
+    where = f"{path}: agents[{i}]"
+    if not isinstance(a.get("role", ""), str):
+        raise ConfigError(f"{where}.role: expected a string, got {a['role']!r:.40}")
+    n = a.get("max_tokens", 64)
+    if type(n) is not int or n < 1:
+        raise ConfigError(f"{where}.max_tokens: expected an int >= 1, got {n!r:.40}")
+    b = a.get("budget_bits", 4.5)
+    if type(b) not in (int, float):
+        raise ConfigError(f"{where}.budget_bits: expected a number, got {b!r:.40}")
+    c = a.get("controller", "saliency")
+    if c not in CONTROLLERS:
+        raise ConfigError(
+            f"{where}.controller: expected one of {sorted(CONTROLLERS)}, got {c!r:.40}"
+        )
 
 
 def chain_agents(spec: dict) -> list:
@@ -108,13 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         options.check_writable(args.json, "--json")
     for a in agents:  # every budget before the model loads
-        ns = argparse.Namespace(
-            budget_bits=a.budget_bits,
-            group_size=64,
-            key_layout="channel",
-            rotation="none",
-        )
-        options.check_budget(ns)
+        options.check_budget_value(a.budget_bits, QuantConfig())
     sampling = options.sampling(
         argparse.Namespace(
             temp=args.temp, top_p=0.0, min_p=0.0, top_k=0, seed=args.seed
@@ -135,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         sampling=sampling,
         mode=args.mode,
     )
+    from ..conversation import card_size
+
     for k, card in enumerate(cards, start=1):
         path = card.save(out_dir / f"hop{k}.qkv", key=key)
-        hops[k - 1]["card"] = str(path)
+        hops[k - 1].update(card_size(card, path.stat().st_size), card=str(path))
     _print_table(hops)
     if args.json:
         Path(args.json).write_text(json.dumps({"hops": hops}, indent=2) + "\n")

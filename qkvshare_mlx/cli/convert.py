@@ -86,7 +86,7 @@ def _card_to_file(args, src: Path, dst: Path) -> int:
     from ..card import CacheCard
 
     card = CacheCard.load(src, key=options.card_key(args))
-    model = _model_dir(args.model or card.user.get("model"))
+    model = _model_dir(options.model_of(card, args.model))
     card.check_model(_fingerprint(model), allow_other_weights=args.allow_other_weights)
     meta = {"model": model, "tokenizer_config": json.dumps({})}
     card_to_prompt_cache_file(

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from ..errors import ConfigError
+from ..generation import check_max_tokens
 from ..inject import MODES, POLICIES
 from . import options
 
@@ -26,7 +27,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     options.add_model(p, card_default=True)
     p.add_argument("--card", required=True, help="the card to continue from")
-    options.add_prompt(p, required=False)
+    options.add_prompt(p, sender=False)
     p.add_argument("--out", help="hand on a card of the conversation so far")
     p.add_argument(
         "--mode",
@@ -58,20 +59,29 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--out needs --runtime mlx")
     if args.runtime == "hf" and args.mode != "dequantize":
         raise ConfigError(f"--mode {args.mode} needs --runtime mlx")
+    check_max_tokens(args.max_tokens)
+    plan = options.plan(args)
     sampling = options.sampling(args)
     key = options.card_key(args)
     prompt = options.prompt_text(args.prompt)
 
     from ..card import CacheCard
+    from ..conversation import Conversation
 
     card = CacheCard.load(path, key=key)  # validated before any model loads
-    model_arg = args.model or card.user.get("model")
+    conv = Conversation.of_card(card)  # its conversation metadata too
+    if out is not None and conv.messages is None:
+        raise ConfigError(
+            "--out: handing on needs the card's conversation, and this card was "
+            "made from token ids (e.g. converted from an mlx-lm prompt cache)"
+        )
+    model_arg = options.model_of(card, args.model)
     # 2. the model, the reply
     if args.runtime == "hf":
         gen = _hf(args, card, model_arg, prompt, sampling)
         handed = None
     else:
-        gen, handed = _mlx(args, card, model_arg, prompt, sampling, out)
+        gen, handed = _mlx(args, card, model_arg, prompt, sampling, out, plan)
     print(flush=True)
     if args.verbose:
         print("\n".join(options.stats_lines(gen)), file=sys.stderr)
@@ -90,7 +100,7 @@ def _print(text: str) -> None:
     print(text, end="", flush=True)
 
 
-def _mlx(args, card, model_arg, prompt, sampling, out):
+def _mlx(args, card, model_arg, prompt, sampling, out, plan):
     from ..conversation import CardOptions, receive
     from ..models import load_model
 
@@ -98,13 +108,12 @@ def _mlx(args, card, model_arg, prompt, sampling, out):
     model, tokenizer = load_model(model_arg)
     hand_on = None
     if out is not None:
-        extra = {"model": model_arg} if model_arg else {}
         hand_on = CardOptions(
             args.controller,
             args.budget_bits,
             options.quant_config(args),
-            options.plan(args),
-            extra,
+            plan,
+            options.recorded_model(model_arg),
         )
     return receive(
         card,
@@ -126,17 +135,14 @@ def _hf(args, card, model_arg, prompt, sampling):
     from qkvshare_converters.hf_cache import continue_hf
     from qkvshare_converters.hf_model import load_hf_model
 
-    from ..conversation import Conversation, has_chat_template, turn
+    from ..conversation import receiver_ids
 
     if args.seed is not None:
         import torch
 
         torch.manual_seed(args.seed)
     model, tokenizer = load_hf_model(model_arg)
-    conv = Conversation.of_card(card)
-    if conv.messages is None:
-        conv.chat = has_chat_template(tokenizer)
-    ids, _ = turn(tokenizer, conv, prompt)
+    _, ids, _ = receiver_ids(tokenizer, card, prompt)
     return continue_hf(
         card,
         model,

@@ -28,7 +28,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "cache as a CacheCard.",
     )
     options.add_model(p)
-    options.add_prompt(p, required=True)
+    options.add_prompt(p, sender=True)
     p.add_argument("--out", required=True, help="the card file to write")
     p.add_argument(
         "--generate",
@@ -38,7 +38,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="first generate the sender's reply (at most N tokens); the card covers it",
     )
     options.add_card(p)
-    options.add_generation(p)
+    options.add_generation(p, max_tokens=False)  # --generate N is the count
     options.add_security(p, receiver=False)
     return p
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _extra(args) -> dict:
-    return {"model": args.model} if args.model else {}
+    return options.recorded_model(args.model)
 
 
 def _mlx_card(args, prompt, chat, config, plan, sampling):

@@ -36,19 +36,20 @@ def add_model(p: argparse.ArgumentParser, *, card_default: bool = False) -> None
     )
 
 
-def add_prompt(p: argparse.ArgumentParser, *, required: bool) -> None:
+def add_prompt(p: argparse.ArgumentParser, *, sender: bool) -> None:
     p.add_argument(
         "-p",
         "--prompt",
-        required=required,
+        required=sender,
         help="the prompt ('-' reads it from stdin)",
     )
-    p.add_argument("--system-prompt", help="a system prompt before the first turn")
-    p.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="treat prompts as plain text (also for models without a template)",
-    )
+    if sender:  # a receiver continues the card's conversation as it is
+        p.add_argument("--system-prompt", help="a system prompt before the prompt")
+        p.add_argument(
+            "--no-chat-template",
+            action="store_true",
+            help="treat prompts as plain text (also for models without a template)",
+        )
 
 
 def add_card(p: argparse.ArgumentParser) -> None:
@@ -95,15 +96,16 @@ def add_card(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_generation(p: argparse.ArgumentParser, *, default_tokens: int = 256) -> None:
+def add_generation(p: argparse.ArgumentParser, *, max_tokens: bool = True) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument(
-        "-m",
-        "--max-tokens",
-        type=int,
-        default=default_tokens,
-        help=f"most tokens to generate (default: {default_tokens})",
-    )
+    if max_tokens:
+        g.add_argument(
+            "-m",
+            "--max-tokens",
+            type=int,
+            default=256,
+            help="most tokens to generate (default: 256)",
+        )
     g.add_argument("--temp", type=float, default=0.0, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling")
     g.add_argument("--min-p", type=float, default=0.0, help="min-p sampling")
@@ -187,10 +189,14 @@ def check_budget(args) -> None:
     A model's head size can narrow the range (checked again on the cache);
     the card's effective bits are checked after quantizing.
     """
-    config = quant_config(args)
+    check_budget_value(args.budget_bits, quant_config(args))
+
+
+def check_budget_value(budget_bits, config: QuantConfig) -> None:
+    """:func:`check_budget` for a budget and config given directly."""
     formats = config.menu(_BEST_CASE_HEAD_DIM)
     try:
-        validate_budget(args.budget_bits, formats, config.float_bits)
+        validate_budget(budget_bits, formats, config.float_bits)
     except ConfigError as e:
         raise ConfigError(f"--budget-bits: {e}") from None
 
@@ -209,6 +215,22 @@ def check_card_meets_budget(card, budget_bits: float, inherited=None) -> None:
             f"stores {effective:.3f} effective bits (head dims and per-channel "
             f"tails limit the formats; widths {sorted(ALL_BITS)})"
         )
+
+
+def model_of(card, flag: str | None) -> str | None:
+    """``--model``, else the model the card names (a path or hub id string)."""
+    named = card.user.get("model")
+    if flag is None and named is not None and not isinstance(named, str):
+        raise ConfigError(f"card user.model: expected a string, got {named!r:.40}")
+    return flag or named
+
+
+def recorded_model(flag: str | None) -> dict:
+    """What a card records of ``--model``: the resolved folder (or hub id)."""
+    if not flag:
+        return {}
+    path = Path(flag).expanduser()
+    return {"model": str(path.resolve()) if path.exists() else flag}
 
 
 def check_readable(path: str, what: str) -> Path:
@@ -238,11 +260,15 @@ def check_writable(path: str, what: str) -> Path:
 
 
 def size_line(card, file_bytes: int) -> str:
-    """The one size figure every verb prints: file bytes against fp16 K/V."""
+    """The one size figure every verb prints: file bytes against fp16 K/V
+    (:func:`qkvshare_mlx.conversation.card_size`)."""
+    from ..conversation import card_size
+
+    s = card_size(card, file_bytes)
     return (
-        f"{file_bytes:,} bytes, {card.fp16_bytes / max(file_bytes, 1):.2f}x smaller "
-        f"than its fp16 K/V ({card.fp16_bytes:,} bytes; payload "
-        f"{card.payload_bytes:,}), {card.effective_bits:.3f} effective bits"
+        f"{s['file_bytes']:,} bytes, {s['x_smaller_than_fp16']:.2f}x smaller than "
+        f"its fp16 K/V ({s['fp16_bytes']:,} bytes; payload {s['payload_bytes']:,}), "
+        f"{s['effective_bits']:.3f} effective bits"
     )
 
 

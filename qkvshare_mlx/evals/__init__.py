@@ -1,7 +1,7 @@
 """The GSM8K study: how well CacheCards carry context along agent chains.
 
 This subpackage is the experiment, not the library: the core
-(``qkvshare_mlx.agents``, ``card``, ``quantizer``, ...) never imports it. One
+(``qkvshare_mlx.agents``, ``card``, ``quant``, ...) never imports it. One
 concept per module:
 
 - ``gsm8k``: the problems, answer extraction and answer matching;

@@ -54,7 +54,7 @@ def encode(x: mx.array, bits: int, layout: str, group: int, float_dtype) -> Enco
 def unpack_codes(words: mx.array, bits: int) -> mx.array:
     """Unpack (..., W) uint32 words into (..., W*32/bits) uint32 codes.
 
-    The layout of ``mx.quantize`` (and codec.pack_codes): one little-endian
+    The layout of ``mx.quantize`` (and numpy_backend.pack_codes): one little-endian
     bit stream per row. Widths dividing 8 read single bytes; 3 and 6 bits
     read 3-byte units (8 or 4 whole codes), 5 bits 5-byte units (8 codes).
     """

@@ -116,12 +116,6 @@ def header_length_lie(data: bytes, rng) -> bytes:
     return struct.pack("<Q", lie) + data[8:]
 
 
-def _edit_header(data: bytes, edit: Callable[[dict], object]) -> bytes:
-    header, blob = split(data)
-    edit(header)
-    return join(header_bytes(header), blob)
-
-
 def _tensor_names(header: dict) -> list[str]:
     return sorted(k for k in header if k != "__metadata__")
 
