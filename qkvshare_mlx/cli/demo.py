@@ -24,6 +24,7 @@ from ..evals import gsm8k
 from ..evals.roles import gsm8k_agents
 from ..inject import inject
 from ..models import load_model, resolve_model
+from . import options
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -123,14 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, agent in enumerate(middle):
         print(f"--- agent {k + 1} ({agent.role}): {agent.instruction}")
         print(chat.text(run.reply_ids(k)).strip())
-        card, info = run.cards[k], run.hops[k]
-        ratio = info["fp16_bytes"] / info["payload_bytes"]
-        print(
-            f"  -> card to {names[k + 1]}: {card.n_tokens} tokens, "
-            f"{info['effective_bits']:.2f} effective bits, "
-            f"{info['payload_bytes'] / 1e6:.2f} MB vs {info['fp16_bytes'] / 1e6:.2f} "
-            f"MB fp16 ({ratio:.1f}x smaller)"
-        )
+        card = run.cards[k]
+        size = options.size_line(card, len(card.to_bytes()))
+        print(f"  -> card to {names[k + 1]}: {card.n_tokens} tokens, {size}")
         with_card = _ttft(model, receivers[k], card, args.reps)
         reprefill = _ttft(model, receivers[k], None, args.reps)
         print(
