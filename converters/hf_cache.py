@@ -424,7 +424,7 @@ def _hf_generate(
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     ids = torch.from_numpy(np.ascontiguousarray(prompt)).view(1, -1).to(model.device)
-    kwargs = {} if cache is None else {"past_key_values": cache}
+    kwargs = {} if cache is None else {_cache_kwarg(model): cache}
     with torch.no_grad():
         model.generate(
             input_ids=ids,

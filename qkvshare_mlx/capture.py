@@ -11,13 +11,14 @@ for the saliency controllers:
   scaled like the model does, summed over query heads and probe positions).
 
 Queries are captured without touching model code: while the last chunk (the
-probe positions) runs, each attention module's ``q_proj`` is wrapped in a
-small recording module (the way mlx-lm wraps linears for LoRA) and restored
-afterwards. The recorded projections go through the module's own ``q_norm``
-(if any, as in Qwen3) and ``rope`` at the chunk's offset, so the probe sees
-exactly the queries the model used. Attention modules without ``q_proj`` and
-``rope`` (non-Llama families) get key norms only (``attention`` is None),
-which the ``saliency-keynorm`` controller uses.
+probe positions) runs, each attention module's ``q_proj`` (or the query
+columns of a fused ``qkv_proj``, as in Phi-3) is wrapped in a small recording
+module (the way mlx-lm wraps linears for LoRA) and restored afterwards. The
+recorded projections go through the module's own ``q_norm`` (if any, as in
+Qwen3) and ``rope`` at the chunk's offset, so the probe sees exactly the
+queries the model used. Attention modules with neither projection, or
+without ``rope``, get key norms only (``attention`` is None), and the
+``saliency`` controller falls back to them with a notice.
 
 The probe costs ``P * T * D`` per query head and layer (P = probe queries),
 against ``T^2 * D`` for the prefill's own attention plus its matmuls, so it
@@ -39,7 +40,10 @@ from .align import token_ids
 from .errors import CacheShapeError, ConfigError, UnsupportedCacheError
 from .quant.controllers import TokenStats
 
-_ATTN_FIELDS = ("q_proj", "rope", "n_heads", "n_kv_heads", "scale")
+_ATTN_FIELDS = ("rope", "n_heads", "n_kv_heads", "scale")
+# the projection whose output holds the queries: a plain q_proj, or the query
+# columns of a fused qkv_proj (Phi-3: queries first, then keys, values)
+_QUERY_PROJECTIONS = ("q_proj", "qkv_proj")
 
 
 @dataclass
@@ -66,18 +70,38 @@ class Prefill:
 
 
 class _RecordQueries(nn.Module):
-    """Wraps a ``q_proj`` and keeps the last ``keep`` rows of its output."""
+    """Wraps a query projection and keeps the last ``keep`` rows of its
+    output's first ``width`` columns (all of a ``q_proj``'s; the queries of
+    a fused ``qkv_proj``)."""
 
-    def __init__(self, inner: nn.Module, keep: int):
+    def __init__(self, inner: nn.Module, keep: int, width: int | None = None):
         super().__init__()
         self.inner = inner
         self.keep = keep
+        self.width = width
         self.recorded = None
 
     def __call__(self, x):
         y = self.inner(x)
-        self.recorded = y[:, -self.keep :]
+        self.recorded = y[:, -self.keep :, : self.width]
         return y
+
+
+def _query_projection(attn) -> tuple[str, int | None] | None:
+    """(attribute name, query columns) of a module's query projection."""
+    if hasattr(attn, "q_proj"):
+        return "q_proj", None
+    if hasattr(attn, "qkv_proj") and hasattr(attn, "head_dim"):
+        return "qkv_proj", attn.n_heads * attn.head_dim
+    return None
+
+
+def _query_projection_name(attn) -> str:
+    """The attribute a wrapper replaced (its ``inner`` is the projection)."""
+    for name in _QUERY_PROJECTIONS:
+        if isinstance(getattr(attn, name, None), _RecordQueries):
+            return name
+    raise AssertionError("no wrapped query projection")  # never: we wrapped it
 
 
 def _attention_modules(model) -> list | None:
@@ -89,6 +113,8 @@ def _attention_modules(model) -> list | None:
     for layer in layers:
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, f) for f in _ATTN_FIELDS):
+            return None
+        if _query_projection(attn) is None:
             return None
         out.append(attn)
     return out
@@ -221,15 +247,16 @@ def prefill(
     try:
         if P:
             for attn in attns:
-                wrappers.append(_RecordQueries(attn.q_proj, P))
-                attn.q_proj = wrappers[-1]
+                name, width = _query_projection(attn)
+                wrappers.append(_RecordQueries(getattr(attn, name), P, width))
+                setattr(attn, name, wrappers[-1])
         logits = model(mx.array(ids[n - last :])[None], cache=cache)[:, -1, :]
         mx.eval(logits, [c.state for c in cache])
         if progress is not None:
             progress(n, n)
     finally:
         for attn, w in zip(attns or [], wrappers):
-            attn.q_proj = w.inner
+            setattr(attn, _query_projection_name(attn), w.inner)
 
     # 3. keys, values and statistics over the whole cache
     kv = [_cache_kv(c) for c in cache]
