@@ -28,8 +28,14 @@ from qkvshare_mlx.chat import prompt_ids
 from qkvshare_mlx.dtypes import FLOAT_NAMES, to_torch
 from qkvshare_mlx.errors import (
     CacheShapeError,
+    UnsupportedCacheError,
 )
-from qkvshare_mlx.fingerprint import fingerprint, weights_status
+from qkvshare_mlx.fingerprint import (
+    fingerprint,
+    sliding_window,
+    weights_status,
+    window_limit,
+)
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.generation import (
     GREEDY,
@@ -39,6 +45,22 @@ from qkvshare_mlx.generation import (
 )
 from qkvshare_mlx.quant.controllers import HandoffPlan, TokenStats
 from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
+
+
+def check_window(model, n_tokens: int) -> None:
+    """Raise UnsupportedCacheError when a sliding-window model's cache would
+    hold fewer than ``n_tokens`` in some layer (cards hold every token in
+    every layer; transformers keeps ``window - 1`` of a sliding layer)."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    window = sliding_window(config.to_dict())
+    if window is not None and n_tokens > window_limit(window):
+        raise UnsupportedCacheError(
+            f"tokens: {n_tokens}, but this model's sliding window of {window} "
+            f"keeps at most {window_limit(window)} (past the window is not "
+            "supported yet)"
+        )
 
 
 def _torch():
@@ -123,6 +145,8 @@ def card_to_dynamic_cache(
     if model is not None:
         card.check_model(fingerprint(model), allow_other_weights=allow_other_weights)
     card.require_start("a DynamicCache")
+    if model is not None:
+        check_window(model, card.n_tokens)
     dtype = _torch_dtype(dtype, model)
     if device is None:
         device = getattr(model, "device", None) or "cpu"
@@ -308,6 +332,7 @@ def hf_prefill(model, tokens, *, probe_queries: int = 32):
     torch = _torch()
 
     ids = token_ids(tokens, "tokens")
+    check_window(model, ids.shape[0])  # before any forward pass
     P = min(int(probe_queries), ids.shape[0])
     attns = _attention_modules(model) if P > 0 else None
     captured: dict[int, tuple[Any, Any, Any] | None] = {}

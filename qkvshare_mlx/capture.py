@@ -34,10 +34,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .align import token_ids
 from .errors import CacheShapeError, ConfigError, UnsupportedCacheError
+from .fingerprint import window_limit
 from .quant.controllers import TokenStats
 
 _ATTN_FIELDS = ("rope", "n_heads", "n_kv_heads", "scale")
@@ -126,31 +127,41 @@ def _cache_kv(c) -> tuple[mx.array, mx.array]:
         return c.dequantized()
     if isinstance(c, KVCache) and c.keys is not None:  # or a StreamedKVCache
         return c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+    # within its window (check_cache_layers) a rotating cache holds every
+    # token in order
+    if isinstance(c, RotatingKVCache) and c.keys is not None:
+        if c.offset <= c.keys.shape[2]:
+            return c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
     raise CacheShapeError(
         f"prefill reads keys from mlx-lm KVCache layers, got {type(c).__name__}"
     )
 
 
-def check_cache_layers(cache: list) -> None:
+def check_cache_layers(cache: list, n_new: int = 0) -> None:
     """Raise UnsupportedCacheError, naming the layer and its cache type,
     unless every layer keeps plain keys and values a card can carry.
 
-    Called before any prefill: a model whose ``make_prompt_cache`` gives
-    sliding-window (``RotatingKVCache``) or recurrent (``ArraysCache``,
-    Mamba) layers is refused at once, not after the forward pass.
+    Called before any prefill of ``n_new`` tokens: a layer that is not keys
+    and values (``ArraysCache``, Mamba) is refused at once, and so is a
+    sliding-window layer (``RotatingKVCache``) that would hold more than
+    :func:`window_limit` tokens (cards hold every token in every layer).
     """
     for i, c in enumerate(cache):
         if isinstance(c, KVCache) or hasattr(c, "dequantized"):
             continue
         kind = type(c).__name__
-        why = (
-            "a sliding-window layer"
-            if "Rotating" in kind
-            else "not keys and values (recurrent or other state)"
-        )
+        if isinstance(c, RotatingKVCache):
+            total, limit = c.offset + n_new, window_limit(c.max_size)
+            if total <= limit:
+                continue
+            raise UnsupportedCacheError(
+                f"layer {i}: a sliding window of {c.max_size} tokens "
+                f"({kind}); cards of this model hold at most {limit} tokens, "
+                f"got {total} (past the window is not supported yet)"
+            )
         raise UnsupportedCacheError(
-            f"layer {i}: the model's cache is {kind}, {why}; cards carry "
-            "KVCache layers only"
+            f"layer {i}: the model's cache is {kind}, not keys and values "
+            "(recurrent or other state); cards carry KV cache layers only"
         )
 
 
@@ -227,7 +238,7 @@ def prefill(
             f"and {probe_queries}"
         )
     cache = make_prompt_cache(model) if cache is None else cache
-    check_cache_layers(cache)
+    check_cache_layers(cache, len(ids))
     attns = _attention_modules(model) if probe_queries else None
     n = len(ids)
     P = min(probe_queries, n) if attns is not None else 0

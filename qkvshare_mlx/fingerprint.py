@@ -167,6 +167,19 @@ def _window(config: dict, runtime: str) -> tuple[int | None, list | None]:
     return int(window), ["sliding" if s else "full" for s in sliding]
 
 
+def window_limit(window: int) -> int:
+    """The most tokens a card of a sliding-window model holds: what both
+    runtimes keep of a window of ``window`` tokens (transformers keeps
+    ``window - 1``, mlx-lm ``window``), so every layer holds every token."""
+    return window - 1
+
+
+def sliding_window(config: dict, runtime: str = "hf") -> int | None:
+    """The sliding window a runtime applies to some layer of this config, or
+    None (see :func:`fingerprint_from_config`)."""
+    return _window(config, runtime)[0]
+
+
 def fingerprint_from_config(
     config: dict,
     tokenizer=None,

@@ -30,14 +30,21 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 from . import fingerprint as fingerprints
 from .align import POLICIES, plan_reuse  # noqa: F401  (POLICIES re-exported)
 from .caches import MixedQuantizedKVCache, StreamedKVCache
 from .card import CacheCard
 from .dtypes import to_mx
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedCacheError
+from .fingerprint import window_limit
 from .formats import FLOAT_BITS, QuantizedKV
 from .models import model_dtype
 from .quant.fastpath import dequantize_layers, stream_layers
@@ -194,6 +201,9 @@ def inject(
     T = qkv.n_tokens
 
     rotation = qkv.config.rotation
+    windows = _windows(model, len(qkv.layers))
+    if any(windows):
+        _check_windows(windows, T, mode)
     if mode == "compressed":
         uniform = _uniform_token_format(qkv)
         # mlx-lm's quantized attention reads the codes as they are: no rotation
@@ -216,13 +226,44 @@ def inject(
         futures = stream_layers(qkv.layers, T, capacity=capacity, rotation=rotation)
         return [StreamedKVCache(f, T, dtype) for f in futures]
     caches = []
-    for k, v in dequantize_layers(
-        qkv.layers, T, dtype, capacity=capacity, rotation=rotation
+    for (k, v), window in zip(
+        dequantize_layers(qkv.layers, T, dtype, capacity=capacity, rotation=rotation),
+        windows,
     ):
-        c = KVCache()
-        c.keys, c.values, c.offset = k, v, T
+        if window is None:
+            c = KVCache()
+            c.keys, c.values, c.offset = k, v, T
+        else:  # the receiver's sliding layer: its rotating cache, T in order
+            c = RotatingKVCache(max_size=window[0], keep=window[1])
+            c.state = (k[..., :T, :], v[..., :T, :], T, window[1], window[0], T)
         caches.append(c)
     return caches
+
+
+def _windows(model, n_layers: int) -> list:
+    """Per layer, ``(max_size, keep)`` of the receiver's rotating cache, or
+    None for a plain ``KVCache`` layer (and without a model)."""
+    if model is None:
+        return [None] * n_layers
+    expected = make_prompt_cache(model)
+    return [
+        (c.max_size, c.keep) if isinstance(c, RotatingKVCache) else None
+        for c in expected
+    ]
+
+
+def _check_windows(windows: list, T: int, mode: str) -> None:
+    if mode != "dequantize":
+        raise ConfigError(
+            f"mode {mode!r}: a sliding-window model receives cards in mode "
+            "'dequantize' only"
+        )
+    limit = min(window_limit(w[0]) for w in windows if w)
+    if T > limit:
+        raise UnsupportedCacheError(
+            f"card: {T} tokens, but this model's sliding window holds at most "
+            f"{limit} (past the window is not supported yet)"
+        )
 
 
 def _resolve_dtype(dtype, model, card_dtype):

@@ -131,3 +131,73 @@ def test_every_family_is_probed_for_saliency(family):
             mlx, None, _ids(48, 4), budget_bits=16 if "80" in name else 4.5
         )
     assert card.effective_bits <= (16 if "80" in name else 4.52)
+
+
+# ----------------------------------------------------------------------------
+# Sliding-window layers (Gemma 3: five local layers, then a global one)
+
+GEMMA3 = {
+    **BASE,
+    "model_type": "gemma3_text",
+    "num_hidden_layers": 6,
+    "head_dim": 32,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "sliding_window": 16,
+    "sliding_window_pattern": 6,
+    "query_pre_attn_scalar": 32,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    FAMILIES["gemma3"] = {k: v for k, v in GEMMA3.items() if BASE.get(k) != v}
+    try:
+        return _twins("gemma3", tmp_path_factory.mktemp("gemma3"))
+    finally:
+        del FAMILIES["gemma3"]
+
+
+def test_sliding_window_cards_within_the_window_go_every_way(gemma3):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from qkvshare_mlx.inject import inject
+
+    mlx, hf = gemma3
+    assert fingerprint(mlx) == fingerprint(hf)
+    assert fingerprint(mlx)["layer_types"] == ["sliding"] * 5 + ["full"]
+    ids = _ids(12, 5)  # the window keeps 15 in both runtimes
+    card = make_card(
+        mlx, None, ids, controller="uniform", budget_bits=32, config=LOSSLESS
+    )
+    kinds = [type(c).__name__ for c in inject(card, mlx)]
+    assert kinds == ["RotatingKVCache"] * 5 + ["KVCache"]
+    assert isinstance(inject(card, mlx)[0], RotatingKVCache)
+    prompt = ids + [3]
+    # generating past the window after the handoff is the receiver's business
+    got = continue_from_card(card, mlx, None, prompt, max_tokens=16).tokens
+    assert got == greedy_tokens(mlx, prompt, max_tokens=16)
+    got = continue_hf(card, hf, None, prompt, max_tokens=16).tokens
+    assert got == hf_greedy_tokens(hf, prompt, max_tokens=16)
+    cache, _, _ = hf_prefill(hf, ids)
+    hf_card = dynamic_cache_to_card(
+        cache, ids, hf, controller="uniform", budget_bits=32, config=LOSSLESS
+    )
+    got = continue_from_card(hf_card, mlx, None, prompt, max_tokens=16).tokens
+    assert got == greedy_tokens(mlx, prompt, max_tokens=16)
+
+
+def test_past_the_window_is_refused_before_any_prefill(gemma3, monkeypatch):
+    from qkvshare_mlx.errors import ConfigError, UnsupportedCacheError
+    from qkvshare_mlx.inject import inject
+
+    mlx, hf = gemma3
+    ids = _ids(20, 6)
+    with pytest.raises(UnsupportedCacheError, match="at most 15 tokens, got 20"):
+        make_card(mlx, None, ids, controller="uniform", budget_bits=16)
+    with pytest.raises(UnsupportedCacheError, match="keeps at most 15"):
+        hf_prefill(hf, ids)
+    card = make_card(mlx, None, ids[:12], controller="uniform", budget_bits=16)
+    with pytest.raises(ConfigError, match="mode 'dequantize' only"):
+        inject(card, mlx, mode="compressed")
