@@ -28,13 +28,10 @@ from qkvshare_mlx.chat import prompt_ids
 from qkvshare_mlx.dtypes import FLOAT_NAMES, to_torch
 from qkvshare_mlx.errors import (
     CacheShapeError,
-    UnsupportedCacheError,
 )
 from qkvshare_mlx.fingerprint import (
     fingerprint,
-    sliding_window,
     weights_status,
-    window_limit,
 )
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.generation import (
@@ -45,22 +42,6 @@ from qkvshare_mlx.generation import (
 )
 from qkvshare_mlx.quant.controllers import HandoffPlan, TokenStats
 from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
-
-
-def check_window(model, n_tokens: int) -> None:
-    """Raise UnsupportedCacheError when a sliding-window model's cache would
-    hold fewer than ``n_tokens`` in some layer (cards hold every token in
-    every layer; transformers keeps ``window - 1`` of a sliding layer)."""
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    window = sliding_window(config.to_dict())
-    if window is not None and n_tokens > window_limit(window):
-        raise UnsupportedCacheError(
-            f"tokens: {n_tokens}, but this model's sliding window of {window} "
-            f"keeps at most {window_limit(window)} (past the window is not "
-            "supported yet)"
-        )
 
 
 def _torch():
@@ -145,8 +126,6 @@ def card_to_dynamic_cache(
     if model is not None:
         card.check_model(fingerprint(model), allow_other_weights=allow_other_weights)
     card.require_start("a DynamicCache")
-    if model is not None:
-        check_window(model, card.n_tokens)
     dtype = _torch_dtype(dtype, model)
     if device is None:
         device = getattr(model, "device", None) or "cpu"
@@ -330,9 +309,9 @@ def hf_prefill(model, tokens, *, probe_queries: int = 32):
         ``key_norms`` (L, T), and the (B, V) float32 logits of the last token.
     """
     torch = _torch()
+    from transformers import DynamicCache
 
     ids = token_ids(tokens, "tokens")
-    check_window(model, ids.shape[0])  # before any forward pass
     P = min(int(probe_queries), ids.shape[0])
     attns = _attention_modules(model) if P > 0 else None
     captured: dict[int, tuple[Any, Any, Any] | None] = {}
@@ -358,7 +337,10 @@ def hf_prefill(model, tokens, *, probe_queries: int = 32):
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             extra["logits_to_keep"] = 1
         input_ids = torch.from_numpy(ids).view(1, -1).to(model.device)
-        out = _forward(model, input_ids, None, **extra)
+        # a cache without the config's layer types keeps every token in every
+        # layer (a sliding layer's own would keep its window); the model's
+        # masks still apply the window, so the forward pass is the same
+        out = _forward(model, input_ids, DynamicCache(), **extra)
     finally:
         for h in handles:
             h.remove()

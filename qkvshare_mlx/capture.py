@@ -137,14 +137,30 @@ def _cache_kv(c) -> tuple[mx.array, mx.array]:
     )
 
 
+def sender_cache(model) -> list:
+    """The sender's prompt cache: the model's own (``make_prompt_cache``),
+    a sliding-window layer's ``RotatingKVCache`` replaced by a ``KVCache``.
+
+    The model's windowed attention mask still applies (mlx-lm builds it from
+    the window size), so the forward pass is the same; the cache just keeps
+    every token, which a card holds (a receiver's rotating cache keeps the
+    window of them, :func:`qkvshare_mlx.inject.inject`).
+    """
+    return [
+        KVCache() if isinstance(c, RotatingKVCache) else c
+        for c in make_prompt_cache(model)
+    ]
+
+
 def check_cache_layers(cache: list, n_new: int = 0) -> None:
     """Raise UnsupportedCacheError, naming the layer and its cache type,
     unless every layer keeps plain keys and values a card can carry.
 
     Called before any prefill of ``n_new`` tokens: a layer that is not keys
     and values (``ArraysCache``, Mamba) is refused at once, and so is a
-    sliding-window layer (``RotatingKVCache``) that would hold more than
-    :func:`window_limit` tokens (cards hold every token in every layer).
+    caller's sliding-window layer (``RotatingKVCache``) that would drop
+    tokens (past :func:`~qkvshare_mlx.fingerprint.window_limit`): cards hold
+    every token in every layer (:func:`sender_cache` keeps them all).
     """
     for i, c in enumerate(cache):
         if isinstance(c, KVCache) or hasattr(c, "dequantized"):
@@ -156,8 +172,8 @@ def check_cache_layers(cache: list, n_new: int = 0) -> None:
                 continue
             raise UnsupportedCacheError(
                 f"layer {i}: a sliding window of {c.max_size} tokens "
-                f"({kind}); cards of this model hold at most {limit} tokens, "
-                f"got {total} (past the window is not supported yet)"
+                f"({kind}) would drop tokens: {total} > {limit} (prefill with a "
+                "sender cache, capture.sender_cache, which keeps every token)"
             )
         raise UnsupportedCacheError(
             f"layer {i}: the model's cache is {kind}, not keys and values "
@@ -237,7 +253,7 @@ def prefill(
             f"chunk_size must be >= 1 and probe_queries >= 0, got {chunk_size} "
             f"and {probe_queries}"
         )
-    cache = make_prompt_cache(model) if cache is None else cache
+    cache = sender_cache(model) if cache is None else cache
     check_cache_layers(cache, len(ids))
     attns = _attention_modules(model) if probe_queries else None
     n = len(ids)

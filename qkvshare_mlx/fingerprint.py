@@ -168,16 +168,10 @@ def _window(config: dict, runtime: str) -> tuple[int | None, list | None]:
 
 
 def window_limit(window: int) -> int:
-    """The most tokens a card of a sliding-window model holds: what both
-    runtimes keep of a window of ``window`` tokens (transformers keeps
-    ``window - 1``, mlx-lm ``window``), so every layer holds every token."""
+    """The most tokens a sliding-window cache of ``window`` tokens holds with
+    every token still in it, in both runtimes (transformers keeps
+    ``window - 1``, mlx-lm ``window``)."""
     return window - 1
-
-
-def sliding_window(config: dict, runtime: str = "hf") -> int | None:
-    """The sliding window a runtime applies to some layer of this config, or
-    None (see :func:`fingerprint_from_config`)."""
-    return _window(config, runtime)[0]
 
 
 def fingerprint_from_config(

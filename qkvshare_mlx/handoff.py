@@ -89,6 +89,7 @@ def make_card(
             inherited,
             model,
             mode="dequantize",
+            layout="sender",  # every token in every layer, as a card holds
             expect=fp,
             allow_other_weights=allow_other_weights,
         )

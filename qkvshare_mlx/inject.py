@@ -43,13 +43,13 @@ from .align import POLICIES, plan_reuse  # noqa: F401  (POLICIES re-exported)
 from .caches import MixedQuantizedKVCache, StreamedKVCache
 from .card import CacheCard
 from .dtypes import to_mx
-from .errors import ConfigError, UnsupportedCacheError
-from .fingerprint import window_limit
+from .errors import ConfigError
 from .formats import FLOAT_BITS, QuantizedKV
 from .models import model_dtype
 from .quant.fastpath import dequantize_layers, stream_layers
 
 MODES = ("dequantize", "stream", "compressed")
+LAYOUTS = ("receiver", "sender")
 QUANTIZED_KV_BITS = (2, 3, 4, 5, 6, 8)  # widths mlx-lm's QuantizedKVCache runs
 
 
@@ -144,6 +144,7 @@ def inject(
     model=None,
     *,
     mode: str = "dequantize",
+    layout: str = "receiver",
     dtype=None,
     expect: dict | None = None,
     allow_other_weights: bool = False,
@@ -159,6 +160,12 @@ def inject(
             on a background thread while the caller's forward runs:
             :class:`StreamedKVCache`) or ``"compressed"``
             (``QuantizedKVCache`` or :class:`MixedQuantizedKVCache`).
+        layout: ``"receiver"``: each layer's cache as the model's
+            ``make_prompt_cache`` expects it (a sliding-window layer gets a
+            ``RotatingKVCache`` holding its window of the card's tokens);
+            ``"sender"``: a ``KVCache`` holding every token in every layer
+            (to extend and make a card from, see
+            :func:`~qkvshare_mlx.capture.sender_cache`).
         dtype: dtype of the decoded keys/values (an ``mx.Dtype`` or its name);
             default: the model's, else the card's, else float32.
         expect: a full fingerprint (e.g. with the tokenizer hash, see
@@ -170,6 +177,8 @@ def inject(
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {list(MODES)} but got {mode!r}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {list(LAYOUTS)} but got {layout!r}")
     if isinstance(card_or_qkv, CacheCard):
         card = card_or_qkv
         qkv, offset, card_model, card_dtype = (
@@ -201,9 +210,12 @@ def inject(
     T = qkv.n_tokens
 
     rotation = qkv.config.rotation
-    windows = _windows(model, len(qkv.layers))
-    if any(windows):
-        _check_windows(windows, T, mode)
+    windows = _windows(model if layout == "receiver" else None, len(qkv.layers))
+    if any(windows) and mode != "dequantize":
+        raise ConfigError(
+            f"mode {mode!r}: a sliding-window model receives cards in mode "
+            "'dequantize' only"
+        )
     if mode == "compressed":
         uniform = _uniform_token_format(qkv)
         # mlx-lm's quantized attention reads the codes as they are: no rotation
@@ -233,11 +245,25 @@ def inject(
         if window is None:
             c = KVCache()
             c.keys, c.values, c.offset = k, v, T
-        else:  # the receiver's sliding layer: its rotating cache, T in order
-            c = RotatingKVCache(max_size=window[0], keep=window[1])
-            c.state = (k[..., :T, :], v[..., :T, :], T, window[1], window[0], T)
+        else:
+            c = _rotating(k, v, T, *window)
         caches.append(c)
     return caches
+
+
+def _rotating(k, v, T: int, max_size: int, keep: int) -> RotatingKVCache:
+    """A receiver's sliding-window layer: what mlx-lm's own rotating cache
+    attends to after ``T`` tokens (the first ``keep`` and the last ones, in
+    order, at most ``max_size``), from (B, H, >= T, D) rows of every token."""
+    c = RotatingKVCache(max_size=max_size, keep=keep)
+    if T <= max_size:
+        c.state = (k[..., :T, :], v[..., :T, :], T, keep, max_size, T)
+        return c
+    tail = max_size - keep
+    keys = mx.concatenate([k[..., :keep, :], k[..., T - tail : T, :]], axis=2)
+    values = mx.concatenate([v[..., :keep, :], v[..., T - tail : T, :]], axis=2)
+    c.state = (keys, values, T, keep, max_size, max_size)
+    return c
 
 
 def _windows(model, n_layers: int) -> list:
@@ -250,20 +276,6 @@ def _windows(model, n_layers: int) -> list:
         (c.max_size, c.keep) if isinstance(c, RotatingKVCache) else None
         for c in expected
     ]
-
-
-def _check_windows(windows: list, T: int, mode: str) -> None:
-    if mode != "dequantize":
-        raise ConfigError(
-            f"mode {mode!r}: a sliding-window model receives cards in mode "
-            "'dequantize' only"
-        )
-    limit = min(window_limit(w[0]) for w in windows if w)
-    if T > limit:
-        raise UnsupportedCacheError(
-            f"card: {T} tokens, but this model's sliding window holds at most "
-            f"{limit} (past the window is not supported yet)"
-        )
 
 
 def _resolve_dtype(dtype, model, card_dtype):

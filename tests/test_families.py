@@ -159,23 +159,22 @@ def gemma3(tmp_path_factory):
         del FAMILIES["gemma3"]
 
 
-def test_sliding_window_cards_within_the_window_go_every_way(gemma3):
-    from mlx_lm.models.cache import RotatingKVCache
-
+@pytest.mark.parametrize("n", [12, 40], ids=["within", "past"])
+def test_sliding_window_cards_go_every_way(gemma3, n):
+    """Shorter and longer than the window (16; both runtimes keep 15)."""
     from qkvshare_mlx.inject import inject
 
     mlx, hf = gemma3
     assert fingerprint(mlx) == fingerprint(hf)
     assert fingerprint(mlx)["layer_types"] == ["sliding"] * 5 + ["full"]
-    ids = _ids(12, 5)  # the window keeps 15 in both runtimes
+    ids = _ids(n, 5)
     card = make_card(
         mlx, None, ids, controller="uniform", budget_bits=32, config=LOSSLESS
     )
-    kinds = [type(c).__name__ for c in inject(card, mlx)]
-    assert kinds == ["RotatingKVCache"] * 5 + ["KVCache"]
-    assert isinstance(inject(card, mlx)[0], RotatingKVCache)
+    cache = inject(card, mlx)
+    assert [type(c).__name__ for c in cache] == ["RotatingKVCache"] * 5 + ["KVCache"]
+    assert cache[0].offset == n and cache[0].keys.shape[2] == min(n, 16)
     prompt = ids + [3]
-    # generating past the window after the handoff is the receiver's business
     got = continue_from_card(card, mlx, None, prompt, max_tokens=16).tokens
     assert got == greedy_tokens(mlx, prompt, max_tokens=16)
     got = continue_hf(card, hf, None, prompt, max_tokens=16).tokens
@@ -186,18 +185,18 @@ def test_sliding_window_cards_within_the_window_go_every_way(gemma3):
     )
     got = continue_from_card(hf_card, mlx, None, prompt, max_tokens=16).tokens
     assert got == greedy_tokens(mlx, prompt, max_tokens=16)
+    # a card handed on inherits every segment, local layers included
+    longer = make_card(
+        mlx, None, prompt + got, inherited=card, controller="uniform", budget_bits=32
+    )
+    assert longer.n_tokens == n + 17 and longer.layers[0][0].n_tokens == n
 
 
-def test_past_the_window_is_refused_before_any_prefill(gemma3, monkeypatch):
-    from qkvshare_mlx.errors import ConfigError, UnsupportedCacheError
+def test_a_mode_other_than_dequantize_is_refused(gemma3):
+    from qkvshare_mlx.errors import ConfigError
     from qkvshare_mlx.inject import inject
 
-    mlx, hf = gemma3
-    ids = _ids(20, 6)
-    with pytest.raises(UnsupportedCacheError, match="at most 15 tokens, got 20"):
-        make_card(mlx, None, ids, controller="uniform", budget_bits=16)
-    with pytest.raises(UnsupportedCacheError, match="keeps at most 15"):
-        hf_prefill(hf, ids)
-    card = make_card(mlx, None, ids[:12], controller="uniform", budget_bits=16)
+    mlx, _ = gemma3
+    card = make_card(mlx, None, _ids(12, 6), controller="uniform", budget_bits=16)
     with pytest.raises(ConfigError, match="mode 'dequantize' only"):
         inject(card, mlx, mode="compressed")
