@@ -200,3 +200,31 @@ def test_a_mode_other_than_dequantize_is_refused(gemma3):
     card = make_card(mlx, None, _ids(12, 6), controller="uniform", budget_bits=16)
     with pytest.raises(ConfigError, match="mode 'dequantize' only"):
         inject(card, mlx, mode="compressed")
+
+
+def test_quantized_cards_degrade_with_fewer_bits_in_every_family(family):
+    """Teacher-forced KL(exact || card) over the next 16 tokens, after a
+    64-token card: float16 cards are exact to rounding, and fewer bits give
+    monotonically larger KL (random tiny models are far more sensitive than
+    trained ones: these are orderings, not quality figures)."""
+    import mlx.core as mx
+
+    from qkvshare_mlx.capture import sender_cache
+    from qkvshare_mlx.evals.metrics import compare_logits
+    from qkvshare_mlx.inject import inject
+
+    _, mlx, _ = family
+    ids, follow = _ids(64, 9), _ids(16, 10)
+    ref_cache = sender_cache(mlx)
+    mlx(mx.array([ids]), cache=ref_cache)
+    ref = mlx(mx.array([follow]), cache=ref_cache)[0]
+
+    def kl(bits):
+        card = make_card(mlx, None, ids, budget_bits=bits)
+        got = mlx(mx.array([follow]), cache=inject(card, mlx))[0]
+        return compare_logits(ref, got)["kl"]
+
+    assert kl(16.0) < 1e-3
+    if fingerprint(mlx)["head_dim"] % 32 == 0:
+        k6, k45, k3 = kl(6.0), kl(4.5), kl(3.0)
+        assert k6 < k45 < k3, (k6, k45, k3)
