@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         handed = None
     else:
         gen, handed = _mlx(args, card, model_arg, prompt, sampling, out, plan)
-    print(flush=True)
-    if args.verbose:
-        print("\n".join(options.stats_lines(gen)), file=sys.stderr)
+    options.end_stream(gen, args)
     if handed is not None:
         options.check_card_meets_budget(handed, args.budget_bits, inherited=card)
         handed.save(out, key=key)
@@ -94,10 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _print(text: str) -> None:
-    print(text, end="", flush=True)
 
 
 def _mlx(args, card, model_arg, prompt, sampling, out, plan):
@@ -125,7 +119,7 @@ def _mlx(args, card, model_arg, prompt, sampling, out, plan):
         mode=args.mode,
         policy=args.policy,
         hand_on=hand_on,
-        on_text=_print,
+        on_text=options.stream_text,
         allow_other_weights=args.allow_other_weights,
         prompt_progress_callback=options.progress_printer(args),
     )
@@ -151,6 +145,6 @@ def _hf(args, card, model_arg, prompt, sampling):
         max_tokens=args.max_tokens,
         policy=args.policy,
         sampling=sampling,
-        on_text=_print,
+        on_text=options.stream_text,
         allow_other_weights=args.allow_other_weights,
     )

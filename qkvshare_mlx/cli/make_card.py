@@ -94,13 +94,11 @@ def _mlx_card(args, prompt, chat, config, plan, sampling):
         sampling=sampling,
         chat=chat,
         card=opts,
-        on_text=lambda t: print(t, end="", flush=True),
+        on_text=options.stream_text,
         prompt_progress_callback=options.progress_printer(args),
     )
     if gen is not None:
-        print(flush=True)
-        if args.verbose:
-            print("\n".join(options.stats_lines(gen)), file=sys.stderr)
+        options.end_stream(gen, args)
     return card
 
 

@@ -292,6 +292,18 @@ def progress_printer(args):
     return show
 
 
+def stream_text(text: str) -> None:
+    """Print a piece of generated text as it arrives (``on_text``)."""
+    print(text, end="", flush=True)
+
+
+def end_stream(gen, args) -> None:
+    """Close the streamed reply's line; with ``--verbose``, its figures."""
+    print(flush=True)
+    if getattr(args, "verbose", False):
+        print("\n".join(stats_lines(gen)), file=sys.stderr)
+
+
 def stats_lines(gen) -> list[str]:
     """mlx-lm's ``--verbose`` figures for a generation."""
     out = []
