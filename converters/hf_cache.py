@@ -31,6 +31,7 @@ from qkvshare_mlx.errors import (
 )
 from qkvshare_mlx.fingerprint import (
     fingerprint,
+    layer_windows,
     weights_status,
 )
 from qkvshare_mlx.formats import QuantConfig
@@ -115,6 +116,9 @@ def card_to_dynamic_cache(
 
     Returns:
         A ``DynamicCache`` of ``card.n_tokens`` tokens per layer, (B, H, T, D).
+        A layer the card holds from ``held_from > 0`` (a sliding window's
+        tokens) gets zero rows before it: with ``model``, its sliding layer
+        keeps only its window; without, the model's window masks them.
 
     Raises:
         ModelMismatchError: the card was made for another model.
@@ -179,6 +183,7 @@ def dynamic_cache_to_card(
     stats: TokenStats | None = None,
     plan: HandoffPlan | None = None,
     user: dict | None = None,
+    trim_windows: bool = True,
 ) -> CacheCard:
     """Quantize a transformers cache into a card (numpy quantizer, no MLX).
 
@@ -193,6 +198,8 @@ def dynamic_cache_to_card(
             norms of the cache are used (enough for ``saliency-keynorm``;
             ``saliency`` needs the attention from :func:`hf_prefill`).
         user: free-form JSON metadata stored in the card.
+        trim_windows: a sliding-window layer's rows hold only the last
+            ``sliding_window`` tokens; False: every layer holds every token.
 
     Raises:
         CacheShapeError: the cache does not cover ``tokens`` or has
@@ -207,6 +214,7 @@ def dynamic_cache_to_card(
         )
     if stats is None:
         stats = key_norm_stats(keys)
+    fp = fingerprint(model, tokenizer)
     qkv = quantize_cache_np(
         keys,
         values,
@@ -215,12 +223,13 @@ def dynamic_cache_to_card(
         config=config,
         stats=stats,
         plan=plan,
+        windows=layer_windows(fp, len(keys)) if trim_windows else None,
     )
     dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
     return CacheCard.from_quantized(
         qkv,
         ids,
-        fingerprint(model, tokenizer),
+        fp,
         dtype=dtype if dtype in FLOAT_NAMES else "float32",
         runtime="transformers",
         user=user,
@@ -245,23 +254,51 @@ def _apply_rope(attn, q, cos, sin):
     apply = getattr(module, "apply_rotary_pos_emb", None)
     if apply is not None:
         return apply(q, q, cos, sin)[0]
-    return q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+    # a partial rotary factor rotates the first cos.shape[-1] channels only
+    torch = _torch()
+
+    cos, sin, rot = cos.unsqueeze(1), sin.unsqueeze(1), cos.shape[-1]
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    return torch.cat((q_rot * cos + _rotate_half(q_rot) * sin, q_pass), dim=-1)
+
+
+def _query_projection(attn) -> tuple[Any, int | None] | None:
+    """(projection, query columns) of an attention module: its ``q_proj``
+    (every column, None), or a fused ``qkv_proj`` and the width of its
+    query columns (Phi-3: queries first, then keys, values; the slice its
+    own forward takes), else None."""
+    if hasattr(attn, "q_proj"):
+        return attn.q_proj, None
+    config = getattr(attn, "config", None)
+    n_heads = getattr(config, "num_attention_heads", None)
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(attn, "head_dim", None)
+    width = getattr(getattr(attn, "qkv_proj", None), "out_features", None)
+    # Phi-3's stacking [q | k | v] has this width; fused projections of
+    # other layouts do not (Zaya's custom module; MiniMax's linear attention,
+    # 3 x n_heads wide, with fewer KV heads than query heads)
+    if n_heads and head_dim and width == (n_heads + 2 * n_kv) * head_dim:
+        return attn.qkv_proj, n_heads * head_dim
+    return None
 
 
 def _probe_attention(attn, hidden, cos, sin, keys):
     """Attention mass (T,) that the probe queries put on each cached key.
 
     Args:
-        attn: the layer's attention module (``q_proj``, ``head_dim``, ``scaling``).
+        attn: the layer's attention module (``q_proj`` or a fused
+            ``qkv_proj``, ``head_dim``, ``scaling``).
         hidden: (B, P, hidden) inputs of the last P positions.
-        cos, sin: (B, P, head_dim) rotary embeddings of those positions.
+        cos, sin: (B, P, rotary dim) rotary embeddings of those positions
+            (rotary dim < head_dim with a partial rotary factor).
         keys: (B, H_kv, T, D) the layer's cached (rotated) keys.
     """
     torch = _torch()
 
     B, P, _ = hidden.shape
     head_dim = keys.shape[-1]
-    q = attn.q_proj(hidden).view(B, P, -1, head_dim)
+    projection, width = _query_projection(attn)
+    q = projection(hidden)[..., :width].reshape(B, P, -1, head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head query norm
         q = attn.q_norm(q)
     q = _apply_rope(attn, q.transpose(1, 2), cos, sin)  # (B, H_q, P, D)
@@ -276,12 +313,13 @@ def _probe_attention(attn, hidden, cos, sin, keys):
 
 
 def _attention_modules(model) -> list | None:
-    """Each layer's attention module when all are Llama-style, else None."""
+    """Each layer's attention module when all have a query projection
+    (``q_proj``, or a fused ``qkv_proj``), else None."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         return None
     attns = [getattr(layer, "self_attn", None) for layer in layers]
-    if not all(hasattr(a, "q_proj") for a in attns):
+    if not all(_query_projection(a) is not None for a in attns):
         return None
     return attns
 
@@ -292,10 +330,12 @@ def hf_prefill(model, tokens, *, probe_queries: int = 32):
     The attention of the last ``probe_queries`` positions is recomputed from
     their inputs (captured with a forward pre-hook on each layer's
     ``self_attn``, the standard torch hook mechanism) and the cached keys,
-    so the model runs with its fast attention kernel. Models whose layers
-    are not Llama-style (``model.model.layers[i].self_attn.q_proj`` with
-    rotary ``position_embeddings``) get key norms only (``attention`` None,
-    enough for the ``saliency-keynorm`` controller).
+    so the model runs with its fast attention kernel. The queries come from
+    each ``model.model.layers[i].self_attn``'s ``q_proj``, or from the query
+    columns of a fused ``qkv_proj`` (Phi-3), rotated with the layer's
+    ``position_embeddings`` (partial rotary factors included); models whose
+    layers have neither get key norms only (``attention`` None, enough for
+    the ``saliency-keynorm`` controller).
 
     Args:
         model: a transformers causal LM.

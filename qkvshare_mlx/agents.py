@@ -46,7 +46,7 @@ from .card import CacheCard
 from .chat import ChatFormat
 from .dtypes import mx_name
 from .errors import ConfigError
-from .fingerprint import fingerprint
+from .fingerprint import fingerprint, layer_windows
 from .formats import QuantConfig
 from .handoff import make_card
 from .inject import inject
@@ -171,6 +171,7 @@ def hop_card(
     """
     if inherited is None and pre is not None:
         n = len(tokens)
+        fp = fingerprint(model, tokenizer)
         qkv = quantize_cache(
             [k[..., :n, :] for k in pre.keys],
             [v[..., :n, :] for v in pre.values],
@@ -179,11 +180,10 @@ def hop_card(
             config=handoff.config,
             stats=pre.stats,
             plan=plan,
+            windows=layer_windows(fp),  # as make_card trims
         )
         dtype = mx_name(model_dtype(model))  # as make_card records it
-        return CacheCard.from_quantized(
-            qkv, tokens, fingerprint(model, tokenizer), dtype=dtype, user=user
-        )
+        return CacheCard.from_quantized(qkv, tokens, fp, dtype=dtype, user=user)
     return make_card(
         model,
         tokenizer,

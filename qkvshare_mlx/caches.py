@@ -130,7 +130,8 @@ def _to_mx(seg: Segment) -> Segment:
 
 
 def _encoded_state(enc: Encoded) -> dict:
-    return {"layout": enc.layout, "group": int(enc.group), **enc.arrays()}
+    dim = {} if enc.dim is None else {"dim": int(enc.dim)}  # padded rows
+    return {"layout": enc.layout, "group": int(enc.group), **dim, **enc.arrays()}
 
 
 def _encoded_from_state(d, where: str) -> Encoded:
@@ -143,7 +144,13 @@ def _encoded_from_state(d, where: str) -> Encoded:
         raise CardFormatError(
             f"{where}: layout {layout!r} needs arrays {list(names)}, missing {missing}"
         )
-    return Encoded(layout, int(d.get("group", 0)), **{n: d[n] for n in names})
+    dim = d.get("dim")
+    return Encoded(
+        layout,
+        int(d.get("group", 0)),
+        **{n: d[n] for n in names},
+        dim=None if dim is None else int(dim),
+    )
 
 
 class MixedQuantizedKVCache(_BaseCache):
@@ -164,10 +171,11 @@ class MixedQuantizedKVCache(_BaseCache):
     ``state`` is ``(segments, tail_keys, tail_values, n_card, n_visible,
     n_tail, start, rotation)``: per segment a dict ``{"bits", "index",
     "keys", "values"}`` whose keys/values are ``{"layout", "group", <the
-    Encoded's arrays>}``; the tail holds the ``n_tail`` tokens (None when
-    there are none). mlx-lm's ``save_prompt_cache`` stores the scalars and
-    strings itself; :meth:`from_state` (and :func:`load_prompt_cache`)
-    rebuilds the cache, card tokens hidden by ``trim`` included.
+    Encoded's arrays>}`` (and ``"dim"`` for padded rows); the tail holds the
+    ``n_tail`` tokens (None when there are none). mlx-lm's
+    ``save_prompt_cache`` stores the scalars and strings itself;
+    :meth:`from_state` (and :func:`load_prompt_cache`) rebuilds the cache,
+    card tokens hidden by ``trim`` included.
 
     Args:
         segments: one layer's segments (numpy or MLX arrays).

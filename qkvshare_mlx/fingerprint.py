@@ -60,7 +60,17 @@ NULLABLE_FIELDS = (
 _WHY = {
     "sliding_window": " (one runtime applies a sliding window the other ignores: "
     "mlx-lm's Llama-family models only with layer_types)",
+    "layer_types": " (transformers' Mistral classes window every layer whatever "
+    "layer_types say; AutoModelForCausalLM loads a Mistral with layer_types as "
+    "Ministral, which honours them)",
 }
+# transformers' name of an architecture -> the checkpoint's: AutoConfig reads
+# a "mistral" config.json with layer_types as "ministral" (the same model,
+# with per-layer windows), a name mlx-lm has no module for
+_MODEL_TYPES = {"ministral": "mistral"}
+# config keys a transformers model class keeps but does not run: Mistral
+# windows every layer (only its Ministral twin reads layer_types)
+_IGNORED_BY_TRANSFORMERS = {"mistral": ("layer_types",)}
 # How the weights compared (returned by check, recorded in receivers' stats).
 WEIGHTS_SAME = "same"
 WEIGHTS_OTHER_ALLOWED = "other (allowed)"
@@ -167,6 +177,28 @@ def _window(config: dict, runtime: str) -> tuple[int | None, list | None]:
     return int(window), ["sliding" if s else "full" for s in sliding]
 
 
+def layer_windows(fp: dict, n_layers: int | None = None) -> list[int | None]:
+    """Per layer, the sliding window a fingerprint says the runtime applies
+    (None: full attention), from its ``sliding_window`` and ``layer_types``.
+
+    Args:
+        fp: a fingerprint (a card's ``model`` entry or a model's own).
+        n_layers: the layer count (default: ``fp["n_layers"]``).
+    """
+    n = fp.get("n_layers") if n_layers is None else n_layers
+    window = fp.get("sliding_window")
+    types = fp.get("layer_types")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return []
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return [None] * n
+    if types is None:
+        return [window] * n
+    if not isinstance(types, list) or len(types) != n:
+        return [None] * n  # contradicts itself: no layer counts as sliding
+    return [window if t == "sliding" else None for t in types]
+
+
 def window_limit(window: int) -> int:
     """The most tokens a sliding-window cache of ``window`` tokens holds with
     every token still in it, in both runtimes (transformers keeps
@@ -198,6 +230,8 @@ def fingerprint_from_config(
         ``partial_rotary_factor``, ``sliding_window``, ``layer_types`` and
         ``attn_softcap`` only where a model has them (absent means the
         default: written cards of plain models stay as they were).
+        ``model_type`` is the checkpoint's (transformers' ``"ministral"``
+        is the ``"mistral"`` it read).
     """
     n_heads = config.get("num_attention_heads")
     head_dim = config.get("head_dim")
@@ -205,8 +239,9 @@ def fingerprint_from_config(
         head_dim = config["hidden_size"] // n_heads
     rope = _rope(config)
     window, layer_types = _window(config, runtime)
+    model_type = config.get("model_type")
     fp = {
-        "model_type": config.get("model_type"),
+        "model_type": _MODEL_TYPES.get(model_type, model_type),
         "n_layers": config.get("num_hidden_layers"),
         "n_kv_heads": config.get("num_key_value_heads", n_heads),
         "head_dim": head_dim,
@@ -311,7 +346,10 @@ def _config_of(source) -> tuple[str, dict]:
         hf_config = source.config
         if hasattr(hf_config, "get_text_config"):
             hf_config = hf_config.get_text_config(decoder=True)
-        return "hf", hf_config.to_dict()
+        config = hf_config.to_dict()
+        for key in _IGNORED_BY_TRANSFORMERS.get(config.get("model_type"), ()):
+            config.pop(key, None)
+        return "hf", config
     return "mlx", model_args_config(source)
 
 

@@ -4,7 +4,10 @@ A *format* is how one token's keys and values are stored: a code width
 (2-8 bits, or 16 = a float copy) plus the grouping of the affine
 scale/bias pairs. Keys may be grouped per token (along head_dim, like
 ``mx.quantize``) or per channel (along tokens, as in KIVI); values are
-always grouped per token.
+always grouped per token. A head size no group size divides (80) is
+grouped per token in groups of 32 over its row padded to a multiple of 32
+(:func:`padded_dim`; format version 3), the padding counted in every bit
+figure.
 
 A quantized layer is a list of *segments*: each segment holds the tokens of
 one format, their positions in the sequence (``index``) and the encoded K and
@@ -32,6 +35,41 @@ GROUP_SIZES = (32, 64, 128)
 KEY_LAYOUTS = ("token", "channel")
 FLOAT_DTYPES = {"float16": 16, "float32": 32}
 SCALE_BITS = 16  # scales and biases are stored as float16
+PAD_GROUP = 32  # per-token group of head sizes no group size divides
+
+
+def padded_dim(dim: int, group: int) -> int:
+    """The stored width of a per-token row of ``dim`` elements in groups of
+    ``group``: ``dim`` rounded up to a multiple of ``group`` (``dim`` itself
+    when the group divides it)."""
+    return -(-dim // group) * group
+
+
+def pad_rows(x, group: int, xp=np):
+    """(..., D) rows padded to ``padded_dim(D, group)`` by repeating each
+    row's last element (so no group's range grows); ``x`` itself when the
+    group divides D. ``xp``: the array namespace (numpy or mlx.core)."""
+    D = x.shape[-1]
+    pad = padded_dim(D, group) - D
+    if not pad:
+        return x
+    tail = xp.broadcast_to(x[..., -1:], (*x.shape[:-1], pad))
+    return xp.concatenate([x, tail], axis=-1)
+
+
+def _fixed_group(dim: int, group: int) -> list[int]:
+    """[group] if it divides ``dim``; the padded group if none does; else []."""
+    if dim % group == 0:
+        return [group]
+    if any(dim % g == 0 for g in GROUP_SIZES):
+        return []
+    return [PAD_GROUP]
+
+
+def token_groups(dim: int) -> list[int]:
+    """Per-token group sizes a head size may use: those that divide it, else
+    ``PAD_GROUP`` over the row padded to a multiple of it (80 -> 96)."""
+    return [g for g in GROUP_SIZES if dim % g == 0] or [PAD_GROUP]
 
 
 @dataclass(frozen=True)
@@ -150,16 +188,18 @@ class QuantConfig:
             head_dim_v: D_v, the values' (default: D_k).
 
         With ``adaptive_groups`` the group sizes vary too (per-token groups
-        only of sizes that divide the head size they group). A head size no
-        group size divides (80, 160) leaves only the float widths: a lossless
-        card always works.
+        only of sizes that divide the head size they group, see
+        :func:`token_groups`). A head size no group size divides (80) is
+        grouped in 32s over a row padded to 96 (:func:`padded_dim`); without
+        ``adaptive_groups`` the configured group must divide it, else only
+        the float widths remain: a lossless card always works.
 
         Raises:
             ConfigError: no format at all fits these head sizes.
         """
         dv = head_dim if head_dim_v is None else head_dim_v
-        key_token_groups = [g for g in GROUP_SIZES if head_dim % g == 0]
-        value_groups = [g for g in GROUP_SIZES if dv % g == 0]
+        key_token_groups = token_groups(head_dim)
+        value_groups = token_groups(dv)
         needs_codes = any(b != FLOAT_BITS for b in self.widths)
         if self.adaptive_groups:
             vgroups = value_groups
@@ -167,10 +207,10 @@ class QuantConfig:
                 list(GROUP_SIZES) if self.key_layout == "channel" else key_token_groups
             )
         else:
-            vgroups = [g for g in [self.group_size] if dv % g == 0]
+            vgroups = _fixed_group(dv, self.group_size)
             kgroups = [self._key_group()]
-            if self.key_layout == "token" and head_dim % self.group_size:
-                kgroups = []
+            if self.key_layout == "token":
+                kgroups = _fixed_group(head_dim, self.group_size)
         if needs_codes and (not vgroups or not kgroups):
             if FLOAT_BITS not in self.widths:
                 value_side = kgroups and dv != head_dim
@@ -216,7 +256,10 @@ class Encoded:
     (``codes``: (B, H, n, D*bits/32) uint32, ``scales``/``biases``:
     (B, H, n, D/group) float16) or ``"channel"`` (``codes``: (B, H, D,
     n*bits/32), ``scales``/``biases``: (B, H, D, n/group); n is a multiple of
-    ``group``). Arrays are numpy or MLX arrays.
+    ``group``). Arrays are numpy or MLX arrays. ``dim``: for a ``"token"``
+    layout whose group does not divide the head size, that head size D: the
+    rows are stored padded to ``padded_dim(D, group)`` (the pad repeats each
+    row's last element) and decode back to D; None otherwise.
     """
 
     layout: str
@@ -225,6 +268,7 @@ class Encoded:
     scales: Any = None
     biases: Any = None
     data: Any = None
+    dim: int | None = None
 
     def arrays(self) -> dict[str, Any]:
         if self.layout == "float":
@@ -260,7 +304,7 @@ class Segment:
 
         def conv(enc: Encoded) -> Encoded:
             arrs = {k: fn(v) for k, v in enc.arrays().items()}
-            return Encoded(enc.layout, enc.group, **arrs)
+            return Encoded(enc.layout, enc.group, **arrs, dim=enc.dim)
 
         index = np.asarray(self.index, dtype=np.int32)
         return Segment(self.bits, index, conv(self.keys), conv(self.values))
@@ -269,8 +313,10 @@ class Segment:
         return self.keys.payload_bits() + self.values.payload_bits()
 
 
-def check_cover(index, n_tokens: int, where: str = "segments") -> None:
-    """Raise SegmentCoverageError unless ``index`` holds 0..n_tokens-1 once each.
+def check_cover(
+    index, n_tokens: int, where: str = "segments", *, start: int = 0
+) -> None:
+    """Raise SegmentCoverageError unless ``index`` holds start..n_tokens-1 once each.
 
     The one coverage check: the card reader and writer, the decoders and the
     mlx-lm caches all call it.
@@ -279,18 +325,53 @@ def check_cover(index, n_tokens: int, where: str = "segments") -> None:
         index: the (n,) token positions of a layer's segments, concatenated.
         n_tokens: T.
         where: what is checked, for the message (e.g. ``"layer 3"``).
+        start: the layer's first held position (a sliding-window layer's
+            card rows may start after 0, see :attr:`QuantizedKV.held_from`).
     """
     index = np.asarray(index).reshape(-1)
     n = index.shape[0]
-    if n and (int(index.min()) < 0 or int(index.max()) >= n_tokens):
-        raise SegmentCoverageError(f"{where}: positions outside 0..{n_tokens - 1}")
-    if n != n_tokens or (
-        n and not (np.bincount(index.astype(np.int64), minlength=n) == 1).all()
+    if n and (int(index.min()) < start or int(index.max()) >= n_tokens):
+        raise SegmentCoverageError(
+            f"{where}: positions outside {start}..{n_tokens - 1}"
+        )
+    if n != n_tokens - start or (
+        n and not (np.bincount(index.astype(np.int64) - start, minlength=n) == 1).all()
     ):
         raise SegmentCoverageError(
-            f"{where}: {n} positions are not a permutation of 0..{n_tokens - 1} "
-            "(segments must cover each token exactly once)"
+            f"{where}: {n} positions are not a permutation of {start}.."
+            f"{n_tokens - 1} (segments must cover each token exactly once)"
         )
+
+
+def window_start(n_tokens: int, window: int | None) -> int:
+    """The first position a sliding-window layer must hold after ``n_tokens``
+    tokens: the last ``window`` of them (what mlx-lm's ``RotatingKVCache``
+    keeps; transformers keeps ``window - 1``); 0 for a full-attention layer."""
+    return max(0, n_tokens - window) if window else 0
+
+
+def trim_segments(segments: list[Segment], first: int) -> tuple[list[Segment], int]:
+    """Drop the whole segments a layer no longer needs from position ``first`` on.
+
+    Segments are kept or dropped whole (their codes stay bit for bit): a
+    segment is kept if it holds a position >= ``first``, and then every
+    segment holding a position at or after the lowest kept one, so the kept
+    positions are exactly ``m..end`` for some ``m <= first``.
+
+    Returns:
+        (kept segments in their order, m); ``m`` is ``first`` when nothing
+        is kept.
+    """
+    lows = [int(np.min(s.index)) if s.n_tokens else first for s in segments]
+    highs = [int(np.max(s.index)) if s.n_tokens else -1 for s in segments]
+    m = first
+    while True:
+        keep = [h >= m for h in highs]
+        new_m = min([lo for lo, k in zip(lows, keep) if k] + [first])
+        if new_m == m:
+            break
+        m = new_m
+    return [s for s, k in zip(segments, keep) if k], m
 
 
 def layer_index(segments: list[Segment]) -> np.ndarray:
@@ -329,9 +410,11 @@ def planned_bits(
         if fmt.is_float:
             total += n * (head_dim_k + head_dim_v) * float_bits
             continue
-        total += n * head_dim_v * (fmt.bits + 2 * SCALE_BITS / fmt.value_group)
-        for start, stop, _, group in split_for_layout(n, fmt):
-            total += (stop - start) * head_dim_k * (fmt.bits + 2 * SCALE_BITS / group)
+        dv = padded_dim(head_dim_v, fmt.value_group)
+        total += n * dv * (fmt.bits + 2 * SCALE_BITS / fmt.value_group)
+        for start, stop, layout, group in split_for_layout(n, fmt):
+            dk = head_dim_k if layout == "channel" else padded_dim(head_dim_k, group)
+            total += (stop - start) * dk * (fmt.bits + 2 * SCALE_BITS / group)
     return int(round(total))
 
 
@@ -340,11 +423,16 @@ class QuantizedKV:
     """A quantized cache: segments per layer plus its accounting.
 
     Attributes:
-        layers: per layer, the segments covering tokens ``0..n_tokens-1``.
+        layers: per layer, the segments covering tokens
+            ``held_from[l]..n_tokens-1``.
         n_tokens: T, tokens covered.
         shape: (B, H_kv, D_k, D_v).
         config: the quantizer settings.
         controller, budget_bits: what chose the widths.
+        held_from: per layer, the first position it holds: 0, or for a
+            sliding-window layer the start of what its window keeps (its
+            older tokens are masked out of every later query, so the card
+            drops them). None: every layer holds every token.
     """
 
     layers: list[list[Segment]]
@@ -354,11 +442,28 @@ class QuantizedKV:
     controller: str = "uniform"
     budget_bits: float | None = None
     info: dict = field(default_factory=dict)
+    held_from: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.held_from is not None:
+            self.held_from = tuple(int(h) for h in self.held_from)
+            if not any(self.held_from):
+                self.held_from = None
+
+    @property
+    def starts(self) -> list[int]:
+        """Per layer, the first position held (0 for an untrimmed layer)."""
+        return list(self.held_from or (0,) * len(self.layers))
+
+    @property
+    def n_held(self) -> int:
+        """Token rows held, summed over layers."""
+        return sum(self.n_tokens - h for h in self.starts)
 
     @property
     def n_elements(self) -> int:
         B, H, dk, dv = self.shape
-        return len(self.layers) * B * H * self.n_tokens * (dk + dv)
+        return B * H * self.n_held * (dk + dv)
 
     @property
     def payload_bytes(self) -> int:
@@ -366,19 +471,19 @@ class QuantizedKV:
 
     @property
     def effective_bits(self) -> float:
-        """Stored bits per K/V element, scales and biases included."""
+        """Stored bits per held K/V element, scales and biases included."""
         return 8 * self.payload_bytes / max(self.n_elements, 1)
 
     @property
     def nominal_bits(self) -> float:
-        """Average code width per K/V element (float tokens count their dtype)."""
+        """Average code width per held K/V element (float tokens count their dtype)."""
         fb = self.config.float_bits
         total = sum(
             (fb if s.bits == FLOAT_BITS else s.bits) * s.n_tokens
             for layer in self.layers
             for s in layer
         )
-        return total / max(len(self.layers) * self.n_tokens, 1)
+        return total / max(self.n_held, 1)
 
     def width_histogram(self) -> dict[int, int]:
         """Token count per width, summed over layers."""

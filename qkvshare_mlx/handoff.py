@@ -22,7 +22,7 @@ from .card import CacheCard
 from .chat import prompt_ids
 from .dtypes import mx_name
 from .errors import PromptMismatchError
-from .fingerprint import fingerprint, weights_status
+from .fingerprint import fingerprint, layer_windows, weights_status
 from .formats import QuantConfig, QuantizedKV
 from .generation import GREEDY, Generation, SamplingOptions, check_max_tokens, generate
 from .inject import align, inject
@@ -47,6 +47,7 @@ def make_card(
     probe_queries: int = 32,
     progress=None,
     allow_other_weights: bool = False,
+    trim_windows: bool = True,
 ) -> CacheCard:
     """Prefill a prompt and pack its KV cache into a card.
 
@@ -67,6 +68,9 @@ def make_card(
         allow_other_weights: accept an ``inherited`` card made with other
             weights of the same model (its segments are kept as they are; the
             new card names this model's weights).
+        trim_windows: a sliding-window layer's rows hold only the last
+            ``sliding_window`` tokens (all its later queries see); False:
+            every layer holds every token.
 
     Returns:
         A :class:`~qkvshare_mlx.card.CacheCard` at RoPE offset 0.
@@ -110,6 +114,7 @@ def make_card(
         stats=pre.stats,
         plan=plan,
         inherited=inherited_qkv,
+        windows=layer_windows(fp) if trim_windows else None,
     )
     dtype = mx_name(model_dtype(model))
     return CacheCard.from_quantized(qkv, tokens, fp, offset=0, dtype=dtype, user=user)

@@ -113,6 +113,8 @@ def _uniform_token_format(qkv: QuantizedKV) -> tuple[int, int] | None:
             or s.keys.layout != "token"
             or s.values.layout != "token"
             or s.keys.group != s.values.group
+            or s.keys.dim is not None  # padded rows: mlx-lm reads them as they are
+            or s.values.dim is not None
             or not np.array_equal(np.asarray(s.index), np.arange(qkv.n_tokens))
         ):
             return None
@@ -211,11 +213,12 @@ def inject(
 
     rotation = qkv.config.rotation
     windows = _windows(model if layout == "receiver" else None, len(qkv.layers))
-    if any(windows) and mode != "dequantize":
+    if (any(windows) or qkv.held_from) and mode != "dequantize":
         raise ConfigError(
             f"mode {mode!r}: a sliding-window model receives cards in mode "
             "'dequantize' only"
         )
+    _check_held(qkv, windows, layout)
     if mode == "compressed":
         uniform = _uniform_token_format(qkv)
         # mlx-lm's quantized attention reads the codes as they are: no rotation
@@ -235,13 +238,15 @@ def inject(
     # instead of copying the whole cache into a larger buffer.
     capacity = (T // KVCache.step + 1) * KVCache.step
     if mode == "stream":
-        futures = stream_layers(qkv.layers, T, capacity=capacity, rotation=rotation)
+        futures = stream_layers(
+            qkv.layers, T, capacity=capacity, rotation=rotation, starts=qkv.starts
+        )
         return [StreamedKVCache(f, T, dtype) for f in futures]
     caches = []
-    for (k, v), window in zip(
-        dequantize_layers(qkv.layers, T, dtype, capacity=capacity, rotation=rotation),
-        windows,
-    ):
+    decoded = dequantize_layers(
+        qkv.layers, T, dtype, capacity=capacity, rotation=rotation, starts=qkv.starts
+    )
+    for (k, v), window in zip(decoded, windows):
         if window is None:
             c = KVCache()
             c.keys, c.values, c.offset = k, v, T
@@ -264,6 +269,24 @@ def _rotating(k, v, T: int, max_size: int, keep: int) -> RotatingKVCache:
     values = mx.concatenate([v[..., :keep, :], v[..., T - tail : T, :]], axis=2)
     c.state = (keys, values, T, keep, max_size, max_size)
     return c
+
+
+def _check_held(qkv: QuantizedKV, windows: list, layout: str) -> None:
+    """A layer whose card rows start after 0 (a sliding layer's window) is
+    injected only where the receiver never reads the rows it lacks: a
+    rotating cache of at most that many tokens, or (``layout="sender"``) a
+    ``KVCache`` whose model masks them (the card's fingerprint, which the
+    receiver matched, says that layer slides)."""
+    T = qkv.n_tokens
+    for li, (start, window) in enumerate(zip(qkv.starts, windows)):
+        if not start or layout == "sender":
+            continue
+        if window is None or window[1] or start > T - window[0]:
+            held = "a KVCache" if window is None else f"RotatingKVCache{window}"
+            raise ConfigError(
+                f"layer {li}: the card holds positions {start}..{T - 1} only, "
+                f"but the receiver's {held} reads earlier ones"
+            )
 
 
 def _windows(model, n_layers: int) -> list:

@@ -277,7 +277,8 @@ def element_steps(layer, n_tokens):
         def dec(c):
             packed = codec.pack_codes(np.full((*lead, n), c, np.uint8), bits)
             return codec.decode(
-                Encoded(enc.layout, enc.group, packed, scales, biases), bits
+                Encoded(enc.layout, enc.group, packed, scales, biases, dim=enc.dim),
+                bits,
             )
 
         return np.abs(dec(1) - dec(0))
@@ -424,12 +425,15 @@ def prefill_card(
     return CacheCard.from_bytes(card.to_bytes()), pre
 
 
-def assert_inherits(first, later):
-    """``later`` holds ``first``'s tokens and every segment of it bit for bit."""
+def assert_inherits(first, later, layers=None):
+    """``later`` holds ``first``'s tokens and every segment of it bit for bit
+    (in ``layers``, default all)."""
     import numpy as np
 
     assert later.tokens[: first.n_tokens].tolist() == first.tokens.tolist()
-    for la, lb in zip(first.layers, later.layers, strict=True):
+    pairs = list(zip(first.layers, later.layers, strict=True))
+    for li in range(len(pairs)) if layers is None else layers:
+        la, lb = pairs[li]
         assert len(lb) >= len(la)
         for sa, sb in zip(la, lb[: len(la)], strict=True):
             np.testing.assert_array_equal(sa.index, sb.index)

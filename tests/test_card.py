@@ -502,3 +502,117 @@ def test_model_keys_may_be_missing():
     # older writers (and hand-built fingerprints) omit fields: unknown, not wrong
     data = _reforge(lambda m: m["model"].pop("weights_sha256"))
     assert "weights_sha256" not in CacheCard.from_bytes(data).model
+
+
+# ----------------------------------------------------------------------------
+# Sliding-window layers hold their window only (version 3, cache.held_from)
+
+WINDOWED = F.small_card_bytes(0, n_tokens=64, window=46)
+WINDOWED_FP = F.fingerprint_for(2, 46)
+
+
+def _reforge_windowed(edit, tensors_edit=None):
+    _, m, t = F.parts(WINDOWED)
+    edit(m)
+    if tensors_edit is not None:
+        tensors_edit(t)
+    return F.forge(m, t)
+
+
+def test_windowed_card_is_version_3_and_round_trips():
+    card = CacheCard.from_bytes(WINDOWED, expect=WINDOWED_FP)
+    assert card.version == 3 and card.qkv.starts == [18, 0]
+    assert card.cache["held_from"] == [18, 0]
+    assert card.to_bytes() == WINDOWED
+    # accounting counts held rows only: 46 + 64 tokens of 2 heads x 128
+    assert card.n_elements == (46 + 64) * 2 * 128
+    # the decoded sliding layer has zero rows before its window
+    from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np
+
+    keys, _ = dequantize_cache_np(card.to_quantized())
+    assert keys[0].shape == keys[1].shape == (1, 2, 64, 64)
+    assert not keys[0][:, :, :18].any() and keys[0][:, :, 18:].all()
+
+
+def test_card_without_trimmed_layers_stays_version_1():
+    card = F.small_card(0, n_tokens=64, window=64)  # window holds every token
+    assert card.qkv.held_from is None and card.version == 1
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (
+            lambda m: m["cache"].update(held_from=[0, 18]),
+            "held_from[1]: 18 not in 0..0",
+        ),
+        (
+            lambda m: m["cache"].update(held_from=[19, 0]),
+            "held_from[0]: 19 not in 0..18",
+        ),
+        (
+            lambda m: m["cache"].update(held_from=[0, 0]),
+            "layers[0]: segments cover 46 tokens, expected 64",
+        ),
+        (lambda m: m["cache"].update(held_from=[18]), "expected 2 integers"),
+        (lambda m: m["cache"].update(held_from=[18.0, 0]), "expected 2 integers"),
+        (
+            lambda m: m["model"].update(layer_types=["full", "sliding"]),
+            "held_from[0]: 18 not in 0..0 (layer 0: full attention",
+        ),
+        (lambda m: m["model"].pop("sliding_window"), "full attention"),
+    ],
+    ids=[
+        "full-layer",
+        "past-window",
+        "all-zero",
+        "short",
+        "float",
+        "types-swapped",
+        "no-window",
+    ],
+)
+def test_held_from_must_fit_the_model_windows(edit, words):
+    with pytest.raises(CardFormatError) as info:
+        CacheCard.from_bytes(_reforge_windowed(edit))
+    assert words in str(info.value)
+
+
+def test_held_from_needs_version_3_and_version_3_needs_it():
+    _, m, t = F.parts(WINDOWED)
+    for version in (1, 2):
+        m["version"] = version
+        with pytest.raises(CardFormatError, match="cache: expected keys"):
+            CacheCard.from_bytes(F.forge(m, t, version=str(version)))
+    _, plain, plain_t = F.parts(F.small_card_bytes(0))
+    plain["version"] = 3
+    with pytest.raises(CardFormatError, match="cache: expected keys"):
+        CacheCard.from_bytes(F.forge(plain, plain_t, version="3"))
+    plain["cache"]["held_from"] = [0, 0]
+    with pytest.raises(CardFormatError, match="all zero and no padded rows"):
+        CacheCard.from_bytes(F.forge(plain, plain_t, version="3"))
+
+
+def test_trimmed_layer_index_covers_its_window_exactly():
+    def shift(t):  # a held position moved before the window
+        t["l0.index"][0] = 3
+
+    with pytest.raises(CardFormatError, match="l0.index: positions outside 18..63"):
+        CacheCard.from_bytes(_reforge_windowed(lambda m: None, shift))
+
+    def grow(m):  # the layer claims every token: table and tensors disagree
+        m["cache"]["held_from"] = [0, 0]
+
+    with pytest.raises(CardFormatError):
+        CacheCard.from_bytes(_reforge_windowed(grow))
+
+
+def test_windowed_card_fuzz_is_rejected_or_identical():
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(300):
+        category, data = F.mutate(WINDOWED, rng)
+        out = F.load_outcome(WINDOWED, data, expect=WINDOWED_FP)
+        assert out.kind in ("error", "identical"), (category, out)
+        seen.add(category)
+    assert len(seen) >= 10

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import prefill_card as card_of
 
+from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.errors import PromptMismatchError
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.handoff import continue_from_card, greedy_tokens, make_card
@@ -47,7 +48,7 @@ def test_make_card_inherits_segments_bit_for_bit(model, ids):
         make_card(model, None, ids[1:100], inherited=first)
 
 
-def test_head_dim_80_takes_a_lossless_card_and_names_the_limit():
+def test_head_dim_80_takes_lossless_and_padded_quantized_cards():
     from conftest import TINY_LLAMA_CONFIG, tiny_llama
 
     from qkvshare_mlx.errors import ConfigError
@@ -62,5 +63,14 @@ def test_head_dim_80_takes_a_lossless_card_and_names_the_limit():
     prompt = toks + [7, 8]
     got = continue_from_card(card, model, None, prompt, max_tokens=12)
     assert got.tokens == greedy_tokens(model, prompt, max_tokens=12)
-    with pytest.raises(ConfigError, match=r"head dims \(80, 80\).*only lossless"):
-        make_card(model, None, toks, budget_bits=4.5)
+    # quantized: per-token rows padded to 96 in groups of 32 (version 3)
+    card = make_card(model, None, toks, budget_bits=4.5)
+    assert card.version == 3 and card.effective_bits <= 4.52
+    assert any(s.values.dim == 80 for layer in card.layers for s in layer)
+    back = CacheCard.from_bytes(card.to_bytes())
+    assert continue_from_card(back, model, None, prompt, max_tokens=4).tokens
+    # a configured group another size would divide is not padded
+    fixed = QuantConfig(group_size=64, key_group=64, adaptive_groups=False)
+    model96 = tiny_llama({**TINY_LLAMA_CONFIG, "head_dim": 96}).mlx_model
+    with pytest.raises(ConfigError, match=r"head dims \(96, 96\).*only lossless"):
+        make_card(model96, None, toks, budget_bits=4.5, config=fixed)

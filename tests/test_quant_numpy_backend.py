@@ -96,13 +96,17 @@ def test_dequantize_rows_into_a_view_equals_decode(bits, layout, group):
 # quantize_cache_np
 
 
-def test_numpy_quantizer_error_is_at_most_half_a_step():
+@pytest.mark.parametrize("D, budget", [(64, 3.5), (80, 4.5)])
+def test_numpy_quantizer_error_is_at_most_half_a_step(D, budget):
+    """Head size 80 (no group size divides it) too: rows padded to 96."""
     rng = np.random.default_rng(0)
-    keys = [rng.standard_normal((1, 2, 100, 64)).astype(np.float32) for _ in range(2)]
-    values = [rng.standard_normal((1, 2, 100, 64)).astype(np.float32) for _ in range(2)]
-    qkv = quantize_cache_np(keys, values, controller="sink-recent", budget_bits=3.5)
+    keys = [rng.standard_normal((1, 2, 100, D)).astype(np.float32) for _ in range(2)]
+    values = [rng.standard_normal((1, 2, 100, D)).astype(np.float32) for _ in range(2)]
+    qkv = quantize_cache_np(keys, values, controller="sink-recent", budget_bits=budget)
     assert len(qkv.width_histogram()) > 1
+    assert qkv.effective_bits <= budget + 0.02  # the pad counted
     dk, dv = dequantize_cache_np(qkv)
+    assert dk[0].shape == dv[0].shape == (1, 2, 100, D)
     for li in range(2):
         sk, sv = element_steps(qkv.layers[li], 100)
         assert (np.abs(dk[li] - keys[li]) <= sk / 2 * (1 + 1e-3) + 1e-6).all()

@@ -91,6 +91,8 @@ def spec_decode(sl: Slicer, enc: dict, bits: int, shape) -> np.ndarray:
         return sl.take("float", shape).astype(np.float32)
     g = enc["group"]
     axis, other = (D, n) if enc["layout"] == "token" else (n, D)
+    if enc["layout"] == "token" and all(D % x for x in (32, 64, 128)):
+        axis = -(-D // g) * g  # section 3.1: padded rows (version 3)
     codes = sl.take("codes", (B, H, other, axis * bits // 32))
     scales = sl.take("scales", (B, H, other, axis // g)).astype(np.float32)
     biases = sl.take("biases", (B, H, other, axis // g)).astype(np.float32)
@@ -100,6 +102,7 @@ def spec_decode(sl: Slicer, enc: dict, bits: int, shape) -> np.ndarray:
     x = scales[..., group] * q + biases[..., group]
     if enc["layout"] == "channel":
         x = np.swapaxes(x, -1, -2)
+    x = x[..., :D]  # section 5: the pad columns are dropped
     assert x.shape[-1] == D
     return x
 
@@ -124,15 +127,21 @@ def spec_rotation(dim: int) -> np.ndarray:
 def spec_read(data: bytes):
     """Decode a card into (meta, tokens, [K per layer], [V per layer])."""
     meta, header = spec_header(data)
-    assert meta["format"] == "qkvshare.cachecard" and meta["version"] in ("1", "2")
+    assert meta["format"] == "qkvshare.cachecard"
+    assert meta["version"] in ("1", "2", "3")
     card = json.loads(meta["card"])
     assert card["version"] == int(meta["version"])
     tensors = st_load(data)
     checksum = spec_checksum(meta["card"], tensors, header, meta["version"])
     assert checksum == meta["sha256"]
     rotation = card["quant"]["config"].get("rotation", "none")
-    assert (rotation != "none") == (meta["version"] == "2")
     c = card["cache"]
+    if meta["version"] == "3":  # section 9: version 3 has cache.held_from
+        held = c["held_from"]  # all zero only with padded rows (checked below)
+    else:
+        assert "held_from" not in c
+        assert (rotation != "none") == (meta["version"] == "2")
+        held = [0] * c["n_layers"]
     T, B, H = c["n_tokens"], c["batch"], c["n_kv_heads"]
     float_dtype = {"float16": np.float16, "float32": np.float32}[
         card["quant"]["config"]["float_dtype"]
@@ -150,9 +159,10 @@ def spec_read(data: bytes):
             parts_v.append(spec_decode(sl, seg["v"], bits, (B, H, n, c["head_dim_v"])))
         assert sl.all_used()
         idx = idx.astype(np.int64)
-        assert np.array_equal(np.sort(idx), np.arange(T))
-        k = np.empty((c["batch"], c["n_kv_heads"], T, c["head_dim_k"]), np.float32)
-        v = np.empty((c["batch"], c["n_kv_heads"], T, c["head_dim_v"]), np.float32)
+        assert np.array_equal(np.sort(idx), np.arange(held[li], T))
+        # rows before held_from are zeros (section 5: the window masks them)
+        k = np.zeros((c["batch"], c["n_kv_heads"], T, c["head_dim_k"]), np.float32)
+        v = np.zeros((c["batch"], c["n_kv_heads"], T, c["head_dim_v"]), np.float32)
         k[:, :, idx] = np.concatenate(parts_k, axis=2)
         v[:, :, idx] = np.concatenate(parts_v, axis=2)
         if rotation == "hadamard":  # stored rows are x @ R
@@ -227,17 +237,70 @@ def test_spec_reader_matches_mlx_path(controller, budget, config):
         if n != "tokens" and not n.endswith(".index")
     )
     c = meta["cache"]
-    n_el = (
-        c["n_layers"]
-        * c["batch"]
-        * c["n_kv_heads"]
-        * T
-        * (c["head_dim_k"] + c["head_dim_v"])
-    )
+    held = sum(T - h for h in c.get("held_from", [0] * c["n_layers"]))
+    n_el = c["batch"] * c["n_kv_heads"] * held * (c["head_dim_k"] + c["head_dim_v"])
     assert payload == card.payload_bytes
     assert 8 * payload / n_el == pytest.approx(
         meta["quant"]["effective_bits"], abs=1e-5
     )
+
+
+@pytest.mark.parametrize("controller", ["uniform", "saliency"])
+@pytest.mark.parametrize("key_layout", ["channel", "token"])
+def test_spec_reader_matches_a_head_dim_80_card(controller, key_layout):
+    """Version 3: rows of 80 are stored padded to 96 in groups of 32."""
+    ks, vs, stats = _random_cache(D=80, T=100)
+    qkv = quantize_cache(
+        ks,
+        vs,
+        controller=controller,
+        budget_bits=4.5,
+        config=QuantConfig(key_layout=key_layout),
+        stats=stats,
+    )
+    data = CacheCard.from_quantized(qkv, np.arange(100), {}).to_bytes()
+    meta, _, k_spec, v_spec = spec_read(data)
+    assert meta["version"] == 3 and meta["cache"]["held_from"] == [0, 0, 0]
+    assert {s["v"]["group"] for layer in meta["layers"] for s in layer} <= {0, 32}
+    k_mlx, v_mlx = dequantize_cache(qkv, mx.float32)
+    for li in range(3):
+        for got, want, orig in (
+            (k_spec[li], k_mlx[li], ks[li]),
+            (v_spec[li], v_mlx[li], vs[li]),
+        ):
+            assert got.shape == (1, 2, 100, 80)
+            assert np.abs(got - np.array(want)).max() <= 1e-6
+            assert np.abs(got - np.array(orig)).mean() < 0.5
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_spec_reader_matches_a_windowed_card(rotation):
+    """Version 3: the sliding layers (window 64) hold positions 86..149 only."""
+    ks, vs, stats = _random_cache()
+    qkv = quantize_cache(
+        ks,
+        vs,
+        controller="saliency",
+        budget_bits=4.5,
+        config=QuantConfig(rotation=rotation),
+        stats=stats,
+        windows=[64, None, 64],
+    )
+    fp = {
+        "model_type": "gemma3_text",
+        "n_layers": 3,
+        "sliding_window": 64,
+        "layer_types": ["sliding", "full", "sliding"],
+    }
+    data = CacheCard.from_quantized(qkv, np.arange(150), fp).to_bytes()
+    meta, _, k_spec, v_spec = spec_read(data)
+    assert meta["version"] == 3 and meta["cache"]["held_from"] == [86, 0, 86]
+    k_mlx, v_mlx = dequantize_cache(qkv, mx.float32)
+    for li in range(3):
+        for got, want in ((k_spec[li], k_mlx[li]), (v_spec[li], v_mlx[li])):
+            want = np.array(want)
+            assert np.abs(got - want).max() <= 1e-6 * max(np.abs(want).max(), 1)
+    assert not k_spec[0][:, :, :86].any() and k_spec[1][:, :, :86].any()
 
 
 def test_spec_cases_cover_every_layout_and_mixed_widths():

@@ -17,9 +17,7 @@ writes cards through this module too.
 from __future__ import annotations
 
 import math
-import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +118,7 @@ class CacheCard:
             qkv.controller,
             qkv.budget_bits,
             dict(qkv.info),
+            held_from=qkv.held_from,
         )
         producer = {
             "runtime": runtime,
@@ -157,7 +156,18 @@ class CacheCard:
             "n_tokens": self.n_tokens,
             "offset": int(self.offset),
             "dtype": self.dtype,
+            # version 3: sliding-window layers hold only their window, or
+            # padded rows (a head size no group divides)
+            **({"held_from": self.qkv.starts} if self._needs_v3() else {}),
         }
+
+    def _needs_v3(self) -> bool:
+        return bool(self.qkv.held_from) or any(
+            e.dim is not None
+            for layer in self.layers
+            for s in layer
+            for e in (s.keys, s.values)
+        )
 
     @property
     def quant(self) -> dict:
@@ -185,7 +195,7 @@ class CacheCard:
 
     @property
     def fp16_bytes(self) -> int:
-        """Bytes the same cache takes in float16 (mlx-lm's KVCache at fp16)."""
+        """Bytes the held tokens take in float16 (mlx-lm's KVCache at fp16)."""
         return 2 * self.n_elements
 
     def width_histogram(self) -> dict[int, int]:
@@ -249,10 +259,10 @@ class CacheCard:
         float_dtype = schema.float_tensor_dtype(self.quant)
         index_dtype = SAFETENSORS[schema.index_dtype(T)]
         tensors = {"tokens": self.tokens}
-        for li, layer in enumerate(self.layers):
+        for li, (layer, start) in enumerate(zip(self.layers, self.qkv.starts)):
             packed: dict[str, list[np.ndarray]] = {part: [] for part in schema.PACKED}
             index = layer_index(layer)
-            check_cover(index, T, f"layers[{li}]")
+            check_cover(index, T, f"layers[{li}]", start=start)
             tensors[f"l{li}.index"] = index.astype(index_dtype)
             for si, seg in enumerate(layer):
                 where = f"layers[{li}][{si}]"
@@ -297,7 +307,7 @@ class CacheCard:
     @property
     def version(self) -> int:
         """The format version this card is written as (see schema.READ_VERSIONS)."""
-        return schema.version_for(self.quant)
+        return schema.version_for(self.quant, self.cache)
 
     def checksum(self) -> str:
         """The card's SHA-256 (hex), as written in its header."""
@@ -340,30 +350,7 @@ class CacheCard:
             path: the card file.
             key: sign the card with this key (see :meth:`to_bytes`).
         """
-        path = Path(path)
-        data = self.to_bytes(key=key)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-        )
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0o600
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return path
+        return container.write_file(path, self.to_bytes(key=key))
 
     @classmethod
     def from_bytes(
@@ -437,12 +424,6 @@ class CacheCard:
             key=key,
             allow_other_weights=allow_other_weights,
         )
-
-
-def _umask() -> int:
-    mask = os.umask(0o22)  # the only way to read it: set, then restore
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------
@@ -550,7 +531,10 @@ def _segments(m: dict, li: int, packed: dict, index: np.ndarray) -> list[Segment
                 offsets[part] = o + math.prod(shape)
                 view = packed[part][o : offsets[part]].reshape(shape)
                 arrays["data" if part == "float" else part] = view
-            encs.append(Encoded(e["layout"], e["group"], **arrays))
+            pad = e["layout"] == "token" and D % e["group"]
+            encs.append(
+                Encoded(e["layout"], e["group"], **arrays, dim=D if pad else None)
+            )
         segs.append(Segment(seg["bits"], index[start : start + n], encs[0], encs[1]))
         start += n
     return segs
@@ -559,12 +543,13 @@ def _segments(m: dict, li: int, packed: dict, index: np.ndarray) -> list[Segment
 def _assemble(m: dict, t: dict[str, np.ndarray]) -> CacheCard:
     c = m["cache"]
     T = c["n_tokens"]
+    starts = schema.held_from(c, m["model"])
     layers = []
     for li in range(len(m["layers"])):
         p = f"l{li}"
         # int32 positions in memory (Segment.index), whatever the stored dtype
         index = np.asarray(t[f"{p}.index"], dtype=np.int32)
-        check_cover(index, T, f"{p}.index")
+        check_cover(index, T, f"{p}.index", start=starts[li])
         packed = {part: t[f"{p}.{part}"] for part in schema.PACKED}
         for part in ("scales", "biases", "float"):
             if not np.isfinite(packed[part]).all():
@@ -586,6 +571,7 @@ def _assemble(m: dict, t: dict[str, np.ndarray]) -> CacheCard:
         schema.quant_config(q),
         q["controller"],
         q.get("budget_bits"),
+        held_from=tuple(starts),
     )
     card = CacheCard(
         qkv, tokens, m["model"], c["offset"], c["dtype"], m["producer"], m["user"]

@@ -23,8 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -310,3 +313,39 @@ def write(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
         np.ascontiguousarray(tensors[n]).view(np.uint8).reshape(-1).data for n in names
     ]
     return b"".join(parts)
+
+
+def write_file(path, data: bytes) -> Path:
+    """Write ``data`` atomically: temp file in the same folder, fsync, rename.
+
+    The file gets the permissions ``open()`` would give it (0o666 less the
+    umask), so an agent running as another user can read a card meant for
+    it where the umask allows. A failure leaves no partial file behind.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0o600
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)  # the only way to read it: set, then restore
+    os.umask(mask)
+    return mask

@@ -16,15 +16,28 @@ from __future__ import annotations
 import math
 
 from ..errors import CardFormatError, ConfigError
-from ..formats import ALL_BITS, FLOAT_BITS, GROUP_SIZES, Encoded, QuantConfig, Segment
+from ..fingerprint import layer_windows
+from ..formats import (
+    ALL_BITS,
+    FLOAT_BITS,
+    GROUP_SIZES,
+    Encoded,
+    QuantConfig,
+    Segment,
+    padded_dim,
+    token_groups,
+    window_start,
+)
 from ..rotation import check_rotation
 
 FORMAT_NAME = "qkvshare.cachecard"
-FORMAT_VERSION = 2  # the newest this library reads and writes
+FORMAT_VERSION = 3  # the newest this library reads and writes
 # Versions read. Writers emit the lowest version that can hold the card:
-# 1 without a rotation (byte-identical to earlier releases), 2 with one, so
-# a version-1 reader refuses a rotated card instead of misreading it.
-READ_VERSIONS = (1, 2)
+# 1 without a rotation (byte-identical to earlier releases), 2 with one, 3
+# when a sliding-window layer holds only its window (``cache.held_from``) or
+# a head size no group divides is stored in padded rows, so an older reader
+# refuses what it would misread.
+READ_VERSIONS = (1, 2, 3)
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 # Per-layer token positions are stored as U16 while they fit, else as I32.
 MAX_U16_TOKENS = 1 << 16
@@ -99,8 +112,10 @@ def float_tensor_dtype(quant) -> str:
     return FLOAT_TENSOR_DTYPES[name]
 
 
-def version_for(quant: dict) -> int:
-    """The format version a card with this quant summary is written as."""
+def version_for(quant: dict, cache: dict | None = None) -> int:
+    """The format version a card with this quant and cache summary is written as."""
+    if isinstance(cache, dict) and "held_from" in cache:
+        return 3
     cfg = quant.get("config") if isinstance(quant, dict) else None
     rotated = isinstance(cfg, dict) and cfg.get("rotation", "none") != "none"
     return 2 if rotated else 1
@@ -206,11 +221,12 @@ def quant_config(quant: dict) -> QuantConfig:
         raise CardFormatError(f"quant.config: {e}") from None
 
 
-def _check_cache(c: dict) -> None:
+def _check_cache(c: dict, version: int) -> None:
     # The cache shape is what decoding uses. The fingerprint describes the
     # model; a card whose two disagree fits no model, so every receiver
     # refuses it (ModelMismatchError) when it checks the card against itself.
-    exact_keys(c, (*CACHE_FIELDS, "dtype"), "cache")
+    held = ("held_from",) if version >= 3 else ()
+    exact_keys(c, (*CACHE_FIELDS, "dtype", *held), "cache")
     for k in CACHE_FIELDS:
         v = req(c, k, int, "cache")
         if not 0 <= v < MAX_SIZE:
@@ -220,6 +236,32 @@ def _check_cache(c: dict) -> None:
         raise CardFormatError(
             f"cache.dtype: expected one of {list(CACHE_DTYPES)}, got {dtype!r:.60}"
         )
+
+
+def held_from(c: dict, model: dict) -> list[int]:
+    """Per layer, the first position the card holds (``cache.held_from``,
+    version 3; zeros before), checked against the windows ``model`` says
+    its layers slide with: a layer may start after 0 only if it slides, and
+    no later than its window's start."""
+    L, T = c["n_layers"], c["n_tokens"]
+    if "held_from" not in c:
+        return [0] * L
+    held = req(c, "held_from", list, "cache")
+    if len(held) != L or not all(type(h) is int for h in held):
+        raise CardFormatError(
+            f"cache.held_from: expected {L} integers (cache.n_layers), got {held!r:.60}"
+        )
+    windows = layer_windows(model, L)
+    for li, h in enumerate(held):
+        window = windows[li] if li < len(windows) else None
+        most = window_start(T, window)
+        if not 0 <= h <= most:
+            kind = f"sliding window {window}" if window else "full attention"
+            raise CardFormatError(
+                f"cache.held_from[{li}]: {h} not in 0..{most} (layer {li}: "
+                f"{kind} per model.sliding_window/layer_types, {T} tokens)"
+            )
+    return held
 
 
 def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -245,14 +287,17 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     for k in ("model", "quant", "producer", "user"):
         req(m, k, dict, "card")
     check_fingerprint(m["model"])
-    _check_cache(c)
+    _check_cache(c, version)
     check_quant(m["quant"])
-    if version_for(m["quant"]) != version:
+    if version_for(m["quant"], c) != version:
         raise CardFormatError(
             f"version {version}: quant.config.rotation "
             f"{m['quant']['config'].get('rotation', 'none')!r} is written as "
-            f"version {version_for(m['quant'])} (rotated cards are version 2)"
+            f"version {version_for(m['quant'], c)} (rotated cards are version 2, "
+            "cards with cache.held_from version 3)"
         )
+    starts = held_from(c, m["model"])
+    padded = []
     L, B, H = c["n_layers"], c["batch"], c["n_kv_heads"]
     dk, dv, T = c["head_dim_k"], c["head_dim_v"], c["n_tokens"]
     try:
@@ -269,6 +314,7 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     for li, layer in enumerate(table):
         if not isinstance(layer, list):
             raise CardFormatError(f"layers[{li}]: expected a list of segments")
+        n_held = T - starts[li]
         covered = 0
         sizes = dict.fromkeys(PACKED, 0)
         for si, seg in enumerate(layer):
@@ -282,8 +328,8 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
                 raise CardFormatError(
                     f"{where}.bits: {bits} not one of {list(ALL_BITS)}"
                 )
-            if not 0 < n <= T:
-                raise CardFormatError(f"{where}.n: {n} not in 1..{T}")
+            if not 0 < n <= n_held:
+                raise CardFormatError(f"{where}.n: {n} not in 1..{n_held}")
             covered += n
             for kv, D in (("k", dk), ("v", dv)):
                 e = req(seg, kv, dict, where)
@@ -292,15 +338,27 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
                 group = req(e, "group", int, f"{where}.{kv}")
                 shape = (B, H, n, D)
                 shapes = encoded_shapes(layout, group, bits, shape, where, float_dtype)
+                if layout == "token" and D % group:
+                    padded.append(f"{where}.{kv}")
                 for part, (_, shape) in shapes.items():
                     sizes[part] += math.prod(shape)
-        if covered != T:
+        if covered != n_held:
             raise CardFormatError(
-                f"layers[{li}]: segments cover {covered} tokens, expected {T}"
+                f"layers[{li}]: segments cover {covered} tokens, expected {n_held}"
             )
-        out[f"l{li}.index"] = (index_dtype(T), (T,))
+        out[f"l{li}.index"] = (index_dtype(T), (n_held,))
         for part, dtype in PACKED.items():
             out[f"l{li}.{part}"] = (dtype or float_dtype, (sizes[part],))
+    if padded and version < 3:
+        raise CardFormatError(
+            f"{padded[0]}: padded rows (head dims {dk}, {dv}) need version 3, "
+            f"card is version {version}"
+        )
+    if version >= 3 and not any(starts) and not padded:
+        raise CardFormatError(
+            "cache.held_from: all zero and no padded rows (such a card is "
+            "written as version 1 or 2)"
+        )
     return out
 
 
@@ -317,6 +375,8 @@ def encoded_shapes(layout, group, bits, shape, where, float_dtype):
         ``{"float": (dtype, (B, H, n, D))}`` for a float copy, else
         ``{"codes": ("U32", ...), "scales": ("F16", ...), "biases": ...}``;
         each array is the next slice of the layer's tensor of that name.
+        Per-token rows of a head size no group size divides are stored
+        padded (``formats.padded_dim``; version 3).
     """
     B, H, n, D = shape
     if bits == FLOAT_BITS:
@@ -337,6 +397,8 @@ def encoded_shapes(layout, group, bits, shape, where, float_dtype):
         raise CardFormatError(
             f"{where}: layout {layout!r:.40} not one of token/channel/float"
         )
+    if layout == "token" and group == token_groups(D)[0] and D % group:
+        axis = padded_dim(D, group)  # no group divides D: padded rows
     if group not in GROUP_SIZES or axis % group or (axis * bits) % 32:
         raise CardFormatError(
             f"{where}: group {group} does not divide {axis} (layout {layout})"

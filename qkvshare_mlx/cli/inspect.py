@@ -126,6 +126,14 @@ def _format_text(s: dict, model_check: list[str] | None) -> str:
     ]
     if "preview" in s["tokens"]:
         lines.append(f"preview    {s['tokens']['preview']!r}")
+    held = c.get("held_from")
+    if held:
+        lo, hi = min(h for h in held if h), max(held)
+        where = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        lines.append(
+            f"windows    {sum(1 for h in held if h)} of {len(held)} layers hold "
+            f"only their window (from position {where})"
+        )
     lines += [
         f"segments   {s['layers']['segments']} in {s['layers']['count']} layers",
         f"controller {q['controller']}  budget {q['budget_bits']}  "

@@ -37,6 +37,8 @@ class AllocationProblem:
         start: index of the first token allocated here (earlier ones are
             inherited); statistics are sliced from it.
         n_tokens: T, the cache length.
+        held: (L, T') bool, the tokens a layer keeps (False: before a
+            sliding layer's window, not stored, not counted); None: all.
     """
 
     errors: np.ndarray
@@ -45,6 +47,7 @@ class AllocationProblem:
     float_bits: int
     start: int
     n_tokens: int
+    held: np.ndarray | None = None
 
     @property
     def costs(self) -> np.ndarray:
@@ -53,13 +56,16 @@ class AllocationProblem:
     def effective_bits(self, assignment: np.ndarray) -> float:
         """Exact effective bits the (L, T') assignment stores (tails included)."""
         dk, dv = self.head_dims
-        total = 0
-        for layer in assignment:
+        total, n = 0, 0
+        for li, layer in enumerate(assignment):
+            if self.held is not None:
+                layer = layer[self.held[li]]
             counts = np.bincount(layer, minlength=len(self.formats))
             total += planned_bits(
                 dict(zip(self.formats, counts.tolist())), dk, dv, self.float_bits
             )
-        return total / max(assignment.size * (dk + dv), 1)
+            n += layer.size
+        return total / max(n * (dk + dv), 1)
 
 
 def allocate_bits(
@@ -67,6 +73,8 @@ def allocate_bits(
     errors: np.ndarray,
     costs: np.ndarray,
     budget_bits: float,
+    *,
+    held: np.ndarray | None = None,
 ) -> np.ndarray:
     """Choose one format per (layer, token) minimising weighted error under a budget.
 
@@ -76,6 +84,8 @@ def allocate_bits(
         errors: (L, 2, T, F) squared errors (K and V) per format.
         costs: (F,) bits per element of each format.
         budget_bits: the mean cost not to exceed.
+        held: (L, T) bool: only these tokens are allocated and counted (the
+            others get the cheapest format, to be dropped by the caller).
 
     Returns:
         (L, T) int format indices whose mean cost is <= ``budget_bits`` (when
@@ -89,6 +99,18 @@ def allocate_bits(
     L, T, F = w.shape
     if T == 0:
         return np.zeros((L, 0), dtype=np.int64)
+    if held is not None:
+        out = np.full((L, T), int(np.argmin(costs)), dtype=np.int64)
+        rows = held.reshape(-1)
+        if rows.any():
+            sub = allocate_bits(
+                np.ones((1, int(rows.sum()))),
+                w.reshape(-1, F)[rows][None, None],
+                costs,
+                budget_bits,
+            )
+            out.reshape(-1)[rows] = sub[0]
+        return out
     flat = w.reshape(-1, F)
     n = flat.shape[0]
     limit = budget_bits * n

@@ -204,7 +204,9 @@ def run_controller(
     # little more, so tighten the target until the exact count fits.
     target = float(budget_bits)
     for _ in range(8):
-        assignment = allocate_bits(imp, problem.errors, costs, target)
+        assignment = allocate_bits(
+            imp, problem.errors, costs, target, held=problem.held
+        )
         eff = problem.effective_bits(assignment)
         if eff <= budget_bits + 0.02:
             break

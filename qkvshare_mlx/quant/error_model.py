@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..formats import Format
+from ..formats import Format, pad_rows, padded_dim
 
 
-def _token_group_sq_range(x, group: int):
-    """Sum over (B, H, groups) of group * range^2 for per-token groups -> (T,)."""
+def _token_group_sq_range(x, group: int, xp=np):
+    """Sum over (B, H, groups) of n * range^2 for per-token groups -> (T,),
+    ``n`` the group's real elements (a padded row's last group has fewer)."""
     B, H, T, D = x.shape
-    g = x.reshape(B, H, T, D // group, group)
+    n_groups = padded_dim(D, group) // group
+    g = pad_rows(x, group, xp).reshape(B, H, T, n_groups, group)
     r = g.max(axis=-1) - g.min(axis=-1)
-    return (group * r * r).sum(axis=(0, 1, 3))
+    sq = (r * r).sum(axis=(0, 1))  # (T, groups)
+    if D % group == 0:
+        return group * sq.sum(axis=-1)
+    last = D - (n_groups - 1) * group
+    return group * sq[:, :-1].sum(axis=-1) + last * sq[:, -1]
 
 
 def _channel_sq_range(x, group: int, xp):
@@ -57,9 +63,9 @@ def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp
             if kk[0] == "kc":
                 ranges[kk] = _channel_sq_range(xk, f.key_group, xp)
             else:
-                ranges[kk] = _token_group_sq_range(xk, f.key_group)
+                ranges[kk] = _token_group_sq_range(xk, f.key_group, xp)
         if ("vt", f.value_group) not in ranges:
-            ranges[("vt", f.value_group)] = _token_group_sq_range(xv, f.value_group)
+            ranges[("vt", f.value_group)] = _token_group_sq_range(xv, f.value_group, xp)
     ranges = {k: np.asarray(v, dtype=np.float64) for k, v in ranges.items()}
     T = keys.shape[2]
     out = np.zeros((2, T, len(formats)), dtype=np.float64)

@@ -29,7 +29,7 @@ _DECODE_THREADS = min(2, os.cpu_count() or 1)
 def _bucket_key(enc: Encoded, bits: int) -> tuple:
     if enc.layout == "float":
         return ("float", str(np.asarray(enc.data).dtype))
-    return (enc.layout, bits, enc.group)
+    return (enc.layout, bits, enc.group, enc.dim)
 
 
 def _cat(encs: list[Encoded]) -> Encoded:
@@ -41,7 +41,8 @@ def _cat(encs: list[Encoded]) -> Encoded:
         parts = [np.asarray(getattr(x, name)) for x in encs]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis)
 
-    return Encoded(e.layout, e.group, **{name: cat(name) for name in e.arrays()})
+    arrays = {name: cat(name) for name in e.arrays()}
+    return Encoded(e.layout, e.group, **arrays, dim=e.dim)
 
 
 def _contiguous(index: np.ndarray) -> bool:
@@ -99,7 +100,7 @@ def _row_shape(enc: Encoded, bits: int) -> tuple[int, int, int]:
         B, H, _, D = np.shape(enc.data)
     elif enc.layout == "token":
         B, H, _, W = np.shape(enc.codes)
-        D = W * 32 // bits
+        D = enc.dim or W * 32 // bits
     else:
         B, H, D, _ = np.shape(enc.codes)
     return B, H, D
@@ -113,6 +114,7 @@ def dequantize_layers(
     capacity: int = 0,
     layers_per_pass: int = 2,
     rotation: str = "none",
+    starts: list[int] | None = None,
 ) -> list[tuple[mx.array, mx.array]]:
     """:func:`dequantize_layer` for many layers, fast: each token written once.
 
@@ -126,15 +128,16 @@ def dequantize_layers(
     token-major cache (what ``mx.take`` along the token axis returns) ran ~3x
     slower per decoding step. Results equal :func:`dequantize_layer`'s bit
     for bit. A ``rotation`` is undone in place (numpy, float32) before any
-    cast to ``dtype``.
+    cast to ``dtype``. A layer held from ``starts[l] > 0`` (a sliding
+    window's tokens) has zero rows before it.
 
     Returns:
         Per layer, evaluated (B, H, max(T, capacity), D) keys and values.
     """
     T = n_tokens
     n_pos = max(int(capacity), T)
-    for li, layer in enumerate(layers):
-        check_cover(layer_index(layer), T, f"layer {li}")
+    for li, (layer, start) in enumerate(zip(layers, starts or [0] * len(layers))):
+        check_cover(layer_index(layer), T, f"layer {li}", start=start)
     check_rotation(rotation)
     scratch = {"keys": np.empty(0, np.float32), "values": np.empty(0, np.float32)}
 
@@ -212,6 +215,7 @@ def stream_layers(
     *,
     capacity: int = 0,
     rotation: str = "none",
+    starts: list[int] | None = None,
 ) -> list[Future]:
     """:func:`dequantize_layers` on a background thread, layer by layer.
 
@@ -228,8 +232,8 @@ def stream_layers(
     """
     T = n_tokens
     n_pos = max(int(capacity), T)
-    for li, layer in enumerate(layers):
-        check_cover(layer_index(layer), T, f"layer {li}")
+    for li, (layer, start) in enumerate(zip(layers, starts or [0] * len(layers))):
+        check_cover(layer_index(layer), T, f"layer {li}", start=start)
     check_rotation(rotation)
     bufs = [_alloc_rows([layer], n_pos) for layer in layers]
     mx.eval(bufs)

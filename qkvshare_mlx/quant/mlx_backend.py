@@ -24,6 +24,7 @@ from ..formats import (
     Segment,
     check_cover,
     layer_index,
+    pad_rows,
 )
 from ..rotation import rotation_matrix
 from . import pipeline
@@ -47,8 +48,10 @@ def encode(x: mx.array, bits: int, layout: str, group: int, float_dtype) -> Enco
         return Encoded("float", data=x.astype(getattr(mx, float_dtype)))
     if layout == "channel":
         x = x.swapaxes(-1, -2)
-    codes, scales, biases = _quantize(x, bits, group)
-    return Encoded(layout, group, codes, scales, biases)
+    D = x.shape[-1]
+    codes, scales, biases = _quantize(pad_rows(x, group, mx), bits, group)
+    dim = D if layout == "token" and D % group else None
+    return Encoded(layout, group, codes, scales, biases, dim=dim)
 
 
 def unpack_codes(words: mx.array, bits: int) -> mx.array:
@@ -111,7 +114,7 @@ def decode(enc: Encoded, bits: int, dtype=mx.float32) -> mx.array:
     ).astype(dtype)
     if enc.layout == "channel":
         x = x.swapaxes(-1, -2)
-    return x
+    return x if enc.dim is None else x[..., : enc.dim]
 
 
 class MLXBackend:
@@ -169,6 +172,7 @@ def dequantize_layer(
     *,
     capacity: int = 0,
     rotation: str = "none",
+    start: int = 0,
 ) -> tuple[mx.array, mx.array]:
     """Reassemble (B, H, T, D) keys and values from one layer's segments.
 
@@ -181,27 +185,35 @@ def dequantize_layer(
             ``KVCache`` can append without reallocating). Built in the same
             single gather that puts tokens in order: no extra pass.
         rotation: the cache's ``QuantConfig.rotation``, undone after decoding.
+        start: the layer's first held position; rows before it are zeros
+            (positions a sliding window masks out of every later query).
     """
     if rotation != "none":
-        k, v = dequantize_layer(segments, n_tokens, mx.float32)
+        k, v = dequantize_layer(segments, n_tokens, mx.float32, start=start)
         k, v = unrotate(k, rotation, dtype), unrotate(v, rotation, dtype)
         pad = max(int(capacity) - n_tokens, 0)
         return _zero_pad(k, pad), _zero_pad(v, pad)
     ks = [decode(s.keys, s.bits, dtype) for s in segments]
     vs = [decode(s.values, s.bits, dtype) for s in segments]
     index = layer_index(segments)
-    check_cover(index, n_tokens)
+    check_cover(index, n_tokens, start=start)
     pad = max(int(capacity) - n_tokens, 0)
-    in_order = len(segments) == 1 and np.array_equal(index, np.arange(n_tokens))
+    in_order = (
+        len(segments) == 1 and not start and np.array_equal(index, np.arange(n_tokens))
+    )
     if in_order:
         return _zero_pad(ks[0], pad), _zero_pad(vs[0], pad)
+    held = n_tokens - start
     order = np.argsort(index, kind="stable").astype(np.int32)
-    if pad:
-        # positions past T read one appended zero token
+    if pad or start:
+        # positions before start and past T read one appended zero token
         B, H = ks[0].shape[:2]
         ks.append(mx.zeros((B, H, 1, ks[0].shape[3]), dtype))
         vs.append(mx.zeros((B, H, 1, vs[0].shape[3]), dtype))
-        order = np.concatenate([order, np.full(pad, n_tokens, np.int32)])
+        zero = np.int32(held)
+        order = np.concatenate(
+            [np.full(start, zero), order, np.full(pad, zero)]
+        ).astype(np.int32)
     order = mx.array(order)
     k = mx.take(mx.concatenate(ks, axis=2), order, axis=2)
     v = mx.take(mx.concatenate(vs, axis=2), order, axis=2)
@@ -212,8 +224,8 @@ def dequantize_cache(qkv: QuantizedKV, dtype=mx.float32):
     """All layers of a :class:`QuantizedKV` as lists of (B, H, T, D) keys, values."""
     rot = qkv.config.rotation
     pairs = [
-        dequantize_layer(layer, qkv.n_tokens, dtype, rotation=rot)
-        for layer in qkv.layers
+        dequantize_layer(layer, qkv.n_tokens, dtype, rotation=rot, start=start)
+        for layer, start in zip(qkv.layers, qkv.starts)
     ]
     return [k for k, _ in pairs], [v for _, v in pairs]
 
@@ -228,6 +240,7 @@ def quantize_cache(
     stats: TokenStats | None = None,
     plan: HandoffPlan | None = None,
     inherited: QuantizedKV | None = None,
+    windows: list[int | None] | None = None,
 ) -> QuantizedKV:
     """Quantize a KV cache under an average-bit budget, on MLX arrays.
 
@@ -244,4 +257,5 @@ def quantize_cache(
         stats=stats,
         plan=plan,
         inherited=inherited,
+        windows=windows,
     )

@@ -31,6 +31,7 @@ from ..formats import (
     Segment,
     check_cover,
     layer_index,
+    pad_rows,
 )
 from ..rotation import rotation_matrix
 from . import pipeline
@@ -163,6 +164,13 @@ def dequantize_rows(
     codes (reused across calls, fresh memory costs a page fault per 4 KiB);
     without ``out`` the result is written there.
     """
+    if enc.dim is not None:  # padded rows: decode whole, keep the first dim
+        full = Encoded(enc.layout, enc.group, enc.codes, enc.scales, enc.biases)
+        rows = dequantize_rows(full, bits, scratch=scratch)[..., : enc.dim]
+        if out is None:
+            return np.ascontiguousarray(rows)
+        out[...] = rows
+        return out
     s = np.asarray(enc.scales).astype(np.float32)
     b = np.asarray(enc.biases).astype(np.float32)
     g = enc.group
@@ -176,7 +184,8 @@ def dequantize_rows(
         n = W * 32 // bits
         split = (B, H, n // g, g, D)
         s, b = s.swapaxes(-1, -2)[..., None, :], b.swapaxes(-1, -2)[..., None, :]
-    q = None if scratch is None else scratch[: B * H * n * D]
+    need = B * H * n * D
+    q = None if scratch is None or scratch.size < need else scratch[:need]
     if enc.layout == "token":
         q = unpack_codes(enc.codes, bits, np.float32, out=q)
     else:
@@ -233,8 +242,10 @@ def encode(x: np.ndarray, bits: int, layout: str, group: int, float_dtype) -> En
         return Encoded("float", data=data)
     if layout == "channel":
         x = np.swapaxes(x, -1, -2)
-    codes, scales, biases = quantize_groups(x, bits, group)
-    return Encoded(layout, group, codes, scales, biases)
+    D = x.shape[-1]
+    codes, scales, biases = quantize_groups(pad_rows(x, group), bits, group)
+    dim = D if layout == "token" and D % group else None
+    return Encoded(layout, group, codes, scales, biases, dim=dim)
 
 
 def decode(enc: Encoded, bits: int) -> np.ndarray:
@@ -250,7 +261,7 @@ def decode(enc: Encoded, bits: int) -> np.ndarray:
     )
     if enc.layout == "channel":
         x = np.swapaxes(x, -1, -2)
-    return x
+    return x if enc.dim is None else x[..., : enc.dim]
 
 
 class NumpyBackend:
@@ -288,16 +299,23 @@ def encode_bucket(
 
 
 def decode_layer(
-    segments: list[Segment], n_tokens: int
+    segments: list[Segment], n_tokens: int, *, start: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reassemble (B, H, T, D) float32 keys and values from a layer's segments."""
+    """Reassemble (B, H, T, D) float32 keys and values from a layer's segments.
+
+    A layer held from ``start`` (a sliding window's tokens) gets zero rows
+    before it: positions its window masks out of every later query.
+    """
     index = layer_index(segments)
-    check_cover(index, n_tokens)
+    check_cover(index, n_tokens, start=start)
     ks = [decode(s.keys, s.bits) for s in segments]
     vs = [decode(s.values, s.bits) for s in segments]
     order = np.argsort(index, kind="stable")
     k = np.concatenate(ks, axis=2)[:, :, order]
     v = np.concatenate(vs, axis=2)[:, :, order]
+    if start:
+        pad = [(0, 0), (0, 0), (start, 0), (0, 0)]
+        k, v = np.pad(k, pad), np.pad(v, pad)
     return k, v
 
 
@@ -331,6 +349,7 @@ def quantize_cache_np(
     stats: TokenStats | None = None,
     plan: HandoffPlan | None = None,
     inherited: QuantizedKV | None = None,
+    windows: list[int | None] | None = None,
 ) -> QuantizedKV:
     """Quantize a KV cache under an average-bit budget, in numpy.
 
@@ -344,6 +363,8 @@ def quantize_cache_np(
         plan: the handoff plan (hops remaining, receivers) for ``topology``.
         inherited: a cache covering the first tokens; its segments are kept
             bit for bit and only tokens after it are quantized.
+        windows: per layer, the sliding window (None: full attention); a
+            sliding layer holds only its window (see pipeline.quantize).
 
     Returns:
         A :class:`QuantizedKV` (numpy arrays) covering all T tokens.
@@ -363,18 +384,21 @@ def quantize_cache_np(
         stats=stats,
         plan=plan,
         inherited=inherited,
+        windows=windows,
     )
 
 
 def dequantize_cache_np(qkv: QuantizedKV) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """All layers of a :class:`QuantizedKV` as lists of (B, H, T, D) float32 arrays.
 
+    A layer held from ``held_from[l] > 0`` has zero rows before it.
+
     Raises:
         CacheShapeError: a layer's segments do not cover ``n_tokens`` tokens.
     """
     keys, values = [], []
-    for layer in qkv.layers:
-        k, v = decode_layer(layer, qkv.n_tokens)
+    for layer, start in zip(qkv.layers, qkv.starts):
+        k, v = decode_layer(layer, qkv.n_tokens, start=start)
         rk = rotation_matrix(qkv.config.rotation, k.shape[-1])
         rv = rotation_matrix(qkv.config.rotation, v.shape[-1])
         keys.append(k if rk is None else k @ rk.T)

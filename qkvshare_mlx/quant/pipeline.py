@@ -29,6 +29,8 @@ from ..formats import (
     QuantizedKV,
     Segment,
     split_for_layout,
+    trim_segments,
+    window_start,
 )
 from ..rotation import check_rotation, rotation_matrix
 from .allocator import AllocationProblem
@@ -138,16 +140,17 @@ def encode_layer(
         backend: the array library.
         keys, values: (B, H, T, D) arrays.
         formats: the format menu.
-        assignment: (T - start,) indices into ``formats``.
+        assignment: (T - start,) indices into ``formats``; -1 for a token
+            the layer does not hold (before its window).
         config: quantizer settings (float dtype).
         start: first token to encode (earlier tokens are inherited).
 
     Returns:
-        Segments covering tokens ``start..T-1``, by format index, the
-        per-channel part before the per-token tail.
+        Segments covering the held tokens of ``start..T-1``, by format index,
+        the per-channel part before the per-token tail.
     """
     out = []
-    for f in np.unique(assignment):
+    for f in np.unique(assignment[assignment >= 0]):
         index = (np.nonzero(assignment == f)[0] + start).astype(np.int32)
         fmt = formats[int(f)]
         out += encode_bucket(backend, keys, values, index, fmt, config.float_dtype)
@@ -165,6 +168,7 @@ def quantize(
     stats: TokenStats | None = None,
     plan: HandoffPlan | None = None,
     inherited: QuantizedKV | None = None,
+    windows: list[int | None] | None = None,
 ) -> QuantizedKV:
     """Quantize a KV cache under an average-bit budget.
 
@@ -180,9 +184,16 @@ def quantize(
         plan: the handoff plan (hops remaining, receivers) for ``topology``.
         inherited: a cache covering the first tokens; its segments are kept
             bit for bit and only tokens after it are quantized.
+        windows: per layer, the sliding window of the model that made the
+            cache (None for a full-attention layer; see
+            :func:`qkvshare_mlx.fingerprint.layer_windows`): a sliding layer
+            holds only its last ``window`` tokens (``held_from``), whole
+            inherited segments that fall out of it are dropped, and the
+            budget counts the held tokens.
 
     Returns:
-        A :class:`QuantizedKV` (the backend's arrays) covering all T tokens.
+        A :class:`QuantizedKV` (the backend's arrays) covering all T tokens
+        (each layer from its ``held_from``).
 
     Raises:
         CacheShapeError: bad shapes, non-finite values, or an inherited cache
@@ -227,6 +238,19 @@ def quantize(
             f"them, so only lossless cards are possible (budget_bits="
             f"{config.float_bits}), but got budget_bits={budget_bits}"
         )
+    # 3b. windows: a sliding layer keeps the tokens its window still sees
+    if windows is not None and len(windows) != len(keys):
+        raise ConfigError(
+            f"windows: expected one per layer ({len(keys)}), got {len(windows)}"
+        )
+    old_layers = [
+        list(inherited.layers[i]) if inherited else [] for i in range(len(keys))
+    ]
+    held = inherited.starts if inherited is not None else [0] * len(keys)
+    for li, window in enumerate(windows or [None] * len(keys)):
+        first = window_start(T, window)
+        if first > 0:
+            old_layers[li], held[li] = trim_segments(old_layers[li], first)
     new_layers: list[list[Segment]] = [[] for _ in keys]
     # 4. allocate: errors per (layer, token, format), then the controller
     info = {}
@@ -243,6 +267,9 @@ def quantize(
                 for k, v in zip(keys, values)
             ]
         )  # (L, 2, T', F)
+        mask = None
+        if any(held):
+            mask = np.arange(start, T)[None, :] >= np.array(held)[:, None]
         problem = AllocationProblem(
             errors=errors,
             formats=formats,
@@ -250,21 +277,30 @@ def quantize(
             float_bits=config.float_bits,
             start=start,
             n_tokens=T,
+            held=mask,
         )
         assignment, info = run_controller(
             controller, problem, budget_bits, stats=stats, plan=plan, config=config
         )
+        if mask is not None:
+            assignment = np.where(mask, assignment, -1)
         # 5. one encode call per (layer, format) bucket
         for li, (k, v) in enumerate(zip(keys, values)):
             new_layers[li] = encode_layer(
                 backend, k, v, formats, assignment[li], config=config, start=start
             )
         backend.finish(new_layers)
-    layers = [
-        (list(inherited.layers[i]) if inherited is not None else []) + new_layers[i]
-        for i in range(len(keys))
-    ]
-    qkv = QuantizedKV(layers, T, (B, H, dk, dv), config, controller, budget_bits, info)
+    layers = [old_layers[i] + new_layers[i] for i in range(len(keys))]
+    qkv = QuantizedKV(
+        layers,
+        T,
+        (B, H, dk, dv),
+        config,
+        controller,
+        budget_bits,
+        info,
+        held_from=tuple(held),
+    )
     if inherited is None and T > 0 and abs(qkv.effective_bits - budget_bits) > 0.05:
         info["budget_note"] = (
             f"effective bits {qkv.effective_bits:.3f} differ from budget {budget_bits}"

@@ -37,41 +37,71 @@ KEY = CardKey(bytes(range(32)))  # the campaign's shared key
 OTHER_KEY = CardKey(bytes(range(1, 33)))
 
 
-def small_card(seed: int = 0, *, n_tokens: int = 48, n_layers: int = 2, batch: int = 1):
+def small_card(
+    seed: int = 0,
+    *,
+    n_tokens: int = 48,
+    n_layers: int = 2,
+    batch: int = 1,
+    window: int | None = None,
+):
     """A valid :class:`CacheCard` using every stored layout.
 
     Per layer: 4 tokens as float16 copies, 40 tokens at 4 bits (32 with
     per-channel keys, 8 per-token), the rest at 2 bits per token.
-    Shapes: (B, H=2, T, D=64); vocabulary of 1000 ids.
+    Shapes: (B, H=2, T, D=64); vocabulary of 1000 ids. With ``window``
+    (at least 45), layer 0 is a sliding-window layer holding only its last
+    ``window`` tokens (a version-3 card, ``cache.held_from``).
     """
-    if n_tokens < 45:
-        raise ValueError(f"n_tokens must be at least 45, got {n_tokens}")
+    held = n_tokens if window is None else min(window, n_tokens)
+    if held < 45:
+        raise ValueError(f"every layer must hold at least 45 tokens, got {held}")
     rng = np.random.default_rng(seed)
     H, D = 2, 64
     config = QuantConfig(group_size=32, key_group=32)
-    plan = [
-        (Format(16, "token", 0, 0), 4),
-        (Format(4, "channel", 32, 32), 40),
-        (Format(2, "token", 32, 32), n_tokens - 44),
-    ]
     layers = []
-    for _ in range(n_layers):
+    for li in range(n_layers):
+        n = held if li == 0 else n_tokens
+        plan = [
+            (Format(16, "token", 0, 0), 4),
+            (Format(4, "channel", 32, 32), 40),
+            (Format(2, "token", 32, 32), n - 44),
+        ]
         keys = rng.standard_normal((batch, H, n_tokens, D)).astype(np.float32)
         values = rng.standard_normal((batch, H, n_tokens, D)).astype(np.float32)
-        order = rng.permutation(n_tokens).astype(np.int32)
+        order = (rng.permutation(n) + n_tokens - n).astype(np.int32)
         segs, start = [], 0
-        for fmt, n in plan:
-            segs += encode_bucket(keys, values, order[start : start + n], fmt)
-            start += n
+        for fmt, count in plan:
+            segs += encode_bucket(keys, values, order[start : start + count], fmt)
+            start += count
         layers.append(segs)
     qkv = QuantizedKV(
-        layers, n_tokens, (batch, H, D, D), config, "saliency", budget_bits=4.5
+        layers,
+        n_tokens,
+        (batch, H, D, D),
+        config,
+        "saliency",
+        budget_bits=4.5,
+        held_from=(n_tokens - held,) + (0,) * (n_layers - 1),
     )
     tokens = rng.integers(0, FINGERPRINT["vocab_size"], n_tokens)
-    fp = dict(FINGERPRINT, n_layers=n_layers)
     return CacheCard.from_quantized(
-        qkv, tokens, fp, runtime="numpy", user={"role": "planner"}
+        qkv,
+        tokens,
+        fingerprint_for(n_layers, window),
+        runtime="numpy",
+        user={"role": "planner"},
     )
+
+
+def fingerprint_for(n_layers: int = 2, window: int | None = None) -> dict:
+    """The fingerprint of :func:`small_card`'s model (layer 0 sliding with
+    ``window``, when given)."""
+    fp = dict(FINGERPRINT, n_layers=n_layers)
+    if window is not None:
+        fp["sliding_window"] = window
+        fp["layer_types"] = ["sliding"] + ["full"] * (n_layers - 1)
+    return fp
 
 
 def small_card_bytes(seed: int = 0, *, key=None, **kwargs) -> bytes:
@@ -127,7 +157,11 @@ def forge(
     """
     if version is None:
         meta_ok = isinstance(card_meta, dict)
-        version = str(schema.version_for(card_meta.get("quant")) if meta_ok else 1)
+        version = str(
+            schema.version_for(card_meta.get("quant"), card_meta.get("cache"))
+            if meta_ok
+            else 1
+        )
     if card_text is None:
         card_text = container.canonical_json(card_meta).decode()
     raw = card_text.encode("utf-8", "surrogatepass")
