@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import (
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
 
 from .align import token_ids
 from .errors import CacheShapeError, ConfigError, UnsupportedCacheError
@@ -127,6 +133,13 @@ def _cache_kv(c) -> tuple[mx.array, mx.array]:
         return c.dequantized()
     if isinstance(c, KVCache) and c.keys is not None:  # or a StreamedKVCache
         return c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+    if isinstance(c, QuantizedKVCache) and c.keys is not None:
+        # a sender running mlx-lm's --kv-bits: its tokens as it attends to them
+        k, v = (
+            mx.dequantize(*t, group_size=c.group_size, bits=c.bits)
+            for t in (c.keys, c.values)
+        )
+        return k[..., : c.offset, :], v[..., : c.offset, :]
     # within its window (check_cache_layers) a rotating cache holds every
     # token in order
     if isinstance(c, RotatingKVCache) and c.keys is not None:
@@ -156,16 +169,26 @@ def check_cache_layers(cache: list, n_new: int = 0) -> None:
     """Raise UnsupportedCacheError, naming the layer and its cache type,
     unless every layer keeps plain keys and values a card can carry.
 
-    Called before any prefill of ``n_new`` tokens: a layer that is not keys
-    and values (``ArraysCache``, Mamba) is refused at once, and so is a
+    Called before any prefill of ``n_new`` tokens: ``KVCache`` and mlx-lm's
+    ``QuantizedKVCache`` (a sender running ``--kv-bits``; its tokens are
+    read dequantized) are carried; a layer that is not keys and values
+    (``ArraysCache``, Mamba, a hybrid's ``CacheList``) is refused at once,
+    and so is a
     caller's sliding-window layer (``RotatingKVCache``) that would drop
     tokens (past :func:`~qkvshare_mlx.fingerprint.window_limit`): cards hold
     every token in every layer (:func:`sender_cache` keeps them all).
     """
     for i, c in enumerate(cache):
-        if isinstance(c, KVCache) or hasattr(c, "dequantized"):
+        if isinstance(c, (KVCache, QuantizedKVCache)) or hasattr(c, "dequantized"):
             continue
         kind = type(c).__name__
+        if isinstance(c, CacheList):
+            inner = ", ".join(type(x).__name__ for x in c.caches)
+            raise UnsupportedCacheError(
+                f"layer {i}: the model's cache is CacheList({inner}), several "
+                "caches in one layer (a hybrid with recurrent state); cards "
+                "carry KV cache layers only"
+            )
         if isinstance(c, RotatingKVCache):
             total, limit = c.offset + n_new, window_limit(c.max_size)
             if total <= limit:

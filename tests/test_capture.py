@@ -129,7 +129,7 @@ def test_prefill_rejects_bad_input(model):
 
 
 def test_layers_that_are_not_kv_are_refused_before_any_prefill(tiny_mlx, monkeypatch):
-    from mlx_lm.models.cache import ArraysCache, RotatingKVCache
+    from mlx_lm.models.cache import ArraysCache, CacheList, RotatingKVCache
 
     from qkvshare_mlx.errors import UnsupportedCacheError
 
@@ -138,6 +138,10 @@ def test_layers_that_are_not_kv_are_refused_before_any_prefill(tiny_mlx, monkeyp
     for layer_cache, name in (
         (RotatingKVCache(max_size=16), r"RotatingKVCache\) would drop tokens: 20 > 15"),
         (ArraysCache(size=2), "ArraysCache, not keys and values"),
+        (
+            CacheList(ArraysCache(size=2), KVCache()),
+            r"CacheList\(ArraysCache, KVCache\), several caches",
+        ),
     ):
         cache = [KVCache(), layer_cache]
         with pytest.raises(UnsupportedCacheError, match=f"layer 1: .*{name}"):
@@ -151,3 +155,34 @@ def test_prefill_reports_progress_per_chunk(tiny_mlx):
         tiny_mlx, list(range(1, 100)), chunk_size=32, progress=lambda *a: seen.append(a)
     )
     assert seen == [(32, 99), (64, 99), (67, 99), (99, 99)]
+
+
+def test_a_sender_running_kv_bits_makes_cards_of_what_it_attends_to(tiny_mlx):
+    """mlx-lm's QuantizedKVCache (``--kv-bits``): the card holds its
+    dequantized tokens, and the receiver continues as that sender would."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    from qkvshare_mlx.formats import QuantConfig
+    from qkvshare_mlx.inject import inject
+    from qkvshare_mlx.quant.mlx_backend import quantize_cache
+
+    ids = list(range(1, 41))
+    cache = [QuantizedKVCache(group_size=32, bits=8) for _ in tiny_mlx.layers]
+    pre = prefill(tiny_mlx, ids, cache=cache)
+    for c, k in zip(cache, pre.keys):
+        want = mx.dequantize(*c.keys, group_size=32, bits=8)[..., :40, :]
+        assert k.shape == want.shape and mx.array_equal(k, want)
+    lossless = QuantConfig(float_dtype="float32")
+    qkv = quantize_cache(
+        pre.keys, pre.values, controller="uniform", budget_bits=32, config=lossless
+    )
+    got = inject(qkv, tiny_mlx)
+    held = [KVCache() for _ in tiny_mlx.layers]
+    for c, k, v in zip(held, pre.keys, pre.values):
+        c.state = (k, v, k.shape[2])
+    a = tiny_mlx(mx.array([[7]]), cache=got)[0, -1]
+    b = tiny_mlx(mx.array([[7]]), cache=held)[0, -1]
+    assert mx.allclose(a, b, atol=1e-5)  # the card is that sender's cache
+    # which 8-bit rounding keeps close to the sender's own next step
+    c = tiny_mlx(mx.array([[7]]), cache=cache)[0, -1]
+    assert mx.abs(a - c).max().item() < 0.05
