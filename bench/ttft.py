@@ -558,6 +558,7 @@ def sweep_context(model, tokenizer, fp, n_ctx, args, link, skip_reprefill):
     ref_tok = runs[("floor", "memory")][0][2]
     for r in rows:
         r["same_first_token_as_floor"] = r.pop("_tok") == ref_tok
+    add_bounds(rows, args.memory_gbps)
     bandwidth = load_bandwidth(cards["card_adaptive"], tmp, fp)
     for f in tmp.iterdir():
         f.unlink()
@@ -569,6 +570,47 @@ def sweep_context(model, tokenizer, fp, n_ctx, args, link, skip_reprefill):
         "modes": info,
         "load_bandwidth": bandwidth,
     }
+
+
+def memory_bandwidth(n_bytes: int = 256 << 20, reps: int = 5) -> float:
+    """GB/s of a plain copy on MLX's default device, read + write counted
+    (on the CPU a numpy memcpy: MLX's CPU element-wise ops run below it)."""
+    times = []
+    if mx.default_device().type == mx.DeviceType.cpu:
+        src = np.ones(n_bytes // 4, np.float32)
+        dst = np.empty_like(src)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            np.copyto(dst, src)
+            times.append(time.perf_counter() - t0)
+    else:
+        x = mx.zeros((n_bytes // 4,), mx.float32) + 1.0
+        mx.eval(x)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            mx.eval(x + 0.0)  # one read and one write of every byte
+            times.append(time.perf_counter() - t0)
+    return 2 * n_bytes / statistics.median(times) / 1e9
+
+
+def add_bounds(rows, memory_gbps: float) -> None:
+    """Each card row's physical bound: the floor plus its bytes over the
+    modelled link, or (in memory) over the measured memory bandwidth."""
+    floor = {
+        r["context"]: r["ttft_ms"]["median"]
+        for r in rows
+        if r["mode"] == "floor" and r["transport"] == "memory"
+    }
+    for r in rows:
+        if r["mode"] == "floor" or not r.get("card_bytes") or r["context"] not in floor:
+            continue
+        if r["modelled"]:
+            gbit = float(r["transport"].split("Gbit/s")[0])
+            extra = 8e3 * r["card_bytes"] / (gbit * 1e9)
+        else:
+            extra = 1e3 * r["card_bytes"] / (memory_gbps * 1e9)
+        r["bound_ms"] = floor[r["context"]] + extra
+        r["ttft_vs_bound"] = r["ttft_ms"]["median"] / r["bound_ms"]
 
 
 def _row(n_ctx, mode, tr, rs, nbytes, info, modelled=False):
@@ -916,6 +958,12 @@ def main():
         help="repetitions of the (slow) reprefill mode; default --reps",
     )
     p.add_argument("--json", default=None, help="default bench/results/ttft.json")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="MLX device of the model and the receive path (gpu: Metal or CUDA)",
+    )
     p.add_argument("--helper-rank", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--rescore",
@@ -934,6 +982,11 @@ def main():
         print(table(result["rows"]))
         print("\n".join(acceptance_lines(result["acceptance"])))
         return None
+    if args.device == "gpu" and not mx.is_available(mx.gpu):
+        raise SystemExit("--device gpu: MLX has no GPU here (mlx[cuda] or a Mac)")
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    args.memory_gbps = memory_bandwidth()
+    log(f"device {mx.default_device()}: plain copy {args.memory_gbps:.1f} GB/s")
     contexts = [512] if args.quick else [int(c) for c in args.contexts.split(",")]
     if args.quick:
         args.reps = 1
@@ -973,6 +1026,9 @@ def main():
                 "mlx_lm": mlx_lm.__version__,
                 "qkvshare_mlx": qkvshare_mlx.__version__,
                 "device": str(mx.default_device()),
+                "memory_bandwidth_gbps": round(args.memory_gbps, 2),
+                "bounds": "bound_ms = floor + card bytes over the modelled link, "
+                "or over memory_bandwidth_gbps in memory",
                 "model": args.model or "default (SmolLM2-135M-Instruct)",
             },
         }

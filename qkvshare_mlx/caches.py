@@ -170,9 +170,10 @@ class MixedQuantizedKVCache(_BaseCache):
 
     ``state`` is ``(segments, tail_keys, tail_values, n_card, n_visible,
     n_tail, start, rotation)``: per segment a dict ``{"bits", "index",
-    "keys", "values"}`` whose keys/values are ``{"layout", "group", <the
-    Encoded's arrays>}`` (and ``"dim"`` for padded rows); the tail holds the
-    ``n_tail`` tokens (None when there are none). mlx-lm's
+    "keys", "values"}`` (and ``"vbits"`` for a split width) whose
+    keys/values are ``{"layout", "group", <the Encoded's arrays>}`` (and
+    ``"dim"`` for padded rows); the tail holds the ``n_tail`` tokens (None
+    when there are none). mlx-lm's
     ``save_prompt_cache`` stores the scalars and strings itself;
     :meth:`from_state` (and :func:`load_prompt_cache`) rebuilds the cache,
     card tokens hidden by ``trim`` included.
@@ -231,7 +232,7 @@ class MixedQuantizedKVCache(_BaseCache):
         if rotated:  # decode and un-rotate in float32
             dtype = mx.float32
         ks = [decode(s.keys, s.bits, dtype) for s in self.segments]
-        vs = [decode(s.values, s.bits, dtype) for s in self.segments]
+        vs = [decode(s.values, s.vbits, dtype) for s in self.segments]
         k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=2)
         v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=2)
         if rotated:
@@ -334,6 +335,7 @@ class MixedQuantizedKVCache(_BaseCache):
         segments = [
             {
                 "bits": int(s.bits),
+                **({} if s.value_bits is None else {"vbits": int(s.value_bits)}),
                 "index": mx.array(s.index),
                 "keys": _encoded_state(s.keys),
                 "values": _encoded_state(s.values),
@@ -377,6 +379,7 @@ class MixedQuantizedKVCache(_BaseCache):
                     np.array(d["index"], dtype=np.int32),
                     _encoded_from_state(d.get("keys"), where + " keys"),
                     _encoded_from_state(d.get("values"), where + " values"),
+                    value_bits=None if d.get("vbits") is None else int(d["vbits"]),
                 )
             )
         held = 0 if tail_keys is None else tail_keys.shape[2]

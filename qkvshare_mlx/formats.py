@@ -77,35 +77,45 @@ class Format:
     """How one token's K and V are stored.
 
     Attributes:
-        bits: code width (2, 3, 4, 5, 6, 8) or 16 for a float copy.
+        bits: code width (2, 3, 4, 5, 6, 8) or 16 for a float copy; the
+            keys' width when ``value_bits`` is set.
         key_layout: ``"token"`` (groups along head_dim) or ``"channel"``
             (groups of ``key_group`` tokens per channel).
         key_group: group size for keys (elements or tokens, by layout).
         value_group: group size for values along head_dim.
+        value_bits: the values' code width when it differs from the keys'
+            (a split format, format version 3); None: ``bits`` for both.
     """
 
     bits: int
     key_layout: str = "token"
     key_group: int = 64
     value_group: int = 64
+    value_bits: int | None = None
 
     @property
     def is_float(self) -> bool:
         return self.bits == FLOAT_BITS
+
+    @property
+    def vbits(self) -> int:
+        """The values' code width."""
+        return self.bits if self.value_bits is None else self.value_bits
 
     def nominal_cost(self, float_bits: int = 16) -> float:
         """Bits per K/V element, scales and biases included (K and V averaged)."""
         if self.is_float:
             return float(float_bits)
         k = self.bits + 2 * SCALE_BITS / self.key_group
-        v = self.bits + 2 * SCALE_BITS / self.value_group
+        v = self.vbits + 2 * SCALE_BITS / self.value_group
         return (k + v) / 2
 
     def label(self) -> str:
         if self.is_float:
             return "f16"
         k = "c" if self.key_layout == "channel" else "t"
-        return f"{self.bits}b/k{k}{self.key_group}/v{self.value_group}"
+        b = self.bits if self.value_bits is None else f"{self.bits}/{self.vbits}"
+        return f"{b}b/k{k}{self.key_group}/v{self.value_group}"
 
 
 def validate_bits(bits: int) -> int:
@@ -141,6 +151,10 @@ class QuantConfig:
             vectors before quantizing (see :mod:`qkvshare_mlx.rotation`;
             needs power-of-two head dims). Width-16 tokens are then exact up
             to float32 rounding of the rotation, not bit for bit.
+        split_kv: let controllers give a token's keys more bits than its
+            values (formats ``k/v``: every pair of code widths with the keys'
+            at least the values'; format version 3). On the default model
+            the keys carry 96% of the error (bench/fidelity_search.py).
     """
 
     group_size: int = 64
@@ -150,6 +164,7 @@ class QuantConfig:
     widths: tuple[int, ...] = ALL_BITS
     adaptive_groups: bool = True
     rotation: str = "none"
+    split_kv: bool = False
 
     def __post_init__(self):
         validate_group(self.group_size)
@@ -224,13 +239,17 @@ class QuantConfig:
                 )
             kgroups = vgroups = []  # code widths cannot be stored: floats only
         out = []
+        codes = [b for b in self.widths if b != FLOAT_BITS]
         for b in self.widths:
             if b == FLOAT_BITS:
                 out.append(Format(FLOAT_BITS, "token", 0, 0))
                 continue
-            for kg in kgroups:
-                for vg in vgroups:
-                    out.append(Format(b, self.key_layout, kg, vg))
+            vbits = [vb for vb in codes if vb <= b] if self.split_kv else [b]
+            for vb in vbits:
+                for kg in kgroups:
+                    for vg in vgroups:
+                        split = None if vb == b else vb
+                        out.append(Format(b, self.key_layout, kg, vg, split))
         out.sort(key=lambda f: (f.nominal_cost(self.float_bits), -f.bits))
         return out
 
@@ -245,6 +264,8 @@ class QuantConfig:
             # written only when used: unrotated cards stay format version 1,
             # byte for byte; rotated ones are version 2 (card.READ_VERSIONS)
             **({"rotation": self.rotation} if self.rotation != "none" else {}),
+            # version 3 (with split formats): written only when set
+            **({"split_kv": True} if self.split_kv else {}),
         }
 
 
@@ -294,6 +315,12 @@ class Segment:
     keys: Encoded
     values: Encoded
     meta: dict = field(default_factory=dict)
+    value_bits: int | None = None
+
+    @property
+    def vbits(self) -> int:
+        """The values' code width (``bits`` unless the format is split)."""
+        return self.bits if self.value_bits is None else self.value_bits
 
     @property
     def n_tokens(self) -> int:
@@ -307,7 +334,13 @@ class Segment:
             return Encoded(enc.layout, enc.group, **arrs, dim=enc.dim)
 
         index = np.asarray(self.index, dtype=np.int32)
-        return Segment(self.bits, index, conv(self.keys), conv(self.values))
+        return Segment(
+            self.bits,
+            index,
+            conv(self.keys),
+            conv(self.values),
+            value_bits=self.value_bits,
+        )
 
     def payload_bits(self) -> int:
         return self.keys.payload_bits() + self.values.payload_bits()
@@ -411,7 +444,7 @@ def planned_bits(
             total += n * (head_dim_k + head_dim_v) * float_bits
             continue
         dv = padded_dim(head_dim_v, fmt.value_group)
-        total += n * dv * (fmt.bits + 2 * SCALE_BITS / fmt.value_group)
+        total += n * dv * (fmt.vbits + 2 * SCALE_BITS / fmt.value_group)
         for start, stop, layout, group in split_for_layout(n, fmt):
             dk = head_dim_k if layout == "channel" else padded_dim(head_dim_k, group)
             total += (stop - start) * dk * (fmt.bits + 2 * SCALE_BITS / group)
@@ -479,7 +512,7 @@ class QuantizedKV:
         """Average code width per held K/V element (float tokens count their dtype)."""
         fb = self.config.float_bits
         total = sum(
-            (fb if s.bits == FLOAT_BITS else s.bits) * s.n_tokens
+            (fb if s.bits == FLOAT_BITS else (s.bits + s.vbits) / 2) * s.n_tokens
             for layer in self.layers
             for s in layer
         )
@@ -490,10 +523,12 @@ class QuantizedKV:
         return width_histogram(self.layers)
 
 
-def width_histogram(layers: list[list[Segment]]) -> dict[int, int]:
-    """Token count per width, summed over layers."""
-    hist: dict[int, int] = {}
+def width_histogram(layers: list[list[Segment]]) -> dict[int, float]:
+    """Token count per width, summed over layers (a token whose keys and
+    values differ in width counts half for each)."""
+    hist: dict[int, float] = {}
     for layer in layers:
         for s in layer:
-            hist[s.bits] = hist.get(s.bits, 0) + s.n_tokens
-    return dict(sorted(hist.items()))
+            for b in (s.bits, s.vbits):  # a split token counts half each way
+                hist[b] = hist.get(b, 0) + s.n_tokens / 2
+    return {b: int(n) if n == int(n) else n for b, n in sorted(hist.items())}

@@ -47,9 +47,11 @@ from .errors import ConfigError
 from .formats import FLOAT_BITS, QuantizedKV
 from .models import model_dtype
 from .quant.fastpath import dequantize_layers, stream_layers
+from .quant.mlx_backend import dequantize_layer
 
 MODES = ("dequantize", "stream", "compressed")
 LAYOUTS = ("receiver", "sender")
+DECODERS = ("auto", "numpy", "mlx")
 QUANTIZED_KV_BITS = (2, 3, 4, 5, 6, 8)  # widths mlx-lm's QuantizedKVCache runs
 
 
@@ -110,6 +112,7 @@ def _uniform_token_format(qkv: QuantizedKV) -> tuple[int, int] | None:
         s = layer[0]
         if (
             s.bits == FLOAT_BITS
+            or s.value_bits is not None  # keys and values of other widths
             or s.keys.layout != "token"
             or s.values.layout != "token"
             or s.keys.group != s.values.group
@@ -150,6 +153,7 @@ def inject(
     dtype=None,
     expect: dict | None = None,
     allow_other_weights: bool = False,
+    decode: str = "auto",
 ) -> list:
     """Turn a card into an mlx-lm prompt cache.
 
@@ -172,6 +176,13 @@ def inject(
             default: the model's, else the card's, else float32.
         expect: a full fingerprint (e.g. with the tokenizer hash, see
             :func:`~qkvshare_mlx.fingerprint.fingerprint`) to check too.
+        decode: who decodes the card for ``"dequantize"`` and ``"stream"``:
+            ``"numpy"`` (host threads straight into mlx-lm's buffers, the
+            fast path on a CPU), ``"mlx"`` (MLX ops on the default device,
+            rotation undone by ``mx.hadamard_transform``; lazy, so a
+            ``"stream"`` receiver's forward pulls each layer in) or
+            ``"auto"``: ``"mlx"`` where the default device is a GPU. Both
+            give the same caches, bit for bit without a rotation.
 
     Returns:
         One cache per layer; its ``offset`` is the card's offset plus its
@@ -179,6 +190,8 @@ def inject(
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {list(MODES)} but got {mode!r}")
+    if decode not in DECODERS:
+        raise ConfigError(f"decode must be one of {list(DECODERS)} but got {decode!r}")
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {list(LAYOUTS)} but got {layout!r}")
     if isinstance(card_or_qkv, CacheCard):
@@ -237,23 +250,37 @@ def inject(
     # pass that orders the tokens: the first update then writes in place
     # instead of copying the whole cache into a larger buffer.
     capacity = (T // KVCache.step + 1) * KVCache.step
+    on_device = decode == "mlx" or (
+        decode == "auto" and mx.default_device().type == mx.DeviceType.gpu
+    )
+    if on_device:
+        decoded = [
+            dequantize_layer(
+                layer, T, dtype, capacity=capacity, rotation=rotation, start=start
+            )
+            for layer, start in zip(qkv.layers, qkv.starts)
+        ]
+        if mode == "dequantize":
+            mx.eval(decoded)
+        return [_layer_cache(k, v, T, w) for (k, v), w in zip(decoded, windows)]
     if mode == "stream":
         futures = stream_layers(
             qkv.layers, T, capacity=capacity, rotation=rotation, starts=qkv.starts
         )
         return [StreamedKVCache(f, T, dtype) for f in futures]
-    caches = []
     decoded = dequantize_layers(
         qkv.layers, T, dtype, capacity=capacity, rotation=rotation, starts=qkv.starts
     )
-    for (k, v), window in zip(decoded, windows):
-        if window is None:
-            c = KVCache()
-            c.keys, c.values, c.offset = k, v, T
-        else:
-            c = _rotating(k, v, T, *window)
-        caches.append(c)
-    return caches
+    return [_layer_cache(k, v, T, w) for (k, v), w in zip(decoded, windows)]
+
+
+def _layer_cache(k, v, T: int, window):
+    """A ``KVCache`` of (B, H, >= T, D) rows, or the receiver's rotating cache."""
+    if window is not None:
+        return _rotating(k, v, T, *window)
+    c = KVCache()
+    c.keys, c.values, c.offset = k, v, T
+    return c
 
 
 def _rotating(k, v, T: int, max_size: int, keep: int) -> RotatingKVCache:

@@ -55,6 +55,21 @@ def _signs(dim: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
+def rotation_signs(kind: str, dim: int) -> np.ndarray | None:
+    """The (D,) float32 signs ``s`` of a rotation (None for "none"): ``R`` is
+    ``diag(s) @ H / sqrt(D)``, so ``x @ R`` is the fast Walsh-Hadamard
+    transform of ``x * s`` scaled by ``1/sqrt(D)`` (``mx.hadamard_transform``,
+    Sylvester order) and ``y @ R.T`` that transform of ``y``, times ``s``.
+    Read-only."""
+    check_rotation(kind, dim)
+    if kind == "none":
+        return None
+    s = _signs(dim).astype(np.float32)
+    s.setflags(write=False)
+    return s
+
+
+@lru_cache(maxsize=16)
 def rotation_matrix(kind: str, dim: int) -> np.ndarray | None:
     """The (D, D) float32 orthogonal matrix of a rotation (None for "none").
 

@@ -287,7 +287,7 @@ def element_steps(layer, n_tokens):
         np.concatenate([np.asarray(s.index) for s in layer]), kind="stable"
     )
     k = np.concatenate([step(s.keys, s.bits) for s in layer], axis=2)[:, :, order]
-    v = np.concatenate([step(s.values, s.bits) for s in layer], axis=2)[:, :, order]
+    v = np.concatenate([step(s.values, s.vbits) for s in layer], axis=2)[:, :, order]
     assert k.shape[2] == n_tokens
     return k, v
 

@@ -110,6 +110,7 @@ KINDS = {
     "mixed": _mixed(),  # mixed widths, per-channel keys, float tokens
     "mixed-token-keys": _mixed(key_layout="token", group_size=32),
     "rotated": _mixed(rotation="hadamard"),
+    "split-widths": _mixed(split_kv=True, widths=(2, 4, 6, 16)),  # keys > values
     "offset-card": _with_start,
     "tail": lambda: _feed(_mixed()()),
     "trimmed": _trimmed,

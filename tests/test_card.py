@@ -616,3 +616,66 @@ def test_windowed_card_fuzz_is_rejected_or_identical():
         assert out.kind in ("error", "identical"), (category, out)
         seen.add(category)
     assert len(seen) >= 10
+
+
+# ----------------------------------------------------------------------------
+# Keys wider than values (version 3: segment "vbits", quant.config.split_kv)
+
+
+def _split_card_bytes():
+    from qkvshare_mlx.quant.numpy_backend import quantize_cache_np
+
+    rng = np.random.default_rng(4)
+    keys = [rng.standard_normal((1, 2, 80, 64)).astype(np.float32) for _ in range(2)]
+    values = [rng.standard_normal((1, 2, 80, 64)).astype(np.float32) for _ in range(2)]
+    stats = TokenStats(attention=rng.random((2, 80)) ** 4)
+    qkv = quantize_cache_np(
+        keys, values, budget_bits=4.5, stats=stats, config=QuantConfig(split_kv=True)
+    )
+    card = CacheCard.from_quantized(qkv, np.arange(80), F.fingerprint_for(2))
+    return card, card.to_bytes()
+
+
+def test_split_card_round_trips_as_version_3():
+    card, data = _split_card_bytes()
+    back = CacheCard.from_bytes(data)
+    assert back.version == 3 and back.cache["held_from"] == [0, 0]
+    assert back.quant["config"]["split_kv"] is True
+    pairs = {(s.bits, s.vbits) for layer in back.layers for s in layer}
+    assert any(b > vb for b, vb in pairs) and all(b >= vb for b, vb in pairs)
+    assert back.to_bytes() == data
+    assert card.quant["nominal_bits"] == back.quant["nominal_bits"]
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (
+            lambda m: _first_split(m).update(vbits=_first_split(m)["bits"]),
+            "two different",
+        ),
+        (lambda m: _first_split(m).update(vbits=16), "two different"),
+        (lambda m: m["quant"]["config"].update(split_kv=False), "false is written"),
+    ],
+    ids=["same-widths", "float-values", "false-flag"],
+)
+def test_split_segments_are_checked(edit, words):
+    _, data = _split_card_bytes()
+    _, m, t = F.parts(data)
+    edit(m)
+    with pytest.raises(CardFormatError, match=words):
+        CacheCard.from_bytes(F.forge(m, t))
+
+
+def _first_split(m):
+    return next(s for layer in m["layers"] for s in layer if "vbits" in s)
+
+
+def test_split_widths_need_version_3():
+    _, data = _split_card_bytes()
+    _, m, t = F.parts(data)
+    m["version"] = 1
+    del m["cache"]["held_from"]
+    del m["quant"]["config"]["split_kv"]
+    with pytest.raises(CardFormatError, match="expected keys"):
+        CacheCard.from_bytes(F.forge(m, t, version="1"))

@@ -37,3 +37,19 @@ def test_a_head_size_no_group_divides_gets_padded_rows_counted_in_its_bits():
         QuantConfig(
             key_layout="token", group_size=64, adaptive_groups=False, widths=(4,)
         ).menu(96)
+
+
+def test_split_menu_gives_keys_at_least_the_values_width():
+    from qkvshare_mlx.formats import Format
+
+    plain = QuantConfig(adaptive_groups=False).menu(64)
+    split = QuantConfig(adaptive_groups=False, split_kv=True).menu(64)
+    pairs = {(f.bits, f.vbits) for f in split if not f.is_float}
+    codes = (2, 3, 4, 5, 6, 8)
+    assert pairs == {(b, v) for b in codes for v in codes if v <= b}
+    assert len(split) == len(pairs) + 1 and len(plain) == len(codes) + 1
+    f = Format(6, "channel", 64, 64, value_bits=3)
+    assert f.label() == "6/3b/kc64/v64" and f.vbits == 3
+    assert f.nominal_cost() == ((6 + 0.5) + (3 + 0.5)) / 2
+    assert planned_bits({f: 64}, 64, 64, 16) == 64 * 64 * (6.5 + 3.5)
+    assert Format(4).vbits == 4 and Format(4).label() == "4b/kt64/v64"

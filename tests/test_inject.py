@@ -262,3 +262,50 @@ def test_stream_mode_refuses_an_offset_card(model):
     card = offset_card(model, ids, offset=5)
     with pytest.raises(ConfigError, match="'stream'"):
         inject(card, model, mode="stream")
+
+
+# ---------------------------------------------------------------------------
+# Who decodes: host numpy (the CPU fast path) or MLX ops on the device.
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+@pytest.mark.parametrize("mode", ["dequantize", "stream"])
+def test_device_decode_equals_the_host_fast_path(model, ids, rotation, mode):
+    """decode="mlx" (what a GPU receiver runs: mx.dequantize-style ops,
+    mx.hadamard_transform) gives the host path's caches: bit for bit without
+    a rotation (the same float32 multiply then add), to float32 rounding
+    with one (a transform against a (D, D) matmul)."""
+    config = QuantConfig(rotation=rotation, split_kv=True)
+    card, _ = card_of(model, ids[:90], controller="saliency", budget=4.5, config=config)
+    host = inject(card, model, mode=mode, decode="numpy")
+    device = inject(card, model, mode=mode, decode="mlx")
+    assert [type(c) for c in device] == [KVCache] * len(device)
+    for a, b in zip(host, device):
+        assert a.offset == b.offset == 90
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            x, y = np.array(x[..., :90, :]), np.array(y[..., :90, :])
+            if rotation == "none":
+                assert np.array_equal(x, y)
+            else:
+                assert np.abs(x - y).max() <= 2e-6 * np.abs(x).max()
+    feed = ids[90:]
+    np.testing.assert_allclose(
+        last_logits(model, device, feed), last_logits(model, host, feed), atol=1e-4
+    )
+
+
+def test_auto_decodes_on_the_host_on_a_cpu(model, ids, monkeypatch):
+    import qkvshare_mlx.inject as injection
+
+    calls = []
+    real = injection.dequantize_layer
+    monkeypatch.setattr(
+        injection, "dequantize_layer", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    card, _ = card_of(model, ids[:40])
+    inject(card, model)  # the default device here is the CPU
+    assert calls == [] and mx.default_device().type == mx.DeviceType.cpu
+    inject(card, model, decode="mlx")
+    assert len(calls) == len(card.layers)
+    with pytest.raises(ConfigError, match="decode must be one of"):
+        inject(card, model, decode="gpu")

@@ -14,10 +14,10 @@ from qkvshare_mlx.quant.mlx_backend import dequantize_layer, quantize_cache
 T = 200  # not a multiple of 64: per-channel keys leave token-layout tails
 
 
-def mixed_qkv(seed=0, n_layers=3, T=T):
+def mixed_qkv(seed=0, n_layers=3, T=T, D=64, config=None, windows=None):
     """A saliency-quantized random cache: many widths, layouts and floats."""
     rng = np.random.default_rng(seed)
-    shape = (1, 2, T, 64)
+    shape = (1, 2, T, D)
     keys = [
         mx.array(rng.standard_normal(shape, dtype=np.float32)) for _ in range(n_layers)
     ]
@@ -28,8 +28,56 @@ def mixed_qkv(seed=0, n_layers=3, T=T):
         attention=rng.random((n_layers, T)) ** 4, key_norms=rng.random((n_layers, T))
     )
     return quantize_cache(
-        keys, values, controller="saliency", budget_bits=4.0, stats=stats
+        keys,
+        values,
+        controller="saliency",
+        budget_bits=4.0 if D % 32 == 0 else 4.5,
+        stats=stats,
+        config=config,
+        windows=windows,
     )
+
+
+@pytest.mark.parametrize(
+    "kind", ["split-widths", "head-dim-80", "windowed", "windowed-split-rotated"]
+)
+def test_fused_and_streamed_equal_per_layer_for_version_3_cards(kind):
+    """Keys wider than values, padded rows of 80, layers held from their
+    window: the fast paths decode them as the reference does, bit for bit
+    (rotation: the fused path un-rotates in numpy, to float32 rounding)."""
+    from qkvshare_mlx.formats import QuantConfig
+
+    config = {
+        "split-widths": QuantConfig(split_kv=True),
+        "head-dim-80": None,
+        "windowed": None,
+        "windowed-split-rotated": QuantConfig(split_kv=True, rotation="hadamard"),
+    }[kind]
+    D = 80 if kind == "head-dim-80" else 64
+    windows = [64, None, 64] if kind.startswith("windowed") else None
+    qkv = mixed_qkv(D=D, config=config, windows=windows)
+    assert kind != "split-widths" or any(
+        s.value_bits for layer in qkv.layers for s in layer
+    )
+    rot = qkv.config.rotation
+    fused = dequantize_layers(
+        qkv.layers, T, mx.float32, capacity=256, rotation=rot, starts=qkv.starts
+    )
+    streamed = stream_layers(
+        qkv.layers, T, capacity=256, rotation=rot, starts=qkv.starts
+    )
+    for layer, start, (k, v), fut in zip(qkv.layers, qkv.starts, fused, streamed):
+        rk, rv = dequantize_layer(layer, T, mx.float32, rotation=rot, start=start)
+        sk, sv = fut.result()
+        for got in ((k, v), (sk, sv)):
+            for a, want in zip(got, (rk, rv)):
+                assert a.shape == (1, 2, 256, D)
+                a, want = np.array(a[:, :, :T]), np.array(want)
+                if rot == "none":
+                    assert np.array_equal(a, want)
+                else:
+                    assert np.abs(a - want).max() <= 1e-5 * np.abs(want).max()
+                assert not a[:, :, :start].any()
 
 
 def test_mixed_cache_has_many_formats():

@@ -156,7 +156,8 @@ def spec_read(data: bytes):
         for seg in layer:  # keys then values, segment after segment
             n, bits = seg["n"], seg["bits"]
             parts_k.append(spec_decode(sl, seg["k"], bits, (B, H, n, c["head_dim_k"])))
-            parts_v.append(spec_decode(sl, seg["v"], bits, (B, H, n, c["head_dim_v"])))
+            vbits = seg.get("vbits", bits)  # section 3: split widths (version 3)
+            parts_v.append(spec_decode(sl, seg["v"], vbits, (B, H, n, c["head_dim_v"])))
         assert sl.all_used()
         idx = idx.astype(np.int64)
         assert np.array_equal(np.sort(idx), np.arange(held[li], T))
@@ -199,6 +200,9 @@ CASES = [
     # Menus that force float tokens next to straddling code widths.
     ("saliency", 8.0, QuantConfig(widths=(3, 5, 16), float_dtype="float32")),
     ("sink-recent", 9.0, QuantConfig(widths=(3, 6, 16), key_layout="token")),
+    # Version 3: keys given more bits than values.
+    ("saliency", 4.5, QuantConfig(split_kv=True, rotation="hadamard")),
+    ("saliency", 3.0, QuantConfig(split_kv=True, key_layout="token")),
     # Version 2: rotated before quantizing.
     ("saliency", 3.5, QuantConfig(rotation="hadamard")),
     ("uniform", 4.5, QuantConfig(rotation="hadamard", key_layout="token")),

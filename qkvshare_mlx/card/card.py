@@ -156,18 +156,9 @@ class CacheCard:
             "n_tokens": self.n_tokens,
             "offset": int(self.offset),
             "dtype": self.dtype,
-            # version 3: sliding-window layers hold only their window, or
-            # padded rows (a head size no group divides)
-            **({"held_from": self.qkv.starts} if self._needs_v3() else {}),
+            # version 3 (schema.needs_v3): windows, padded rows, split widths
+            **({"held_from": self.qkv.starts} if schema.needs_v3(self.qkv) else {}),
         }
-
-    def _needs_v3(self) -> bool:
-        return bool(self.qkv.held_from) or any(
-            e.dim is not None
-            for layer in self.layers
-            for s in layer
-            for e in (s.keys, s.values)
-        )
 
     @property
     def quant(self) -> dict:
@@ -266,11 +257,14 @@ class CacheCard:
             tensors[f"l{li}.index"] = index.astype(index_dtype)
             for si, seg in enumerate(layer):
                 where = f"layers[{li}][{si}]"
-                for kv, enc, D in (("k", seg.keys, dk), ("v", seg.values, dv)):
+                for kv, enc, D, b in (
+                    ("k", seg.keys, dk, seg.bits),
+                    ("v", seg.values, dv, seg.vbits),
+                ):
                     shapes = schema.encoded_shapes(
                         enc.layout,
                         enc.group,
-                        seg.bits,
+                        b,
                         (B, H, seg.n_tokens, D),
                         where,
                         float_dtype,
@@ -515,12 +509,16 @@ def _segments(m: dict, li: int, packed: dict, index: np.ndarray) -> list[Segment
     for si, seg in enumerate(m["layers"][li]):
         n = seg["n"]
         encs = []
-        for kv, D in (("k", c["head_dim_k"]), ("v", c["head_dim_v"])):
+        vbits = seg.get("vbits", seg["bits"])
+        for kv, D, b in (
+            ("k", c["head_dim_k"], seg["bits"]),
+            ("v", c["head_dim_v"], vbits),
+        ):
             e = seg[kv]
             shapes = schema.encoded_shapes(
                 e["layout"],
                 e["group"],
-                seg["bits"],
+                b,
                 (B, H, n, D),
                 f"layers[{li}][{si}]",
                 float_dtype,
@@ -535,7 +533,15 @@ def _segments(m: dict, li: int, packed: dict, index: np.ndarray) -> list[Segment
             encs.append(
                 Encoded(e["layout"], e["group"], **arrays, dim=D if pad else None)
             )
-        segs.append(Segment(seg["bits"], index[start : start + n], encs[0], encs[1]))
+        segs.append(
+            Segment(
+                seg["bits"],
+                index[start : start + n],
+                encs[0],
+                encs[1],
+                value_bits=seg.get("vbits"),
+            )
+        )
         start += n
     return segs
 

@@ -19,6 +19,7 @@ from ..errors import CardFormatError, ConfigError
 from ..fingerprint import layer_windows
 from ..formats import (
     ALL_BITS,
+    CODE_BITS,
     FLOAT_BITS,
     GROUP_SIZES,
     Encoded,
@@ -114,11 +115,25 @@ def float_tensor_dtype(quant) -> str:
 
 def version_for(quant: dict, cache: dict | None = None) -> int:
     """The format version a card with this quant and cache summary is written as."""
-    if isinstance(cache, dict) and "held_from" in cache:
-        return 3
     cfg = quant.get("config") if isinstance(quant, dict) else None
+    split = isinstance(cfg, dict) and cfg.get("split_kv", False) is not False
+    if (isinstance(cache, dict) and "held_from" in cache) or split:
+        return 3
     rotated = isinstance(cfg, dict) and cfg.get("rotation", "none") != "none"
     return 2 if rotated else 1
+
+
+def needs_v3(qkv) -> bool:
+    """Whether a :class:`~qkvshare_mlx.formats.QuantizedKV` is written as
+    version 3: sliding layers held from their window, padded rows or split
+    key/value widths (``cache.held_from`` is then written, possibly zeros)."""
+    segs = [s for layer in qkv.layers for s in layer]
+    return (
+        bool(qkv.held_from)
+        or qkv.config.split_kv
+        or any(s.value_bits is not None for s in segs)
+        or any(e.dim is not None for s in segs for e in (s.keys, s.values))
+    )
 
 
 def enc_meta(enc: Encoded) -> dict:
@@ -135,6 +150,7 @@ def layer_table(layers: list[list[Segment]]) -> list[list[dict]]:
         [
             {
                 "bits": s.bits,
+                **({} if s.value_bits is None else {"vbits": s.value_bits}),
                 "n": s.n_tokens,
                 "k": enc_meta(s.keys),
                 "v": enc_meta(s.values),
@@ -195,7 +211,8 @@ def check_quant(quant: dict) -> None:
             raise CardFormatError(f"quant.{key}: expected 0..64 bits, got {v}")
     cfg = req(quant, "config", dict, "quant")
     defaults = QuantConfig().to_dict()
-    optional = {"rotation": "none"}  # written only when not the default
+    # written only when not the default; split_kv in version 3 only
+    optional = {"rotation": "none", "split_kv": False}
     if not set(defaults) <= set(cfg) <= set(defaults) | set(optional):
         raise CardFormatError(
             f"quant.config: expected keys {sorted(defaults)} (optional "
@@ -206,6 +223,8 @@ def check_quant(quant: dict) -> None:
             req(cfg, key, type(default), "quant.config")
     if cfg.get("rotation") == "none":  # one spelling: no rotation, no key
         raise CardFormatError("quant.config.rotation: 'none' is written as no key")
+    if cfg.get("split_kv") is False:
+        raise CardFormatError("quant.config.split_kv: false is written as no key")
     widths = cfg["widths"]
     if not all(type(b) is int for b in widths):
         raise CardFormatError(f"quant.config.widths: expected ints, got {widths!r:.60}")
@@ -297,7 +316,7 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
             "cards with cache.held_from version 3)"
         )
     starts = held_from(c, m["model"])
-    padded = []
+    padded, splits = [], []
     L, B, H = c["n_layers"], c["batch"], c["n_kv_heads"]
     dk, dv, T = c["head_dim_k"], c["head_dim_v"], c["n_tokens"]
     try:
@@ -321,23 +340,33 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
             where = f"layers[{li}][{si}]"
             if not isinstance(seg, dict):
                 raise CardFormatError(f"{where}: expected an object, got {seg!r:.40}")
-            exact_keys(seg, SEGMENT_KEYS, where)
+            split = "vbits" in seg and version >= 3  # keys' and values' widths
+            exact_keys(seg, SEGMENT_KEYS + (("vbits",) if split else ()), where)
             bits = req(seg, "bits", int, where)
             n = req(seg, "n", int, where)
             if bits not in ALL_BITS:
                 raise CardFormatError(
                     f"{where}.bits: {bits} not one of {list(ALL_BITS)}"
                 )
+            vbits = bits
+            if split:
+                vbits = req(seg, "vbits", int, where)
+                if {bits, vbits} - set(CODE_BITS) or vbits == bits:
+                    raise CardFormatError(
+                        f"{where}: a split segment needs two different code "
+                        f"widths of {list(CODE_BITS)}, got bits {bits}, vbits {vbits}"
+                    )
+                splits.append(where)
             if not 0 < n <= n_held:
                 raise CardFormatError(f"{where}.n: {n} not in 1..{n_held}")
             covered += n
-            for kv, D in (("k", dk), ("v", dv)):
+            for kv, D, b in (("k", dk, bits), ("v", dv, vbits)):
                 e = req(seg, kv, dict, where)
                 exact_keys(e, ENCODED_KEYS, f"{where}.{kv}")
                 layout = req(e, "layout", str, f"{where}.{kv}")
                 group = req(e, "group", int, f"{where}.{kv}")
                 shape = (B, H, n, D)
-                shapes = encoded_shapes(layout, group, bits, shape, where, float_dtype)
+                shapes = encoded_shapes(layout, group, b, shape, where, float_dtype)
                 if layout == "token" and D % group:
                     padded.append(f"{where}.{kv}")
                 for part, (_, shape) in shapes.items():
@@ -354,10 +383,11 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
             f"{padded[0]}: padded rows (head dims {dk}, {dv}) need version 3, "
             f"card is version {version}"
         )
-    if version >= 3 and not any(starts) and not padded:
+    split_kv = m["quant"]["config"].get("split_kv", False)
+    if version >= 3 and not (any(starts) or padded or splits or split_kv):
         raise CardFormatError(
-            "cache.held_from: all zero and no padded rows (such a card is "
-            "written as version 1 or 2)"
+            "cache.held_from: all zero and no padded rows or split widths (such "
+            "a card is written as version 1 or 2)"
         )
     return out
 

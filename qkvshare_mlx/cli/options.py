@@ -89,6 +89,12 @@ def add_card(p: argparse.ArgumentParser) -> None:
         "at 3-6 bits; power-of-two head dims)",
     )
     g.add_argument(
+        "--split-kv",
+        action="store_true",
+        help="let tokens give their keys more bits than their values (keys "
+        "carry most of the error; format version 3)",
+    )
+    g.add_argument(
         "--hops-remaining",
         type=int,
         default=0,
@@ -172,6 +178,7 @@ def quant_config(args) -> QuantConfig:
         key_layout=args.key_layout,
         key_group=args.group_size,
         rotation=args.rotation,
+        split_kv=args.split_kv,
     )
 
 

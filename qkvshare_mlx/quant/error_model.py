@@ -77,8 +77,9 @@ def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp
             out[0, :, i] = k2 * fl_eps
             out[1, :, i] = v2 * fl_eps
             continue
-        denom = 12.0 * ((1 << f.bits) - 1) ** 2
         kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
-        out[0, :, i] = ranges[kk] / denom
-        out[1, :, i] = ranges[("vt", f.value_group)] / denom
+        out[0, :, i] = ranges[kk] / (12.0 * ((1 << f.bits) - 1) ** 2)
+        out[1, :, i] = ranges[("vt", f.value_group)] / (
+            12.0 * ((1 << f.vbits) - 1) ** 2
+        )
     return out

@@ -189,7 +189,8 @@ def _fill_rows(
     for li, layer in enumerate(chunk):
         for s in layer:
             enc = getattr(s, kv)
-            buckets.setdefault(_bucket_key(enc, s.bits), []).append((li, s, enc))
+            bits = s.vbits if kv == "values" else s.bits
+            buckets.setdefault(_bucket_key(enc, bits), []).append((li, s, enc))
     need = dst[0][..., :T, :].size * len(chunk)
     if scratch.size < need:
         scratch = np.empty(need, np.float32)
@@ -204,7 +205,8 @@ def _alloc_rows(chunk, n_pos: int) -> dict[str, list[mx.array]]:
     """Unevaluated zero (B, H, n_pos, D) float32 buffers per layer of a chunk."""
     bufs = {}
     for kv in ("keys", "values"):
-        B, H, D = _row_shape(getattr(chunk[0][0], kv), chunk[0][0].bits)
+        s = chunk[0][0]
+        B, H, D = _row_shape(getattr(s, kv), s.vbits if kv == "values" else s.bits)
         bufs[kv] = [mx.zeros((B, H, n_pos, D), mx.float32) for _ in chunk]
     return bufs
 

@@ -26,7 +26,7 @@ from ..formats import (
     layer_index,
     pad_rows,
 )
-from ..rotation import rotation_matrix
+from ..rotation import rotation_signs
 from . import pipeline
 from .controllers import HandoffPlan, TokenStats
 
@@ -128,8 +128,11 @@ class MLXBackend:
     def take(self, x, index: np.ndarray):
         return mx.take(x, mx.array(index), axis=2)
 
-    def rotate(self, x, matrix: np.ndarray):
-        return x.astype(mx.float32) @ mx.array(matrix)
+    def rotate(self, x, kind: str):
+        # the fast Walsh-Hadamard transform on the device, not a (D, D) matmul
+        s = rotation_signs(kind, x.shape[-1])
+        scale = 1.0 / float(np.sqrt(x.shape[-1]))
+        return mx.hadamard_transform(x.astype(mx.float32) * mx.array(s), scale=scale)
 
     encode = staticmethod(encode)
 
@@ -151,9 +154,10 @@ MLX = MLXBackend()
 def unrotate(x: mx.array, rotation: str, dtype=None) -> mx.array:
     """Undo the pipeline's rotation of (..., D) vectors (``x @ R.T``, in
     float32), cast to ``dtype``."""
-    r = rotation_matrix(rotation, x.shape[-1])
-    if r is not None:
-        x = x.astype(mx.float32) @ mx.array(r.T)
+    s = rotation_signs(rotation, x.shape[-1])
+    if s is not None:  # x @ R.T: the Hadamard transform of x, times the signs
+        scale = 1.0 / float(np.sqrt(x.shape[-1]))
+        x = mx.hadamard_transform(x.astype(mx.float32), scale=scale) * mx.array(s)
     return x if dtype is None else x.astype(dtype)
 
 
@@ -194,7 +198,7 @@ def dequantize_layer(
         pad = max(int(capacity) - n_tokens, 0)
         return _zero_pad(k, pad), _zero_pad(v, pad)
     ks = [decode(s.keys, s.bits, dtype) for s in segments]
-    vs = [decode(s.values, s.bits, dtype) for s in segments]
+    vs = [decode(s.values, s.vbits, dtype) for s in segments]
     index = layer_index(segments)
     check_cover(index, n_tokens, start=start)
     pad = max(int(capacity) - n_tokens, 0)

@@ -275,7 +275,8 @@ class NumpyBackend:
     def take(self, x, index: np.ndarray):
         return x[:, :, index]
 
-    def rotate(self, x, matrix: np.ndarray):
+    def rotate(self, x, kind: str):
+        matrix = rotation_matrix(kind, x.shape[-1])
         return x.astype(np.float32) @ matrix
 
     encode = staticmethod(encode)
@@ -309,7 +310,7 @@ def decode_layer(
     index = layer_index(segments)
     check_cover(index, n_tokens, start=start)
     ks = [decode(s.keys, s.bits) for s in segments]
-    vs = [decode(s.values, s.bits) for s in segments]
+    vs = [decode(s.values, s.vbits) for s in segments]
     order = np.argsort(index, kind="stable")
     k = np.concatenate(ks, axis=2)[:, :, order]
     v = np.concatenate(vs, axis=2)[:, :, order]

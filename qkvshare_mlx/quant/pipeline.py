@@ -32,7 +32,7 @@ from ..formats import (
     trim_segments,
     window_start,
 )
-from ..rotation import check_rotation, rotation_matrix
+from ..rotation import check_rotation
 from .allocator import AllocationProblem
 from .controllers import HandoffPlan, TokenStats, check_controller, run_controller
 from .error_model import error_table
@@ -53,8 +53,9 @@ class Backend(Protocol):
     def take(self, x, index: np.ndarray) -> Any:
         """Tokens ``index`` of (B, H, T, D) ``x`` along T."""
 
-    def rotate(self, x, matrix: np.ndarray) -> Any:
-        """(..., D) vectors times a (D, D) float32 matrix, in float32."""
+    def rotate(self, x, kind: str) -> Any:
+        """(..., D) vectors times the rotation's (D, D) matrix ``R``
+        (:mod:`qkvshare_mlx.rotation`), in float32."""
 
     def encode(
         self, x, bits: int, layout: str, group: int, float_dtype: str
@@ -119,8 +120,8 @@ def encode_bucket(
             ev = backend.encode(v, FLOAT_BITS, "float", 0, float_dtype)
         else:
             ek = backend.encode(k, fmt.bits, k_layout, k_group, float_dtype)
-            ev = backend.encode(v, fmt.bits, "token", fmt.value_group, float_dtype)
-        out.append(Segment(fmt.bits, idx, ek, ev))
+            ev = backend.encode(v, fmt.vbits, "token", fmt.value_group, float_dtype)
+        out.append(Segment(fmt.bits, idx, ek, ev, value_bits=fmt.value_bits))
     return out
 
 
@@ -209,12 +210,8 @@ def quantize(
     # 2. rotate: quantize in the rotated basis (undone by every decoder)
     if config.rotation != "none":
         check_rotation(config.rotation, dk, dv)
-        rk, rv = (
-            rotation_matrix(config.rotation, dk),
-            rotation_matrix(config.rotation, dv),
-        )
-        keys = [backend.rotate(k, rk) for k in keys]
-        values = [backend.rotate(v, rv) for v in values]
+        keys = [backend.rotate(k, config.rotation) for k in keys]
+        values = [backend.rotate(v, config.rotation) for v in values]
     # 3. inherit: an earlier hop's segments are kept, only new tokens encoded
     start = 0
     if inherited is not None:
