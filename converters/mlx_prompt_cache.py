@@ -48,7 +48,9 @@ def quantized_layout(card: CacheCard) -> tuple[int, int] | None:
             return None
         seg = layer[0]
         k, v = seg.keys, seg.values
-        if seg.bits not in CODE_BITS or k.layout != "token" or v.layout != "token":
+        if seg.bits not in CODE_BITS or seg.value_bits is not None:
+            return None
+        if k.layout != "token" or v.layout != "token":
             return None
         if k.group != v.group or not np.array_equal(
             seg.index, np.arange(card.n_tokens)
