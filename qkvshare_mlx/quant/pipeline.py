@@ -98,8 +98,13 @@ def check_kv(keys, values, *, xp=np) -> tuple[int, ...]:
             ref = dims
         elif dims != ref:
             raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
-        if not (bool(xp.isfinite(k).all()) and bool(xp.isfinite(v).all())):
-            raise CacheShapeError(f"layer {i}: keys or values contain NaN or Inf")
+    # one pass (and, on MLX, one evaluation) for every layer's finiteness
+    finite = xp.stack(
+        [xp.isfinite(x).all() for pair in zip(keys, values) for x in pair]
+    )
+    bad = np.nonzero(~np.asarray(finite).reshape(-1, 2).all(axis=1))[0]
+    if bad.size:
+        raise CacheShapeError(f"layer {int(bad[0])}: keys or values contain NaN or Inf")
     return ref
 
 
