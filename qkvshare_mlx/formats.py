@@ -154,7 +154,7 @@ class QuantConfig:
         split_kv: let controllers give a token's keys more bits than its
             values (formats ``k/v``: every pair of code widths with the keys'
             at least the values'; format version 3). On the default model
-            the keys carry 96% of the error (bench/fidelity_search.py).
+            the keys carry most of the error (bench/fidelity_search.py).
     """
 
     group_size: int = 64

@@ -82,9 +82,17 @@ def test_three_agent_chain_matches_the_python_api(tiny_chat_model_dir, tmp_path)
     from qkvshare_mlx.conversation import run_chat_chain
     from qkvshare_mlx.models import load_model
 
+    from qkvshare_mlx.cli import options
+
     model, tok = load_model(tiny_chat_model_dir)
+    agents = chain_agents(SPEC)
+    # the CLI's cards: the recommended settings of the chain's cheapest budget
+    config = options.recommended_config(
+        min(a.budget_bits for a in agents), options.head_dims(model)
+    )
+    assert all(c.qkv.config.rotation == config.rotation for c in cards)
     api_hops, api_cards = run_chat_chain(
-        model, tok, chain_agents(SPEC), system_prompt=SPEC["system_prompt"]
+        model, tok, agents, system_prompt=SPEC["system_prompt"], config=config
     )
     assert [h["reply"] for h in hops] == [h["reply"] for h in api_hops]
     assert hops[-1]["reply"] == api_hops[-1]["reply"]

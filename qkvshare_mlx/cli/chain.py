@@ -97,7 +97,7 @@ def _check_agent(path: Path, i: int, a: dict) -> None:
     n = a.get("max_tokens", 64)
     if type(n) is not int or n < 1:
         raise ConfigError(f"{where}.max_tokens: expected an int >= 1, got {n!r:.40}")
-    b = a.get("budget_bits", 4.5)
+    b = a.get("budget_bits", options.RECOMMENDED_BUDGET)
     if type(b) not in (int, float):
         raise ConfigError(f"{where}.budget_bits: expected a number, got {b!r:.40}")
     c = a.get("controller", "saliency")
@@ -117,7 +117,7 @@ def chain_agents(spec: dict) -> list:
             prompt=a["prompt"],
             max_tokens=int(a.get("max_tokens", 64)),
             controller=a.get("controller", "saliency"),
-            budget_bits=float(a.get("budget_bits", 4.5)),
+            budget_bits=float(a.get("budget_bits", options.RECOMMENDED_BUDGET)),
         )
         for i, a in enumerate(spec["agents"])
     ]
@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
 
     options.seed_now(args)
     model, tokenizer = load_model(args.model or spec.get("model"))
+    # one rotation per chain (a card keeps its inherited one): the
+    # recommended settings of its cheapest budget
+    config = options.recommended_config(
+        min(a.budget_bits for a in agents), options.head_dims(model)
+    )
     hops, cards = run_chat_chain(
         model,
         tokenizer,
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         system_prompt=spec.get("system_prompt"),
         sampling=sampling,
         mode=args.mode,
+        config=config,
     )
     from ..conversation import card_size
 

@@ -41,7 +41,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--controller", default="saliency", help="bit-allocation controller"
     )
     parser.add_argument(
-        "--budget-bits", type=float, default=4.5, help="card bit budget"
+        "--budget-bits",
+        type=float,
+        default=options.RECOMMENDED_BUDGET,
+        help="card bit budget (default: the recommended setting's)",
     )
     parser.add_argument(
         "--shots", type=int, default=4, help="worked train examples in the context"
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     middle, answerer = gsm8k_agents(
         2, middle_tokens=args.max_tokens, answer_tokens=args.max_tokens
     )
-    handoff = A.Handoff(args.controller, args.budget_bits)
+    config = options.recommended_config(args.budget_bits, options.head_dims(model))
+    handoff = A.Handoff(args.controller, args.budget_bits, config)
 
     # 1. the chain: solver -> checker -> answerer, cards handed on in memory
     print(f"model: {model_path}")

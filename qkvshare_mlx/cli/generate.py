@@ -105,7 +105,9 @@ def _mlx(args, card, model_arg, prompt, sampling, out, plan):
         hand_on = CardOptions(
             args.controller,
             args.budget_bits,
-            options.quant_config(args),
+            options.quant_config(
+                args, inherited=card, head_dims=options.head_dims(model)
+            ),
             plan,
             options.recorded_model(model_arg),
         )

@@ -84,6 +84,7 @@ def _mlx_card(args, prompt, chat, config, plan, sampling):
 
     options.seed_now(args)
     model, tokenizer = load_model(args.model)
+    config = options.quant_config(args, head_dims=options.head_dims(model))
     opts = CardOptions(args.controller, args.budget_bits, config, plan, _extra(args))
     card, gen = send(
         model,
@@ -109,6 +110,7 @@ def _hf_card(args, prompt, chat, config, plan):
     from ..conversation import start
 
     model, tokenizer = load_hf_model(args.model)
+    config = options.quant_config(args, head_dims=options.head_dims(model))
     conv = start(tokenizer, prompt, system_prompt=args.system_prompt, chat=chat)
     cache, stats, _ = hf_prefill(model, conv.tokens)
     return dynamic_cache_to_card(
