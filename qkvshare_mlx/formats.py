@@ -57,6 +57,13 @@ def pad_rows(x, group: int, xp=np):
     return xp.concatenate([x, tail], axis=-1)
 
 
+def padded(layout: str, dim: int, group: int) -> bool:
+    """Whether rows of ``dim`` elements in ``layout`` with ``group`` are
+    stored padded (:func:`padded_dim`): per-token rows the group does not
+    divide."""
+    return layout == "token" and dim % group != 0
+
+
 def _fixed_group(dim: int, group: int) -> list[int]:
     """[group] if it divides ``dim``; the padded group if none does; else []."""
     if dim % group == 0:

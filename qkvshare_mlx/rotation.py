@@ -30,16 +30,21 @@ from .errors import ConfigError
 ROTATIONS = ("none", "hadamard")
 
 
+def fits(kind: str, dim: int) -> bool:
+    """Whether a known rotation ``kind`` applies to head dim ``dim``
+    ("hadamard": a power of two)."""
+    return kind != "hadamard" or (dim >= 1 and not dim & (dim - 1))
+
+
 def check_rotation(kind: str, *dims: int) -> None:
     """Raise ConfigError unless ``kind`` is known and fits every head dim."""
     if kind not in ROTATIONS:
         raise ConfigError(f"rotation must be one of {list(ROTATIONS)} but got {kind!r}")
-    if kind == "hadamard":
-        for d in dims:
-            if d < 1 or d & (d - 1):
-                raise ConfigError(
-                    f"rotation 'hadamard' needs power-of-two head dims, got {d}"
-                )
+    for d in dims:
+        if not fits(kind, d):
+            raise ConfigError(
+                f"rotation 'hadamard' needs power-of-two head dims, got {d}"
+            )
 
 
 def _signs(dim: int) -> np.ndarray:

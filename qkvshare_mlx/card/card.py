@@ -37,6 +37,7 @@ from ..formats import (
     Segment,
     check_cover,
     layer_index,
+    padded,
     width_histogram,
 )
 from . import auth, container, schema
@@ -529,7 +530,7 @@ def _segments(m: dict, li: int, packed: dict, index: np.ndarray) -> list[Segment
                 offsets[part] = o + math.prod(shape)
                 view = packed[part][o : offsets[part]].reshape(shape)
                 arrays["data" if part == "float" else part] = view
-            pad = e["layout"] == "token" and D % e["group"]
+            pad = padded(e["layout"], D, e["group"])
             encs.append(
                 Encoded(e["layout"], e["group"], **arrays, dim=D if pad else None)
             )

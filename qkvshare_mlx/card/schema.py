@@ -25,6 +25,7 @@ from ..formats import (
     Encoded,
     QuantConfig,
     Segment,
+    padded,
     padded_dim,
     token_groups,
     window_start,
@@ -316,7 +317,7 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
             "cards with cache.held_from version 3)"
         )
     starts = held_from(c, m["model"])
-    padded, splits = [], []
+    padded_rows, splits = [], []
     L, B, H = c["n_layers"], c["batch"], c["n_kv_heads"]
     dk, dv, T = c["head_dim_k"], c["head_dim_v"], c["n_tokens"]
     try:
@@ -367,8 +368,8 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
                 group = req(e, "group", int, f"{where}.{kv}")
                 shape = (B, H, n, D)
                 shapes = encoded_shapes(layout, group, b, shape, where, float_dtype)
-                if layout == "token" and D % group:
-                    padded.append(f"{where}.{kv}")
+                if padded(layout, D, group):
+                    padded_rows.append(f"{where}.{kv}")
                 for part, (_, shape) in shapes.items():
                     sizes[part] += math.prod(shape)
         if covered != n_held:
@@ -378,13 +379,13 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         out[f"l{li}.index"] = (index_dtype(T), (n_held,))
         for part, dtype in PACKED.items():
             out[f"l{li}.{part}"] = (dtype or float_dtype, (sizes[part],))
-    if padded and version < 3:
+    if padded_rows and version < 3:
         raise CardFormatError(
-            f"{padded[0]}: padded rows (head dims {dk}, {dv}) need version 3, "
+            f"{padded_rows[0]}: padded rows (head dims {dk}, {dv}) need version 3, "
             f"card is version {version}"
         )
     split_kv = m["quant"]["config"].get("split_kv", False)
-    if version >= 3 and not (any(starts) or padded or splits or split_kv):
+    if version >= 3 and not (any(starts) or padded_rows or splits or split_kv):
         raise CardFormatError(
             "cache.held_from: all zero and no padded rows or split widths (such "
             "a card is written as version 1 or 2)"
@@ -427,7 +428,7 @@ def encoded_shapes(layout, group, bits, shape, where, float_dtype):
         raise CardFormatError(
             f"{where}: layout {layout!r:.40} not one of token/channel/float"
         )
-    if layout == "token" and group == token_groups(D)[0] and D % group:
+    if padded(layout, D, group) and group == token_groups(D)[0]:
         axis = padded_dim(D, group)  # no group divides D: padded rows
     if group not in GROUP_SIZES or axis % group or (axis * bits) % 32:
         raise CardFormatError(

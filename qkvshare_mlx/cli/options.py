@@ -18,7 +18,7 @@ from ..formats import ALL_BITS, GROUP_SIZES, KEY_LAYOUTS, QuantConfig
 from ..generation import SamplingOptions
 from ..quant.allocator import validate_budget
 from ..quant.controllers import CONTROLLERS, HandoffPlan
-from ..rotation import ROTATIONS
+from ..rotation import ROTATIONS, fits
 
 # The widest per-token group any head size allows: the cheapest formats a
 # model can reach (a model whose head size is smaller reaches fewer).
@@ -210,9 +210,9 @@ def recommended_config(budget_bits: float, head_dims=None) -> QuantConfig:
     ``SPLIT_KV_BELOW`` bits; a lossless card (16 bits or more) is stored
     unrotated, so it is exact."""
     lossless = budget_bits >= 16
-    pow2 = all(d > 0 and d & (d - 1) == 0 for d in head_dims or ())
+    fit = all(fits(RECOMMENDED_ROTATION, d) for d in head_dims or ())
     return QuantConfig(
-        rotation=RECOMMENDED_ROTATION if pow2 and not lossless else "none",
+        rotation=RECOMMENDED_ROTATION if fit and not lossless else "none",
         split_kv=budget_bits < SPLIT_KV_BELOW,
     )
 

@@ -25,6 +25,7 @@ from ..formats import (
     check_cover,
     layer_index,
     pad_rows,
+    padded,
 )
 from ..rotation import rotation_signs
 from . import pipeline
@@ -50,7 +51,7 @@ def encode(x: mx.array, bits: int, layout: str, group: int, float_dtype) -> Enco
         x = x.swapaxes(-1, -2)
     D = x.shape[-1]
     codes, scales, biases = _quantize(pad_rows(x, group, mx), bits, group)
-    dim = D if layout == "token" and D % group else None
+    dim = D if padded(layout, D, group) else None
     return Encoded(layout, group, codes, scales, biases, dim=dim)
 
 

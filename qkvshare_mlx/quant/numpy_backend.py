@@ -32,6 +32,7 @@ from ..formats import (
     check_cover,
     layer_index,
     pad_rows,
+    padded,
 )
 from ..rotation import rotation_matrix
 from . import pipeline
@@ -244,7 +245,7 @@ def encode(x: np.ndarray, bits: int, layout: str, group: int, float_dtype) -> En
         x = np.swapaxes(x, -1, -2)
     D = x.shape[-1]
     codes, scales, biases = quantize_groups(pad_rows(x, group), bits, group)
-    dim = D if layout == "token" and D % group else None
+    dim = D if padded(layout, D, group) else None
     return Encoded(layout, group, codes, scales, biases, dim=dim)
 
 
