@@ -209,12 +209,13 @@ def gsm8k_rows(model, tokenizer, state, n_problems, cands):
     refs = sorted(study.of_kind("ref"), key=lambda r: r["problem"])[:n_problems]
     if len(refs) < n_problems:
         raise SystemExit(f"{STUDY_STATE} has {len(refs)} reference chains")
+    retokenize = _study_retokenizer(tokenizer)
     for row in refs:
         i = row["problem"]
         todo = [c for c in cands if ("gsm8k", i, c.name) not in state]
         if not todo:
             continue
-        ref = row_to_ref(row)
+        ref = retokenize(row_to_ref(row))
         end = ref.replies[0][1]
         pre = exact_prefill(model, ref.tokens, probe_until=end)
         ref_logits = reference_logits(model, pre, ref, 1)
@@ -227,6 +228,41 @@ def gsm8k_rows(model, tokenizer, state, n_problems, cands):
             m = score(model, c, keys, values, pre.stats, feed, ref_logits, first)
             state.add({"set": "gsm8k", "item": i, "name": c.name, "tokens": end, **m})
         log(f"gsm8k problem {i}: {len(todo)} candidates")
+
+
+def _study_retokenizer(tokenizer):
+    """A function mapping the study's chains (token ids of the default model)
+    onto ``tokenizer``'s ids: identity for the default model's tokenizer;
+    otherwise the hop-1 context, the answerer's prompt suffix and its reply
+    are decoded to text and re-encoded, so another model reads the same
+    text with the same boundaries (the chat markup stays as plain text)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from qkvshare_mlx.models import resolve_model
+
+    study = load_tokenizer(Path(resolve_model(None)))
+    if study.vocab_size == tokenizer.vocab_size and study.encode(
+        "Natalia sold clips"
+    ) == tokenizer.encode("Natalia sold clips"):
+        return lambda ref: ref
+
+    def encode(text, first):
+        ids = tokenizer.encode(text, add_special_tokens=first)
+        return list(ids)
+
+    def retokenize(ref):
+        from qkvshare_mlx.agents import ChainRun
+
+        end = ref.replies[0][1]
+        final = ref.finals[1]
+        context = encode(study.decode(ref.tokens[:end]), True)
+        prompt = context + encode(study.decode(final["prompt"][end:]), False)
+        reply = encode(study.decode(final["reply"]), False)
+        out = ChainRun(tokens=context, replies=[(0, len(context))])
+        out.finals = {1: {**final, "prompt": prompt, "reply": reply}}
+        return out
+
+    return retokenize
 
 
 def transcript_rows(model, tokenizer, state, contexts, follow, cands):

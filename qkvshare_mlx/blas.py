@@ -158,3 +158,11 @@ def openblas_status() -> dict:
         "mlx_imported_first": _state["mlx_imported_first"],
         "note": note,
     }
+
+
+def fast_cpu_matmul() -> bool:
+    """Whether MLX's CPU matmul runs on an optimized BLAS: Accelerate on
+    macOS, or the OpenBLAS preload here (not the wheel's reference BLAS,
+    about 30x slower). Decides whether a dense product beats a transform
+    written as element-wise passes on the CPU."""
+    return sys.platform == "darwin" or openblas_status()["effective"]

@@ -79,10 +79,9 @@ def test_three_agent_chain_matches_the_python_api(tiny_chat_model_dir, tmp_path)
     # hop 1's codes are bit-identical in hop 3's card
     assert_inherits(cards[0], cards[2])
     # the same chain through the Python API gives the same replies
+    from qkvshare_mlx.cli import options
     from qkvshare_mlx.conversation import run_chat_chain
     from qkvshare_mlx.models import load_model
-
-    from qkvshare_mlx.cli import options
 
     model, tok = load_model(tiny_chat_model_dir)
     agents = chain_agents(SPEC)

@@ -53,6 +53,14 @@ class AllocationProblem:
     def costs(self) -> np.ndarray:
         return np.array([f.nominal_cost(self.float_bits) for f in self.formats])
 
+    def lossless_format(self, budget_bits: float) -> int | None:
+        """The float format's index when ``budget_bits`` affords it for every
+        token (no error table is needed then), else None."""
+        floats = [i for i, f in enumerate(self.formats) if f.is_float]
+        if floats and float(budget_bits) >= self.float_bits:
+            return floats[0]
+        return None
+
     def effective_bits(self, assignment: np.ndarray) -> float:
         """Exact effective bits the (L, T') assignment stores (tails included)."""
         dk, dv = self.head_dims
@@ -95,7 +103,8 @@ def allocate_bits(
     """
     if importance.ndim == 2:
         importance = importance[:, None, :]
-    w = (importance[..., None] * errors).sum(axis=1).astype(np.float64)
+    importance = np.broadcast_to(importance, errors.shape[:3])
+    w = np.einsum("lkt,lktf->ltf", importance, errors, dtype=np.float64)
     L, T, F = w.shape
     if T == 0:
         return np.zeros((L, 0), dtype=np.int64)
@@ -130,14 +139,10 @@ def allocate_bits(
     a_hi = choose(np.exp(hi))
     if costs[a_hi].sum() > limit:
         a_hi = np.full(n, cheapest)
-    a_lo = c0
-    for _ in range(48):
-        mid = 0.5 * (lo + hi)
-        a = choose(np.exp(mid))
-        if costs[a].sum() <= limit:
-            hi, a_hi = mid, a
-        else:
-            lo, a_lo = mid, a
+    known = None
+    if n >= 8 * SAMPLE_ROWS:
+        known = _confirmed_bracket(flat, costs, budget_bits, lo, hi, c0, a_hi, choose)
+    lo, hi, a_lo, a_hi = _sweep(flat, costs, limit, lo, hi, c0, a_hi, known, choose)
     # Greedy fill: upgrade tokens towards the infeasible side, best gain per bit.
     out = a_hi.copy()
     diff = np.nonzero(a_lo != a_hi)[0]
@@ -152,6 +157,99 @@ def allocate_bits(
         chosen = diff[order[take]]
         out[chosen] = a_lo[chosen]
     return out.reshape(L, T)
+
+
+# Above this many rows (x8), a sample of the rows finds the sweep's bracket
+# first, so the full sweep re-solves only the rows that change inside it.
+SAMPLE_ROWS = 8192
+
+
+def _sweep(flat, costs, limit, lo, hi, a_lo, a_hi, known=None, choose=None):
+    """48 bisection steps on log(lambda) between infeasible ``lo`` (choice
+    ``a_lo``) and feasible ``hi`` (``a_hi``); returns the final
+    ``(lo, hi, a_lo, a_hi)``.
+
+    Only rows whose choice differs between the bracket's ends can change
+    inside it: each row's objective is linear in lambda, so a format that is
+    the argmin at both ends is the argmin everywhere between. Each step
+    re-solves those rows only (a shrinking set), not all of them.
+
+    ``known``: ``(log_a, a_a, log_b, a_b)``, a bracket already confirmed on
+    every row (cost at ``a`` over the limit, at ``b`` within it). The steps
+    are the same, but those at or below ``log_a`` are infeasible and those
+    at or above ``log_b`` feasible without solving anything (the cost falls
+    as lambda grows); ``choose`` solves all rows at the end when the final
+    bracket lies outside the known one.
+    """
+    lo0, hi0 = lo, hi
+    log_a, a_a, log_b, a_b = known if known is not None else (lo, a_lo, hi, a_hi)
+    cur_lo, cur_hi = a_a.copy(), a_b.copy()
+    active = np.nonzero(cur_lo != cur_hi)[0]
+    rows = flat[active]  # the active rows, compacted as the set shrinks
+    fixed = costs[cur_hi].sum() - costs[cur_hi[active]].sum()
+    moved_lo = moved_hi = False
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        if mid <= log_a:
+            lo = mid
+            continue
+        if mid >= log_b:
+            hi = mid
+            continue
+        sub = np.argmin(rows + np.exp(mid) * costs[None, :], axis=1)
+        if fixed + costs[sub].sum() <= limit:
+            hi, moved_hi = mid, True
+            cur_hi[active] = sub
+        else:
+            lo, moved_lo = mid, True
+            cur_lo[active] = sub
+        moving = cur_lo[active] != cur_hi[active]
+        if not moving.all():
+            fixed += costs[cur_hi[active[~moving]]].sum()
+            active, rows = active[moving], rows[moving]
+    if known is None:
+        return lo, hi, cur_lo, cur_hi
+    if not moved_lo:
+        cur_lo = a_lo if lo == lo0 else (a_a if lo == log_a else choose(np.exp(lo)))
+    if not moved_hi:
+        cur_hi = a_hi if hi == hi0 else (a_b if hi == log_b else choose(np.exp(hi)))
+    return lo, hi, cur_lo, cur_hi
+
+
+def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, a_hi, choose):
+    """A narrow bracket of the sweep's lambda, found on every
+    ``n // SAMPLE_ROWS``-th row and confirmed (widened if need be) on all."""
+    n = flat.shape[0]
+    sample = flat[:: n // SAMPLE_ROWS]
+    s_lo, s_hi = (
+        np.argmin(sample + lam * costs[None, :], axis=1) for lam in (0.0, np.exp(hi))
+    )
+    limit_s = budget_bits * sample.shape[0]
+    _, guess, _, _ = _sweep(sample, costs, limit_s, lo, hi, s_lo, s_hi)
+    limit = budget_bits * n
+    log_a, log_b = guess - 0.5, guess + 0.5
+    a_a = a_b = None
+    while a_a is None:
+        if log_a <= lo:
+            log_a, a_a = lo, a_lo
+            break
+        a = choose(np.exp(log_a))
+        if costs[a].sum() > limit:
+            a_a = a
+        else:  # feasible: the bracket's new top, look lower
+            log_b, a_b = log_a, a
+            log_a -= 1.0
+    while a_b is None:
+        if log_b >= hi:
+            log_b, a_b = hi, a_hi
+            break
+        b = choose(np.exp(log_b))
+        if costs[b].sum() <= limit:
+            a_b = b
+        else:
+            log_a, a_a = log_b, b
+            log_b += 1.0
+    return log_a, a_a, log_b, a_b
 
 
 # ----------------------------------------------------------------------------

@@ -193,6 +193,13 @@ def run_controller(
     check_controller(name)
     validate_budget(budget_bits, problem.formats, problem.float_bits)
     L, _, Tn, _ = problem.errors.shape
+    lossless = problem.lossless_format(budget_bits)
+    if lossless is not None:  # every token fits in float: nothing to trade
+        assignment = np.full((L, Tn), lossless, dtype=np.int64)
+        if name == "uniform":
+            return assignment, {"format": problem.formats[lossless].label()}
+        eff = problem.effective_bits(assignment)
+        return assignment, {"planned_effective_bits": eff, "target_bits": eff}
     if name == "uniform":
         f = uniform_format(problem, budget_bits)
         return np.full((L, Tn), f, dtype=np.int64), {

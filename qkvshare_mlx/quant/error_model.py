@@ -12,33 +12,80 @@ import numpy as np
 from ..formats import Format, pad_rows, padded_dim
 
 
-def _token_group_sq_range(x, group: int, xp=np):
-    """Sum over (B, H, groups) of n * range^2 for per-token groups -> (T,),
-    ``n`` the group's real elements (a padded row's last group has fewer)."""
-    B, H, T, D = x.shape
-    n_groups = padded_dim(D, group) // group
-    g = pad_rows(x, group, xp).reshape(B, H, T, n_groups, group)
-    r = g.max(axis=-1) - g.min(axis=-1)
-    sq = (r * r).sum(axis=(0, 1))  # (T, groups)
-    if D % group == 0:
-        return group * sq.sum(axis=-1)
-    last = D - (n_groups - 1) * group
-    return group * sq[:, :-1].sum(axis=-1) + last * sq[:, -1]
+def _merge(mx_, mn_, m: int, axis: int, xp):
+    """Max/min of groups ``m`` times wider from (..., n, ...) group maxima
+    and minima along ``axis``: blocks of ``m`` consecutive groups, the last
+    block completed with copies of the last group (what padding by repeating
+    the last element gives)."""
+    n = mx_.shape[axis]
+    pad = (-n) % m
+    if pad:
+        last = [slice(None)] * mx_.ndim
+        last[axis] = slice(n - 1, n)
+        reps = [1] * mx_.ndim
+        reps[axis] = pad
+        mx_ = xp.concatenate([mx_, xp.tile(mx_[tuple(last)], reps)], axis=axis)
+        mn_ = xp.concatenate([mn_, xp.tile(mn_[tuple(last)], reps)], axis=axis)
+    shape = list(mx_.shape)
+    shape[axis : axis + 1] = [(n + pad) // m, m]
+    return mx_.reshape(shape).max(axis=axis + 1), mn_.reshape(shape).min(axis=axis + 1)
 
 
-def _channel_sq_range(x, group: int, xp):
-    """Sum over channels of range^2 in windows of ``group`` tokens, per token."""
+def _token_group_sq_ranges(x, groups, xp=np) -> dict:
+    """Per group size: sum over (B, H, groups) of n * range^2 for per-token
+    groups -> (T,), ``n`` the group's real elements (a padded row's last
+    group has fewer). One max/min pass at the smallest group; wider groups
+    are merged from it (every size here is a multiple of the smallest)."""
     B, H, T, D = x.shape
-    pad = (-T) % group
+    g0 = min(groups)
+    n0 = padded_dim(D, g0) // g0
+    g = pad_rows(x, g0, xp).reshape(B, H, T, n0, g0)
+    hi0, lo0 = g.max(axis=-1), g.min(axis=-1)  # (B, H, T, n0)
+    out = {}
+    for group in groups:
+        hi, lo = (hi0, lo0) if group == g0 else _merge(hi0, lo0, group // g0, 3, xp)
+        r = hi - lo
+        sq = (r * r).sum(axis=(0, 1))  # (T, groups)
+        n_groups = padded_dim(D, group) // group
+        if D % group == 0:
+            out[group] = group * sq.sum(axis=-1)
+        else:
+            last = D - (n_groups - 1) * group
+            out[group] = group * sq[:, :-1].sum(axis=-1) + last * sq[:, -1]
+    return out
+
+
+def _channel_sq_ranges(x, groups, xp) -> dict:
+    """Per group size: sum over channels of range^2 in windows of ``group``
+    tokens, per token (the last window padded by repeating the last token).
+    One max/min pass in windows of the smallest group, merged for the rest."""
+    B, H, T, D = x.shape
+    g0 = min(groups)
+    pad = (-T) % g0
     if pad:
         x = xp.concatenate([x, xp.repeat(x[:, :, -1:], pad, axis=2)], axis=2)
-    w = x.reshape(B, H, (T + pad) // group, group, D)
-    r = w.max(axis=3) - w.min(axis=3)  # (B, H, W, D)
-    per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
-    return xp.repeat(per_window, group)[:T]
+    w = x.reshape(B, H, (T + pad) // g0, g0, D)
+    hi0, lo0 = w.max(axis=3), w.min(axis=3)  # (B, H, W0, D)
+    out = {}
+    for group in groups:
+        hi, lo = (hi0, lo0) if group == g0 else _merge(hi0, lo0, group // g0, 2, xp)
+        r = hi - lo
+        per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
+        out[group] = xp.repeat(per_window, group)[:T]
+    return out
 
 
-def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp=np):
+def _sq_norms(x, xp, host=None):
+    """(T,) sum over (B, H, D) of x^2 (in numpy where ``host`` gives a view)."""
+    h = x if xp is np else (host(x) if host is not None else None)
+    if h is not None:
+        return np.einsum("bhtd,bhtd->t", h, h, dtype=np.float64)
+    return (x * x).sum(axis=(0, 1, 3))
+
+
+def error_table(
+    keys, values, formats: list[Format], float_bits: int = 16, *, xp=np, host=None
+):
     """Expected squared reconstruction error per token and format.
 
     Uses the uniform-rounding model ``(range / (2^b - 1))^2 / 12`` per element
@@ -49,29 +96,35 @@ def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp
         formats: the format menu.
         float_bits: storage bits of float tokens (16 or 32).
         xp: the array namespace (``numpy`` or ``mlx.core``).
+        host: optional ``(x) -> numpy view or None`` (``Backend.host``): where
+            it gives a view, the float formats' norms are summed in numpy.
 
     Returns:
         (2, T, F) float64 numpy array: key errors and value errors.
     """
     xk, xv = keys.astype(xp.float32), values.astype(xp.float32)
+    quantized = [f for f in formats if not f.is_float]
+    kc = sorted({f.key_group for f in quantized if f.key_layout == "channel"})
+    kt = sorted({f.key_group for f in quantized if f.key_layout != "channel"})
+    vt = sorted({f.value_group for f in quantized})
     ranges = {}
-    for f in formats:
-        if f.is_float:
-            continue
-        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
-        if kk not in ranges:
-            if kk[0] == "kc":
-                ranges[kk] = _channel_sq_range(xk, f.key_group, xp)
-            else:
-                ranges[kk] = _token_group_sq_range(xk, f.key_group, xp)
-        if ("vt", f.value_group) not in ranges:
-            ranges[("vt", f.value_group)] = _token_group_sq_range(xv, f.value_group, xp)
+    for tag, groups, fn, x in (
+        ("kc", kc, _channel_sq_ranges, xk),
+        ("kt", kt, _token_group_sq_ranges, xk),
+        ("vt", vt, _token_group_sq_ranges, xv),
+    ):
+        if groups:
+            ranges.update({(tag, g): r for g, r in fn(x, groups, xp).items()})
+    if xp is not np:  # one evaluation for every range
+        xp.eval(list(ranges.values()))
     ranges = {k: np.asarray(v, dtype=np.float64) for k, v in ranges.items()}
     T = keys.shape[2]
     out = np.zeros((2, T, len(formats)), dtype=np.float64)
     fl_eps = 2.0 ** (-2 * 11) / 3 if float_bits == 16 else 0.0
-    k2 = np.asarray((xk * xk).sum(axis=(0, 1, 3)), dtype=np.float64)
-    v2 = np.asarray((xv * xv).sum(axis=(0, 1, 3)), dtype=np.float64)
+    k2 = v2 = np.zeros(T)
+    if fl_eps and any(f.is_float for f in formats):
+        k2 = np.asarray(_sq_norms(xk, xp, host), dtype=np.float64)
+        v2 = np.asarray(_sq_norms(xv, xp, host), dtype=np.float64)
     for i, f in enumerate(formats):
         if f.is_float:
             out[0, :, i] = k2 * fl_eps

@@ -50,8 +50,13 @@ class Backend(Protocol):
     def asarray(self, x) -> Any:
         """``x`` as this library's array."""
 
+    def host(self, x) -> np.ndarray | None:
+        """``x`` as a numpy array read in place (no copy) where that is the
+        fast way to scan it (this library's arrays in host memory, on a CPU),
+        else None."""
+
     def take(self, x, index: np.ndarray) -> Any:
-        """Tokens ``index`` of (B, H, T, D) ``x`` along T."""
+        """Tokens ``index`` (sorted, non-empty) of (B, H, T, D) ``x`` along T."""
 
     def rotate(self, x, kind: str) -> Any:
         """(..., D) vectors times the rotation's (D, D) matrix ``R``
@@ -163,6 +168,13 @@ def encode_layer(
     return out
 
 
+def _affords_float(budget_bits, config: QuantConfig) -> bool:
+    try:
+        return float(budget_bits) >= config.float_bits
+    except (TypeError, ValueError):
+        return False  # the controller's budget check names the problem
+
+
 def quantize(
     keys,
     values,
@@ -210,7 +222,13 @@ def quantize(
     config = config or QuantConfig()
     keys = [backend.asarray(k) for k in keys]
     values = [backend.asarray(v) for v in values]
-    B, H, T, dk, dv = check_kv(keys, values, xp=backend.xp)
+    hosted = [backend.host(x) for x in keys + values]
+    if all(h is not None for h in hosted):
+        n = len(keys)
+        B, H, T, dk, dv = check_kv(hosted[:n], hosted[n:], xp=np)
+    else:
+        B, H, T, dk, dv = check_kv(keys, values, xp=backend.xp)
+    del hosted
     check_controller(controller)
     # 2. rotate: quantize in the rotated basis (undone by every decoder)
     if config.rotation != "none":
@@ -257,18 +275,24 @@ def quantize(
     # 4. allocate: errors per (layer, token, format), then the controller
     info = {}
     if T > start:
-        errors = np.stack(
-            [
-                error_table(
-                    k[:, :, start:],
-                    v[:, :, start:],
-                    formats,
-                    config.float_bits,
-                    xp=backend.xp,
-                )
-                for k, v in zip(keys, values)
-            ]
-        )  # (L, 2, T', F)
+        if any(f.is_float for f in formats) and _affords_float(budget_bits, config):
+            # a lossless budget: every token is stored in float, no errors to
+            # measure (a read-only broadcast of zeros stands for the table)
+            errors = np.broadcast_to(0.0, (len(keys), 2, T - start, len(formats)))
+        else:
+            errors = np.stack(
+                [
+                    error_table(
+                        k[:, :, start:],
+                        v[:, :, start:],
+                        formats,
+                        config.float_bits,
+                        xp=backend.xp,
+                        host=backend.host,
+                    )
+                    for k, v in zip(keys, values)
+                ]
+            )  # (L, 2, T', F)
         mask = None
         if any(held):
             mask = np.arange(start, T)[None, :] >= np.array(held)[:, None]

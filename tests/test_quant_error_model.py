@@ -1,0 +1,124 @@
+"""The error model (quant/error_model): every range, straight from its definition."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.quant.allocator import allocate_bits
+from qkvshare_mlx.quant.error_model import error_table
+
+
+def _reference(keys, values, formats, float_bits):
+    """(2, T, F) errors computed group by group: each per-token group's
+    range over its real elements, each channel window's range over its
+    tokens (a short last window counted for its whole width, as padding by
+    repetition does), times 1 / (12 (2^b - 1)^2)."""
+    k, v = keys.astype(np.float64), values.astype(np.float64)
+    B, H, T, D = k.shape
+
+    def token(x, group):
+        out = np.zeros(T)
+        for s in range(0, x.shape[3], group):
+            g = x[..., s : s + group]
+            out += g.shape[3] * ((g.max(-1) - g.min(-1)) ** 2).sum(axis=(0, 1))
+        return out
+
+    def channel(x, group):
+        out = np.zeros(T)
+        for s in range(0, T, group):
+            w = x[:, :, s : s + group]
+            out[s : s + group] = ((w.max(2) - w.min(2)) ** 2).sum()
+        return out
+
+    eps = 2.0 ** (-22) / 3 if float_bits == 16 else 0.0
+    out = np.zeros((2, T, len(formats)))
+    for i, f in enumerate(formats):
+        if f.is_float:
+            out[0, :, i] = eps * (k * k).sum(axis=(0, 1, 3))
+            out[1, :, i] = eps * (v * v).sum(axis=(0, 1, 3))
+            continue
+        by = channel if f.key_layout == "channel" else token
+        rk = by(k, f.key_group)
+        out[0, :, i] = rk / (12.0 * (2**f.bits - 1) ** 2)
+        out[1, :, i] = token(v, f.value_group) / (12.0 * (2**f.vbits - 1) ** 2)
+    return out
+
+
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("T", [1, 37, 200])
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(),
+        QuantConfig(key_layout="token"),
+        QuantConfig(split_kv=True, float_dtype="float32"),
+    ],
+    ids=["channel", "token", "split-fp32"],
+)
+def test_error_table_matches_its_definition(D, T, config):
+    rng = np.random.default_rng(T * D)
+    keys = rng.standard_normal((1, 2, T, D)) * rng.gamma(1, 1, (1, 2, 1, D))
+    values = rng.standard_normal((1, 2, T, D))
+    keys, values = keys.astype(np.float32), values.astype(np.float32)
+    formats = config.menu(D, D)
+    want = _reference(keys, values, formats, config.float_bits)
+    got_np = error_table(keys, values, formats, config.float_bits, xp=np)
+    got_mx = error_table(
+        mx.array(keys), mx.array(values), formats, config.float_bits, xp=mx
+    )
+    np.testing.assert_allclose(got_np, want, rtol=2e-5, atol=1e-12)
+    np.testing.assert_allclose(got_mx, want, rtol=2e-5, atol=1e-12)
+
+
+def _full_sweep(w, costs, budget):
+    """The allocator's Lagrangian sweep re-solving every row at every step
+    (what the active-set sweep must reproduce), then its greedy fill."""
+    L, T, F = w.shape
+    flat = w.reshape(-1, F)
+    n = flat.shape[0]
+    limit = budget * n
+
+    def choose(lam):
+        return np.argmin(flat + lam * costs[None, :], axis=1)
+
+    scale = max(float(flat.max()), 1e-30)
+    lo, hi = np.log(scale * 1e-16), np.log(scale * 1e6)
+    a_hi, a_lo = choose(np.exp(hi)), choose(0.0)
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        a = choose(np.exp(mid))
+        if costs[a].sum() <= limit:
+            hi, a_hi = mid, a
+        else:
+            lo, a_lo = mid, a
+    out = a_hi.copy()
+    diff = np.nonzero(a_lo != a_hi)[0]
+    gain = flat[diff, a_hi[diff]] - flat[diff, a_lo[diff]]
+    extra = costs[a_lo[diff]] - costs[a_hi[diff]]
+    ok = extra > 0
+    diff, gain, extra = diff[ok], gain[ok], extra[ok]
+    order = np.argsort(-gain / extra, kind="stable")
+    take = np.cumsum(extra[order]) <= limit - costs[out].sum() + 1e-9
+    out[diff[order[take]]] = a_lo[diff[order[take]]]
+    return out.reshape(L, T)
+
+
+@pytest.mark.parametrize(
+    "seed, T",
+    [(0, 700), (1, 700), (2, 700), (3, 17000), (4, 17000), (5, 30000)],
+)
+def test_active_set_sweep_equals_the_full_sweep(seed, T):
+    # T=17000 and 30000: enough rows for the sampled bracket (allocator.SAMPLE_ROWS)
+    rng = np.random.default_rng(seed)
+    L, F = 4, 9
+    costs = np.sort(rng.uniform(2, 9, F))
+    base = rng.gamma(0.5, 1.0, (L, 2, T, 1))
+    errors = base * 4.0 ** (-np.arange(F))[None, None, None, :]
+    errors *= rng.uniform(0.5, 2, errors.shape)
+    imp = rng.gamma(0.3, 1.0, (L, T))
+    budget = float(rng.uniform(costs[0] + 0.2, costs[-1] - 0.2))
+    got = allocate_bits(imp, errors, costs, budget)
+    w = (imp[:, None, :, None] * errors).sum(axis=1)
+    np.testing.assert_array_equal(got, _full_sweep(w, costs, budget))
+    assert costs[got].mean() <= budget + 1e-9
