@@ -26,9 +26,10 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
+from . import attention
 from .errors import CardFormatError
 from .formats import Encoded, Segment
-from .quant.mlx_backend import decode, unrotate
+from .quant.mlx_backend import decode, rotate_rows, unrotate
 from .rotation import check_rotation
 
 # ----------------------------------------------------------------------------
@@ -157,9 +158,11 @@ class MixedQuantizedKVCache(_BaseCache):
     """One layer of a card, kept quantized, plus a float tail for new tokens.
 
     The card's segments (any mix of widths, layouts and group sizes) are held
-    as they are in the card; ``update_and_fetch`` decodes them (in the dtype
-    of the incoming keys) and returns them, in token order, followed by the
-    receiver's own tokens. Those new tokens are kept in a float tail buffer
+    as they are in the card, and mlx-lm's attention runs on their codes
+    (:meth:`attend`, :mod:`qkvshare_mlx.attention`). ``update_and_fetch``
+    returns the card's K/V decoded lazily (in the dtype of the incoming keys,
+    in token order, followed by the receiver's own tokens): evaluated only by
+    a caller that reads them instead. New tokens are kept in a float tail buffer
     that grows in steps of 64 tokens (the receiver's continuation is short next to
     the handed-over context, and keeping it exact avoids compounding error);
     they are not re-quantized.
@@ -264,14 +267,81 @@ class MixedQuantizedKVCache(_BaseCache):
             self.tail_values = mx.concatenate([old_v, new_v], axis=2)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Append (B, H, n, D) new keys/values; return all (B, H, T, D) K/V."""
+        """Append (B, H, n, D) new keys/values; return all (B, H, T, D) K/V.
+
+        The returned K/V are lazy: where mlx-lm's attention reaches
+        :meth:`attend` (:mod:`qkvshare_mlx.attention`), it runs on the
+        card's codes and they are never decoded.
+        """
         self._grow_tail(keys, values)
         prev = self.n_tail
         self.n_tail += keys.shape[2]
         self.tail_keys[..., prev : self.n_tail, :] = keys
         self.tail_values[..., prev : self.n_tail, :] = values
         self.offset = self.start + self.n_visible + self.n_tail
-        return self._fetch(keys.dtype)
+        out = self._fetch(keys.dtype)
+        if self.native:
+            attention.register(out[0], self)
+            self._fetched = out[0]
+        return out
+
+    # ---- attention on the codes ----------------------------------------------
+
+    @property
+    def native(self) -> bool:
+        """Whether mlx-lm's attention runs on this cache's codes (the hook of
+        :mod:`qkvshare_mlx.attention` is installed and the cache holds card
+        tokens; set False to always attend on decoded K/V)."""
+        return getattr(self, "_native", True) and attention.install()
+
+    @native.setter
+    def native(self, on: bool) -> None:
+        self._native = bool(on)
+
+    @property
+    def bits(self):
+        # mlx-lm's attention sends caches with ``bits`` to its quantized
+        # attention, where the hook hands them to :meth:`attend`
+        if not self.native:
+            raise AttributeError("bits")
+        return 0
+
+    @property
+    def group_size(self):
+        if not self.native:
+            raise AttributeError("group_size")
+        return 0
+
+    def attend(self, queries: mx.array, keys: mx.array, scale: float, mask):
+        """(B, H_q, L, D) attention output on the codes, for the ``keys``
+        this cache's last ``update_and_fetch`` returned; None where it
+        cannot (other keys, hidden card tokens, a mask over reordered
+        tokens), and the caller attends on the decoded K/V instead."""
+        if getattr(self, "_fetched", None) is not keys or not self.segments:
+            return None
+        if self.n_visible < self.n_card:
+            return None
+        if mask is not None and not isinstance(mask, str) and self._order is not None:
+            return None
+        tk = tv = None
+        if self.n_tail:
+            tk = self.tail_keys[..., : self.n_tail, :]
+            tv = self.tail_values[..., : self.n_tail, :]
+        rot = rotate = unrot = None
+        if self.rotation != "none":
+            rot = self.rotation
+            rotate = lambda x: rotate_rows(x, rot)  # noqa: E731
+            unrot = lambda x: unrotate(x, rot)  # noqa: E731
+        return attention.mixed_attention(
+            queries,
+            self.segments,
+            tk,
+            tv,
+            scale=scale,
+            mask=mask,
+            rotate=rotate,
+            unrotate=unrot,
+        )
 
     def _fetch(self, dtype):
         card = self._card_kv(dtype)

@@ -15,9 +15,11 @@
   every layer is one uniform token-layout segment (one width, equal K/V group
   sizes, a width mlx-lm supports) becomes mlx-lm's own ``QuantizedKVCache``
   (attention runs on the quantized codes). Any other card (mixed widths,
-  per-channel keys, float tokens) becomes a :class:`MixedQuantizedKVCache`,
-  which keeps the card's segments bit for bit and returns dequantized K/V
-  from ``update_and_fetch``.
+  per-channel keys, float tokens, a rotation) becomes a
+  :class:`MixedQuantizedKVCache`, which keeps the card's segments bit for bit
+  and attends on them as they are (:mod:`qkvshare_mlx.attention`: one
+  ``mx.quantized_matmul`` per segment for the scores and one for the
+  output, never decoding the card).
 
 :func:`align` matches a receiver's prompt against the card's tokens and trims
 the injected cache to what can be reused.

@@ -198,6 +198,11 @@ def _rotate(x: mx.array, kind: str, inverse: bool) -> mx.array:
     return mx.hadamard_transform(x * mx.array(s), scale=scale)
 
 
+def rotate_rows(x: mx.array, rotation: str) -> mx.array:
+    """Apply the pipeline's rotation to (..., D) vectors (``x @ R``, float32)."""
+    return _rotate(x, rotation, inverse=False)
+
+
 def unrotate(x: mx.array, rotation: str, dtype=None) -> mx.array:
     """Undo the pipeline's rotation of (..., D) vectors (``x @ R.T``, in
     float32), cast to ``dtype``."""

@@ -1,0 +1,210 @@
+"""Attention on a card's codes: mixed widths, layouts and group sizes.
+
+A compressed receiver (:class:`~qkvshare_mlx.caches.MixedQuantizedKVCache`)
+keeps the card's segments quantized. :func:`mixed_attention` attends to
+them without decoding the card: per segment, the scores are one
+``mx.quantized_matmul`` of the queries against the segment's key codes
+(per-token keys with ``transpose=True``, per-channel keys, stored as
+(D, n) rows grouped along the tokens, with ``transpose=False``) and the
+output one ``mx.quantized_matmul`` of the segment's probabilities against
+its value codes. The segments' scores and those of the receiver's own float
+tokens (the tail) share one softmax. A rotated card is attended in its
+rotated basis: ``q . k = (q R) . (k R)``, and the card's part of the output
+is rotated back once (``x @ R.T``).
+
+How mlx-lm reaches it: mlx-lm's attention
+(``mlx_lm.models.base.scaled_dot_product_attention``) hands any cache with a
+``bits`` attribute to ``base.quantized_scaled_dot_product_attention``, with
+the keys and values ``update_and_fetch`` returned. :func:`install` wraps
+that one function (once, when the first compressed cache is made): when the
+keys are the ones a compressed cache just returned, the cache attends on
+its codes; anything else (mlx-lm's own ``QuantizedKVCache`` tuples) goes to
+mlx-lm's function unchanged. The keys and values a compressed cache returns
+are lazily decoded arrays: never evaluated when its attention runs on the
+codes, and the exact decoded K/V for any other caller (so a model whose
+attention bypasses the hook is still correct, only slower).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import mlx.core as mx
+
+from .formats import Segment
+
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_installed = {"original": None}
+
+
+def install() -> bool:
+    """Route mlx-lm's quantized attention through compressed caches (once).
+
+    Returns whether the hook is in place (False: this mlx-lm has no
+    ``base.quantized_scaled_dot_product_attention``; compressed caches then
+    attend on their decoded K/V).
+    """
+    from mlx_lm.models import base
+
+    current = getattr(base, "quantized_scaled_dot_product_attention", None)
+    if current is None:
+        return False
+    if getattr(current, "_qkvshare_hook", False):
+        return True
+    original = current
+
+    def quantized_scaled_dot_product_attention(
+        queries, q_keys, q_values, scale, mask, group_size=64, bits=8
+    ):
+        owner = _OWNERS.get(id(q_keys)) if isinstance(q_keys, mx.array) else None
+        if owner is not None:
+            out = owner.attend(queries, q_keys, scale, mask)
+            if out is not None:
+                return out
+        if isinstance(q_keys, mx.array):  # decoded K/V: plain attention
+            return mx.fast.scaled_dot_product_attention(
+                queries, q_keys, q_values, scale=scale, mask=mask
+            )
+        return original(
+            queries,
+            q_keys,
+            q_values,
+            scale=scale,
+            mask=mask,
+            group_size=group_size,
+            bits=bits,
+        )
+
+    quantized_scaled_dot_product_attention._qkvshare_hook = True
+    base.quantized_scaled_dot_product_attention = quantized_scaled_dot_product_attention
+    _installed["original"] = original
+    return True
+
+
+def register(keys: mx.array, cache) -> None:
+    """Mark ``keys`` (what ``cache.update_and_fetch`` returned) as ``cache``'s."""
+    _OWNERS[id(keys)] = cache
+
+
+def _pad_last(x: mx.array, width: int) -> mx.array:
+    """(..., D) ``x`` with zeros up to ``width`` along the last axis."""
+    D = x.shape[-1]
+    if width == D:
+        return x
+    return mx.concatenate([x, mx.zeros((*x.shape[:-1], width - D), x.dtype)], axis=-1)
+
+
+def _key_scores(q: mx.array, seg: Segment) -> mx.array:
+    """(B, Hk, R, L, n) scores of grouped queries (B, Hk, R, L, D) against
+    one segment's n keys."""
+    e = seg.keys
+    if e.layout == "float":
+        k = e.data.astype(q.dtype)[:, :, None]
+        return q @ k.swapaxes(-1, -2)
+    codes, scales, biases = (a[:, :, None] for a in (e.codes, e.scales, e.biases))
+    if e.layout == "channel":  # (D, n) rows grouped along the tokens
+        return mx.quantized_matmul(
+            q, codes, scales, biases, transpose=False, group_size=e.group, bits=seg.bits
+        )
+    width = codes.shape[-1] * 32 // seg.bits  # padded rows: zeros meet the pad
+    return mx.quantized_matmul(
+        _pad_last(q, width),
+        codes,
+        scales,
+        biases,
+        transpose=True,
+        group_size=e.group,
+        bits=seg.bits,
+    )
+
+
+def _value_output(p: mx.array, seg: Segment, dim: int) -> mx.array:
+    """(B, Hk, R, L, D_v) probabilities (B, Hk, R, L, n) times one segment's values."""
+    e = seg.values
+    if e.layout == "float":
+        return p @ e.data.astype(p.dtype)[:, :, None]
+    codes, scales, biases = (a[:, :, None] for a in (e.codes, e.scales, e.biases))
+    out = mx.quantized_matmul(
+        p, codes, scales, biases, transpose=False, group_size=e.group, bits=seg.vbits
+    )
+    return out[..., :dim]
+
+
+def mixed_attention(
+    queries: mx.array,
+    segments: list[Segment],
+    tail_keys: mx.array | None,
+    tail_values: mx.array | None,
+    *,
+    scale: float,
+    mask=None,
+    rotate=None,
+    unrotate=None,
+) -> mx.array:
+    """Attention of (B, H_q, L, D) queries over a card's segments and a tail.
+
+    Args:
+        queries: (B, H_q, L, D_k) queries (RoPE applied), H_q a multiple of
+            the card's H_kv.
+        segments: the card's segments of this layer (MLX arrays), every one
+            before every tail token.
+        tail_keys, tail_values: (B, H_kv, n, D) the receiver's own tokens
+            (``n`` of them, the last L being the queries' own), or None.
+        scale: the score scale.
+        mask: None, ``"causal"`` (the queries are the last L tail tokens), or
+            a boolean/additive array over (card tokens in the order of the
+            segments, then the tail) broadcastable to (B, H_q, L, T).
+        rotate, unrotate: ``x -> x @ R`` and ``x -> x @ R.T`` for a rotated
+            card, else None.
+
+    Returns:
+        (B, H_q, L, D_v) attention output in the queries' dtype.
+    """
+    B, Hq, L, Dk = queries.shape
+    first = segments[0] if segments else None
+    if first is not None:
+        e = first.keys
+        Hk = (e.data if e.layout == "float" else e.codes).shape[1]
+    else:
+        Hk = tail_keys.shape[1]
+    R = Hq // Hk
+    q = (queries * scale).reshape(B, Hk, R, L, Dk)
+    qc = rotate(q) if rotate is not None else q
+    parts = [_key_scores(qc, s) for s in segments]
+    if tail_keys is not None:
+        parts.append(q @ tail_keys.astype(q.dtype)[:, :, None].swapaxes(-1, -2))
+    sizes = [p.shape[-1] for p in parts]
+    scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    if isinstance(mask, str):  # causal among the tail's last L tokens
+        T = scores.shape[-1]
+        rows = mx.arange(T - L, T)[:, None]
+        mask = rows >= mx.arange(T)[None]
+    if mask is not None:
+        if mask.ndim == 4:  # (B, 1 or H_q, L, T) -> (B, 1 or H_kv, 1 or R, L, T)
+            heads = (1, 1) if mask.shape[1] == 1 else (Hk, R)
+            mask = mask.reshape(mask.shape[0], *heads, L, mask.shape[-1])
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    p = mx.softmax(scores, axis=-1, precise=True)
+    Dv = tail_values.shape[-1] if tail_values is not None else _value_dim(first)
+    out = None
+    at = 0
+    for s, n in zip(segments, sizes):
+        o = _value_output(p[..., at : at + n], s, Dv)
+        out = o if out is None else out + o
+        at += n
+    if out is not None and unrotate is not None:
+        out = unrotate(out)
+    if tail_values is not None:
+        o = p[..., at:] @ tail_values.astype(p.dtype)[:, :, None]
+        out = o if out is None else out + o
+    return out.reshape(B, Hq, L, Dv).astype(queries.dtype)
+
+
+def _value_dim(seg: Segment) -> int:
+    e = seg.values
+    if e.layout == "float":
+        return e.data.shape[-1]
+    return e.dim if e.dim is not None else e.codes.shape[-1] * 32 // seg.vbits

@@ -1,0 +1,145 @@
+"""Attention on a card's codes (qkvshare_mlx.attention) in compressed caches."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import TINY_LLAMA_CONFIG, WIDE_HEAD_CONFIG, prefill_card, tiny_llama
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+from qkvshare_mlx import attention
+from qkvshare_mlx.caches import MixedQuantizedKVCache
+from qkvshare_mlx.formats import QuantConfig
+from qkvshare_mlx.inject import inject
+
+HEAD80 = {**TINY_LLAMA_CONFIG, "head_dim": 80, "max_position_embeddings": 512}
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return tiny_llama(WIDE_HEAD_CONFIG).mlx_model
+
+
+@pytest.fixture(scope="module")
+def head80():
+    return tiny_llama(HEAD80).mlx_model
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many attentions ran on the codes."""
+    n = {"native": 0}
+    real = attention.mixed_attention
+
+    def counting(*a, **kw):
+        n["native"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(attention, "mixed_attention", counting)
+    return n
+
+
+def _run(model, caches, feeds):
+    out = []
+    for feed in feeds:
+        x = mx.array(np.asarray(feed, dtype=np.int32))[None]
+        logits = model(x, cache=caches)
+        mx.eval(logits)
+        out.append(np.array(logits[0]))
+    return out
+
+
+FEEDS = [[5, 9, 11, 2, 7], [3], [8]]  # a suffix prefill, then two decode steps
+CONFIGS = {
+    "channel keys": QuantConfig(),
+    "token keys": QuantConfig(key_layout="token"),
+    "hadamard": QuantConfig(rotation="hadamard"),
+    "hadamard split": QuantConfig(rotation="hadamard", split_kv=True),
+    "float tokens": QuantConfig(widths=(2, 4, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_attention_on_codes_equals_attention_on_decoded_kv(wide, ids, calls, name):
+    card, _ = prefill_card(
+        wide, ids[:150], controller="saliency", budget=4.5, config=CONFIGS[name]
+    )
+    native = inject(card, wide, mode="compressed")
+    assert all(isinstance(c, MixedQuantizedKVCache) for c in native)
+    decoded = inject(card, wide, mode="compressed")
+    for c in decoded:
+        c.native = False
+    got = _run(wide, native, FEEDS)
+    assert calls["native"] == len(FEEDS) * len(native)
+    want = _run(wide, decoded, FEEDS)
+    assert calls["native"] == len(FEEDS) * len(native)  # the decoded run: none
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-4)
+    # and the same as the card injected into plain KVCaches
+    plain = _run(wide, inject(card, wide, mode="dequantize"), FEEDS)
+    for g, w in zip(got, plain):
+        np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-4)
+
+
+def test_padded_rows_attend_on_codes(head80, ids, calls):
+    # head 80: per-token rows are padded to 96 (groups of 32); the pad meets
+    # zero query columns and is cut from the values' output
+    card, _ = prefill_card(
+        head80, ids[:120], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    assert any(s.keys.dim == 80 or s.values.dim == 80 for s in card.layers[0])
+    native = inject(card, head80, mode="compressed")
+    got = _run(head80, native, FEEDS)
+    assert calls["native"] == len(FEEDS) * len(native)
+    plain = _run(head80, inject(card, head80, mode="dequantize"), FEEDS)
+    for g, w in zip(got, plain):
+        np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-4)
+
+
+def test_hidden_card_tokens_fall_back_to_decoded_kv(wide, ids, calls):
+    card, _ = prefill_card(wide, ids[:100])  # float32: refeeding is exact
+    cache = inject(card, wide, mode="compressed")
+    assert [c.trim(10) for c in cache] == [10, 10]  # hides 10 card tokens
+    got = _run(wide, cache, [list(ids[90:100]) + [4]])[0][-1]
+    assert calls["native"] == 0
+    x = mx.array(np.asarray(list(ids[:100]) + [4], dtype=np.int32))[None]
+    np.testing.assert_allclose(got, np.array(wide(x)[0, -1]), atol=1e-4)
+
+
+def test_mlx_lm_quantized_caches_keep_their_own_attention(wide, ids):
+    assert attention.install()
+    from mlx_lm.models import base
+
+    assert base.quantized_scaled_dot_product_attention._qkvshare_hook
+    x = mx.array(np.asarray(ids[:40], dtype=np.int32))[None]
+    ref = [KVCache() for _ in range(2)]
+    wide(x, cache=ref)
+    caches = [c.to_quantized(group_size=32, bits=8) for c in ref]
+    assert all(isinstance(c, QuantizedKVCache) for c in caches)
+    hooked = np.array(wide(mx.array([[3]]), cache=caches)[0, -1])
+    # mlx-lm's function itself, on the same quantized caches
+    caches = [c.to_quantized(group_size=32, bits=8) for c in ref]
+    for c in caches:
+        c.offset = 40
+    orig = attention._installed["original"]
+    try:
+        base.quantized_scaled_dot_product_attention = orig
+        own = np.array(wide(mx.array([[3]]), cache=caches)[0, -1])
+    finally:
+        attention._installed["original"] = None
+        base.quantized_scaled_dot_product_attention = orig
+        assert attention.install()
+    np.testing.assert_array_equal(hooked, own)
+
+
+def test_returned_kv_are_the_decoded_card(wide, ids):
+    # a caller that bypasses the hook reads the exact decoded K/V
+    card, _ = prefill_card(
+        wide, ids[:64], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    c = inject(card, wide, mode="compressed")[0]
+    ref = inject(card, wide, mode="dequantize")[0]
+    k_new = mx.zeros((1, 2, 1, 64))
+    keys, values = c.update_and_fetch(k_new, k_new)
+    rk, rv = ref.update_and_fetch(k_new, k_new)
+    assert np.array_equal(np.array(keys), np.array(rk))
+    assert np.array_equal(np.array(values), np.array(rv))
