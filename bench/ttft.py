@@ -17,6 +17,8 @@ token:
   ``dequantize`` and ``compressed`` mode (``card_adaptive`` in ``stream``
   mode too: the decode overlaps the suffix forward, so its ``inject_ms`` is
   only the allocation and the rest hides in ``suffix_prefill_ms``);
+  ``card_adaptive`` in ``reuse`` mode too: ``dequantize`` into the
+  caches of the receiver's previous handoff (``inject(..., reuse=...)``);
   ``card_adaptive_rot``, the same
   with ``rotation="hadamard"``, in ``dequantize`` mode, in memory only (what
   undoing the rotation costs).
@@ -100,7 +102,10 @@ CARD_MODES = {  # name: (controller, budget_bits, rotation)
 # rotated card only shows what undoing the rotation costs
 CARD_ONLY = {"card_adaptive_rot": (("dequantize",), ("memory",))}
 # injection modes per card mode (default: dequantize and compressed)
-CARD_INJECT = {"card_adaptive": ("dequantize", "stream", "compressed")}
+# "reuse": dequantize into the caches this receiver got from its previous
+# handoff of the same mode (inject(..., reuse=...)), as an agent receiving
+# card after card does
+CARD_INJECT = {"card_adaptive": ("dequantize", "stream", "compressed", "reuse")}
 MLX_MODES = {
     "mlx_prompt_cache": None,
     "mlx_prompt_cache_q8": 8,
@@ -339,11 +344,18 @@ def run_card(ctx, card, mode, transport, path):
     else:
         received = CacheCard.from_bytes(data, expect=fp)
     t3 = time.perf_counter()
-    cache = inject(received, model, mode=mode, expect=fp)
+    if mode == "reuse":
+        pool = ctx.setdefault("reuse", {})
+        old = pool.pop((id(card), transport), None)
+        cache = inject(received, model, expect=fp, reuse=old)
+    else:
+        cache = inject(received, model, mode=mode, expect=fp)
     align(received, ctx["prompt"], policy="strict", cache=cache)
     t4 = time.perf_counter()
     tok = first_token(model, cache, suffix, st)
     t5 = time.perf_counter()
+    if mode == "reuse":
+        ctx["reuse"][(id(card), transport)] = cache
     st["load_ms"] = ms(t2, t3)
     st["inject_ms"] = ms(t3, t4)
     st["peak_mb"] = _peak_mb(base)

@@ -315,9 +315,12 @@ class MixedQuantizedKVCache(_BaseCache):
     def attend(self, queries: mx.array, keys: mx.array, scale: float, mask):
         """(B, H_q, L, D) attention output on the codes, for the ``keys``
         this cache's last ``update_and_fetch`` returned; None where it
-        cannot (other keys, hidden card tokens, a mask over reordered
-        tokens), and the caller attends on the decoded K/V instead."""
+        cannot or should not (other keys, hidden card tokens, a mask over
+        reordered tokens, a CPU prefill: :func:`attention.on_codes`), and
+        the caller attends on the decoded K/V instead."""
         if getattr(self, "_fetched", None) is not keys or not self.segments:
+            return None
+        if not attention.on_codes(queries.shape[2]):
             return None
         if self.n_visible < self.n_card:
             return None

@@ -156,6 +156,7 @@ def inject(
     expect: dict | None = None,
     allow_other_weights: bool = False,
     decode: str = "auto",
+    reuse: list | None = None,
 ) -> list:
     """Turn a card into an mlx-lm prompt cache.
 
@@ -185,6 +186,11 @@ def inject(
             ``"stream"`` receiver's forward pulls each layer in) or
             ``"auto"``: ``"mlx"`` where the default device is a GPU. Both
             give the same caches, bit for bit without a rotation.
+        reuse: caches this receiver is done with (an earlier handoff's
+            ``KVCache`` list): for ``"dequantize"`` decoded by numpy, each
+            layer whose float32 buffers fit is decoded into them in place,
+            with no fresh pages to fault in and zero (an agent receiving
+            card after card). The old caches must not be used afterwards.
 
     Returns:
         One cache per layer; its ``offset`` is the card's offset plus its
@@ -271,9 +277,27 @@ def inject(
         )
         return [StreamedKVCache(f, T, dtype) for f in futures]
     decoded = dequantize_layers(
-        qkv.layers, T, dtype, capacity=capacity, rotation=rotation, starts=qkv.starts
+        qkv.layers,
+        T,
+        dtype,
+        capacity=capacity,
+        rotation=rotation,
+        starts=qkv.starts,
+        buffers=_buffers(reuse),
     )
     return [_layer_cache(k, v, T, w) for (k, v), w in zip(decoded, windows)]
+
+
+def _buffers(caches) -> list | None:
+    """Per layer, the (keys, values) buffers of reusable caches (a plain
+    ``KVCache``'s whole arrays), else None."""
+    if not caches:
+        return None
+    out = []
+    for c in caches:
+        ok = type(c) in (KVCache, StreamedKVCache) and c.keys is not None
+        out.append((c.keys, c.values) if ok else None)
+    return out
 
 
 def _layer_cache(k, v, T: int, window):

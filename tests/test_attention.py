@@ -48,7 +48,7 @@ def _run(model, caches, feeds):
     return out
 
 
-FEEDS = [[5, 9, 11, 2, 7], [3], [8]]  # a suffix prefill, then two decode steps
+FEEDS = [[5, 9, 11, 2, 7], [3], [8]]  # a short suffix, then two decode steps
 CONFIGS = {
     "channel keys": QuantConfig(),
     "token keys": QuantConfig(key_layout="token"),
@@ -143,3 +143,16 @@ def test_returned_kv_are_the_decoded_card(wide, ids):
     rk, rv = ref.update_and_fetch(k_new, k_new)
     assert np.array_equal(np.array(keys), np.array(rk))
     assert np.array_equal(np.array(values), np.array(rv))
+
+
+def test_a_long_prefill_attends_on_decoded_kv_on_a_cpu(wide, ids, calls):
+    card, _ = prefill_card(
+        wide, ids[:100], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    long_feed = list(range(1, attention.CPU_MAX_QUERIES + 4))
+    native = inject(card, wide, mode="compressed")
+    got = _run(wide, native, [long_feed, [3]])
+    assert calls["native"] == len(native)  # the decoding step only
+    plain = _run(wide, inject(card, wide, mode="dequantize"), [long_feed, [3]])
+    for g, w in zip(got, plain):
+        np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-4)

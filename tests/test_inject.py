@@ -309,3 +309,39 @@ def test_auto_decodes_on_the_host_on_a_cpu(model, ids, monkeypatch):
     assert len(calls) == len(card.layers)
     with pytest.raises(ConfigError, match="decode must be one of"):
         inject(card, model, decode="gpu")
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_reused_buffers_give_the_same_cache(model, ids, rotation):
+    cfg = QuantConfig(rotation=rotation)
+    first = card_of(model, ids[:90], controller="saliency", budget=4.5, config=cfg)[0]
+    second = card_of(model, ids[:70], controller="saliency", budget=3.0, config=cfg)[0]
+    old = inject(first, model)
+    model(mx.array([[3, 4]]), cache=old)  # the receiver used it
+    old_bufs = [(c.keys, c.values) for c in old]
+    got = inject(second, model, reuse=old)
+    want = inject(second, model)
+    for g, w, (ok, ov) in zip(got, want, old_bufs, strict=True):
+        assert g.keys is ok and g.values is ov  # decoded in place
+        assert g.offset == w.offset == 70
+        k1, v1 = g.state[:2]
+        k2, v2 = w.state[:2]
+        assert mx.array_equal(k1, k2) and mx.array_equal(v1, v2)
+    feed = mx.array([[5, 6, 7]])
+    assert mx.array_equal(model(feed, cache=got), model(feed, cache=want))
+
+
+def test_buffers_too_small_are_not_reused(model, ids):
+    small = []
+    for _ in range(TINY_LLAMA_CONFIG["num_hidden_layers"]):
+        c = KVCache()
+        c.update_and_fetch(*(mx.zeros((1, 2, 20, 32)) for _ in range(2)))
+        c.keys, c.values = c.keys[..., :32, :], c.values[..., :32, :]
+        small.append(c)  # room for 32 tokens
+    big = card_of(model, ids[:84])[0]  # the receiver's cache needs 256
+    got = inject(big, model, reuse=small)
+    assert all(g.keys is not s.keys for g, s in zip(got, small, strict=True))
+    want = inject(big, model)
+    assert all(
+        mx.array_equal(g.state[0], w.state[0]) for g, w in zip(got, want, strict=True)
+    )

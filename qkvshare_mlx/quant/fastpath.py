@@ -115,6 +115,7 @@ def dequantize_layers(
     layers_per_pass: int = 2,
     rotation: str = "none",
     starts: list[int] | None = None,
+    buffers: list | None = None,
 ) -> list[tuple[mx.array, mx.array]]:
     """:func:`dequantize_layer` for many layers, fast: each token written once.
 
@@ -131,6 +132,13 @@ def dequantize_layers(
     cast to ``dtype``. A layer held from ``starts[l] > 0`` (a sliding
     window's tokens) has zero rows before it.
 
+    ``buffers``: per layer, ``(keys, values)`` evaluated float32 arrays to
+    decode into in place instead of fresh ones (a receiver's caches from an
+    earlier handoff: no new pages to fault in and zero), or None. A pair is
+    used where it fits, (B, H, >= max(T, capacity), D) row-major, and gets
+    the same zeros a fresh buffer has (no earlier rows stay behind, e.g. in
+    a saved prompt cache). Nothing may still read the old contents.
+
     Returns:
         Per layer, evaluated (B, H, max(T, capacity), D) keys and values.
     """
@@ -144,26 +152,46 @@ def dequantize_layers(
     def fill(chunk, kv, dst):  # numpy only, so keys and values run in parallel
         scratch[kv] = _fill_rows(chunk, kv, dst, T, rotation, scratch[kv])
 
+    step = max(layers_per_pass, 1)
+    starts = list(starts or [0] * len(layers))
+    chunks = [
+        list(range(c0, min(c0 + step, len(layers))))
+        for c0 in range(0, len(layers), step)
+    ]
+    reuse = [_fitting(buffers, li, layers[li], n_pos) for li in range(len(layers))]
+
     def alloc(chunk):
-        bufs = _alloc_rows(chunk, n_pos)
+        fresh = _alloc_rows([layers[li] for li in chunk], n_pos)
+        bufs = {
+            kv: [
+                reuse[li][i] if reuse[li] else fresh[kv][j]
+                for j, li in enumerate(chunk)
+            ]
+            for i, kv in enumerate(("keys", "values"))
+        }
         mx.async_eval(bufs)
         return bufs
 
     out: list[tuple[mx.array, mx.array]] = []
-    step = max(layers_per_pass, 1)
-    chunks = [layers[c0 : c0 + step] for c0 in range(0, len(layers), step)]
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
         ahead = alloc(chunks[0]) if chunks else None
         for ci, chunk in enumerate(chunks):
             # 1. the final buffers, allocated and zeroed by MLX on its own
-            # thread while numpy decodes the previous chunk (fresh pages)
+            # thread while numpy decodes the previous chunk (fresh pages), or
+            # the reused ones (rows before a window's start zeroed here)
             bufs = ahead
             mx.eval(bufs)
             ahead = alloc(chunks[ci + 1]) if ci + 1 < len(chunks) else None
+            views = {kv: [_host_view(a) for a in bufs[kv]] for kv in bufs}
+            for j, li in enumerate(chunk):
+                if reuse[li]:  # no earlier handoff's rows stay behind
+                    for kv in views:
+                        views[kv][j][:, :, : starts[li]] = 0
+                        views[kv][j][:, :, T:] = 0
             # 2. numpy writes every token's row into them, through views
+            lchunk = [layers[li] for li in chunk]
             jobs = [
-                pool.submit(fill, chunk, kv, [_host_view(a) for a in bufs[kv]])
-                for kv in ("keys", "values")
+                pool.submit(fill, lchunk, kv, views[kv]) for kv in ("keys", "values")
             ]
             for job in jobs:
                 job.result()
@@ -209,6 +237,30 @@ def _alloc_rows(chunk, n_pos: int) -> dict[str, list[mx.array]]:
         B, H, D = _row_shape(getattr(s, kv), s.vbits if kv == "values" else s.bits)
         bufs[kv] = [mx.zeros((B, H, n_pos, D), mx.float32) for _ in chunk]
     return bufs
+
+
+def _fitting(buffers, li: int, layer, n_pos: int):
+    """Layer ``li``'s ``(keys, values)`` of ``buffers`` if they can hold its
+    rows in place (float32, (B, H, >= n_pos, D) row-major), else None."""
+    if buffers is None or li >= len(buffers) or buffers[li] is None:
+        return None
+    pair = tuple(buffers[li])
+    s = layer[0]
+    for a, kv in zip(pair, ("keys", "values")):
+        B, H, D = _row_shape(getattr(s, kv), s.vbits if kv == "values" else s.bits)
+        if (
+            not isinstance(a, mx.array)
+            or a.dtype != mx.float32
+            or a.ndim != 4
+            or (a.shape[0], a.shape[1], a.shape[3]) != (B, H, D)
+            or a.shape[2] < n_pos
+        ):
+            return None
+    mx.eval(pair)
+    views = [_host_view(a) for a in pair]
+    if not all(v.flags.c_contiguous and v.flags.writeable for v in views):
+        return None
+    return pair
 
 
 def stream_layers(
