@@ -94,15 +94,33 @@ class Handoff:
     @classmethod
     def named(cls, name: str, budget_bits: float | None = None) -> Handoff:
         """A handoff from its :attr:`name`: a mode, optionally with a
-        rotation suffix (``"saliency+hadamard"``)."""
-        mode, plus, rotation = name.partition("+")
-        return cls(mode, budget_bits, QuantConfig(rotation=rotation) if plus else None)
+        rotation suffix and ``+split`` (keys may take more bits than values):
+        ``"saliency+hadamard"``, ``"saliency+hadamard+split"``."""
+        mode, *extras = name.split("+")
+        split = "split" in extras
+        rotations = [e for e in extras if e != "split"]
+        if len(rotations) > 1 or extras.count("split") > 1:
+            raise ConfigError(
+                f"handoff name {name!r}: expected mode[+rotation][+split]"
+            )
+        if not extras:
+            return cls(mode, budget_bits)
+        config = QuantConfig(
+            rotation=rotations[0] if rotations else "none", split_kv=split
+        )
+        return cls(mode, budget_bits, config)
 
     @property
     def name(self) -> str:
-        """The mode, plus ``+<rotation>`` when the cards are rotated."""
-        rotation = self.config.rotation if self.config is not None else "none"
-        return self.mode if rotation == "none" else f"{self.mode}+{rotation}"
+        """The mode, plus ``+<rotation>`` when the cards are rotated and
+        ``+split`` when keys and values may differ in width."""
+        c = self.config
+        out = self.mode
+        if c is not None and c.rotation != "none":
+            out += f"+{c.rotation}"
+        if c is not None and c.split_kv:
+            out += "+split"
+        return out
 
     @property
     def uses_cards(self) -> bool:

@@ -62,7 +62,11 @@ def test_handoff_names_carry_the_rotation():
     assert h.mode == "saliency" and h.config.rotation == "hadamard"
     assert h.name == "saliency+hadamard" and h.label == "saliency+hadamard@3.0"
     assert A.Handoff.named("uniform", 4.0).name == "uniform"
-    for bad in ("saliency+spin", "bogus+hadamard"):
+    s = A.Handoff.named("saliency+hadamard+split", 4.5)
+    assert s.config.split_kv and s.config.rotation == "hadamard"
+    assert s.name == "saliency+hadamard+split"
+    assert A.Handoff.named("uniform+split", 4.5).name == "uniform+split"
+    for bad in ("saliency+spin", "bogus+hadamard", "saliency+hadamard+none"):
         with pytest.raises(ConfigError):
             A.Handoff.named(bad, 3.0)
 
