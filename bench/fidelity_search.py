@@ -97,6 +97,17 @@ CANDIDATES = [
         budget=4.5,
         config={**SPLIT, "key_layout": "token"},
     ),
+    # attention sinks and the newest tokens pinned in float16, in the budget
+    Candidate(
+        "saliency+hadamard+split, 4 sinks + 32 recent pinned @4.5",
+        budget=4.5,
+        config={**SPLIT, "pin_sinks": 4, "pin_recent": 32},
+    ),
+    Candidate(
+        "saliency+hadamard+split, 4 sinks + 32 recent pinned @3.0",
+        budget=3.0,
+        config={**SPLIT, "pin_sinks": 4, "pin_recent": 32},
+    ),
 ]
 
 

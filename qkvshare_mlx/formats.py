@@ -162,6 +162,13 @@ class QuantConfig:
             values (formats ``k/v``: every pair of code widths with the keys'
             at least the values'; format version 3). On the default model
             the keys carry most of the error (bench/fidelity_search.py).
+        pin_sinks, pin_recent: tokens stored in float whatever the
+            controller chooses: the cache's first ``pin_sinks`` positions
+            (attention sinks) and the last ``pin_recent`` tokens quantized at
+            this hop (the newest context: KIVI's full-precision window).
+            They count in the budget, so the other tokens get fewer bits. A
+            sender-side allocation policy, like the controller: not written
+            to the card (whose float tokens are ordinary width-16 segments).
     """
 
     group_size: int = 64
@@ -172,6 +179,8 @@ class QuantConfig:
     adaptive_groups: bool = True
     rotation: str = "none"
     split_kv: bool = False
+    pin_sinks: int = 0
+    pin_recent: int = 0
 
     def __post_init__(self):
         validate_group(self.group_size)
@@ -191,6 +200,15 @@ class QuantConfig:
         for b in self.widths:
             validate_bits(b)
         check_rotation(self.rotation)
+        for name in ("pin_sinks", "pin_recent"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 but got {n!r}")
+        if (self.pin_sinks or self.pin_recent) and FLOAT_BITS not in self.widths:
+            raise ConfigError(
+                f"pin_sinks/pin_recent keep tokens in float: widths must include "
+                f"{FLOAT_BITS}, got {list(self.widths)}"
+            )
 
     @property
     def float_bits(self) -> int:

@@ -128,3 +128,16 @@ def test_prompt_from_stdin_and_generate_streams_the_reply(
         "Generation: 5 tokens" in result.stderr
         and "smaller than its fp16" in result.stderr
     )
+
+
+def test_pinned_tokens_from_the_flags(tiny_chat_model_dir, tmp_path):
+    out = tmp_path / "a.qkv"
+    prompt = "Count with me: one two three four five six seven eight nine ten"
+    args = ["make-card", "--model", str(tiny_chat_model_dir), "-p", prompt]
+    args += ["--out", str(out), "--budget-bits", "10", "--pin-recent", "8"]
+    assert main(args + ["--pin-sinks", "2"]) == 0
+    card = CacheCard.load(out)
+    T = card.n_tokens
+    for layer in card.layers:
+        floats = {int(i) for s in layer if s.bits == 16 for i in s.index}
+        assert {0, 1, *range(T - 8, T)} <= floats

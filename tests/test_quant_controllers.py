@@ -117,3 +117,57 @@ def test_saliency_without_attention_falls_back_to_key_norms_with_a_notice():
     assert got.width_histogram() == want.width_histogram()
     with pytest.raises(ConfigError, match="needs token statistics"):
         quantize_cache_np(keys, keys, controller="saliency", budget_bits=4.0)
+
+
+@pytest.mark.parametrize("controller", ["uniform", "saliency"])
+def test_pinned_tokens_are_float_and_count_in_the_budget(controller):
+    import mlx.core as mx
+
+    from qkvshare_mlx.formats import FLOAT_BITS, QuantConfig, layer_index
+    from qkvshare_mlx.quant.controllers import TokenStats
+    from qkvshare_mlx.quant.mlx_backend import quantize_cache
+
+    rng = np.random.default_rng(0)
+    L, H, T, D = 2, 2, 300, 64
+    ks = [
+        mx.array(rng.standard_normal((1, H, T, D)).astype(np.float32)) for _ in range(L)
+    ]
+    vs = [
+        mx.array(rng.standard_normal((1, H, T, D)).astype(np.float32)) for _ in range(L)
+    ]
+    stats = TokenStats(attention=rng.random((L, T)))
+    cfg = QuantConfig(pin_sinks=4, pin_recent=32)
+    q = quantize_cache(
+        ks, vs, controller=controller, budget_bits=4.5, stats=stats, config=cfg
+    )
+    plain = quantize_cache(ks, vs, controller=controller, budget_bits=4.5, stats=stats)
+    for layer in q.layers:
+        floats = np.concatenate(
+            [s.index for s in layer if s.bits == FLOAT_BITS] or [np.zeros(0, int)]
+        )
+        pinned = set(range(4)) | set(range(T - 32, T))
+        assert pinned <= set(floats.tolist())
+        assert sorted(layer_index(layer).tolist()) == list(range(T))
+    assert q.effective_bits <= 4.5 + 0.02
+    if controller != "uniform":  # one format for the rest: at most the budget
+        assert abs(q.effective_bits - 4.5) <= 0.05
+    # the pins' bits come out of the other tokens
+    assert q.nominal_bits != plain.nominal_bits
+    with pytest.raises(ConfigError, match="pinned"):
+        quantize_cache(
+            ks,
+            vs,
+            controller=controller,
+            budget_bits=2.5,
+            stats=stats,
+            config=QuantConfig(pin_recent=250),
+        )
+
+
+def test_pins_need_the_float_width():
+    from qkvshare_mlx.formats import QuantConfig
+
+    with pytest.raises(ConfigError, match="widths must include 16"):
+        QuantConfig(pin_recent=8, widths=(2, 4))
+    with pytest.raises(ConfigError, match="pin_sinks"):
+        QuantConfig(pin_sinks=-1)

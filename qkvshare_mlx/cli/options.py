@@ -110,6 +110,22 @@ def add_card(p: argparse.ArgumentParser) -> None:
         f"{SPLIT_KV_BELOW:g} bits",
     )
     g.add_argument(
+        "--pin-sinks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the cache's first N tokens (attention sinks) in float; "
+        "they count in the budget",
+    )
+    g.add_argument(
+        "--pin-recent",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the last N tokens quantized at this hop in float; they "
+        "count in the budget",
+    )
+    g.add_argument(
         "--hops-remaining",
         type=int,
         default=0,
@@ -201,6 +217,8 @@ def quant_config(args, inherited=None, head_dims=None) -> QuantConfig:
         key_group=args.group_size,
         rotation=auto.rotation if rotation is None else rotation,
         split_kv=auto.split_kv if args.split_kv is None else args.split_kv,
+        pin_sinks=getattr(args, "pin_sinks", 0),
+        pin_recent=getattr(args, "pin_recent", 0),
     )
 
 

@@ -39,6 +39,9 @@ class AllocationProblem:
         n_tokens: T, the cache length.
         held: (L, T') bool, the tokens a layer keeps (False: before a
             sliding layer's window, not stored, not counted); None: all.
+        pinned: (L, T') bool, held tokens stored in float whatever the
+            controller chooses (``QuantConfig.pin_sinks``/``pin_recent``;
+            counted in the budget); None: none.
     """
 
     errors: np.ndarray
@@ -48,6 +51,26 @@ class AllocationProblem:
     start: int
     n_tokens: int
     held: np.ndarray | None = None
+    pinned: np.ndarray | None = None
+
+    @property
+    def float_format(self) -> int | None:
+        floats = [i for i, f in enumerate(self.formats) if f.is_float]
+        return floats[0] if floats else None
+
+    def free(self) -> np.ndarray | None:
+        """(L, T') bool: the held tokens the controller allocates (not
+        pinned); None when that is every token."""
+        if self.pinned is None or not self.pinned.any():
+            return self.held
+        held = np.ones_like(self.pinned) if self.held is None else self.held
+        return held & ~self.pinned
+
+    def pin(self, assignment: np.ndarray) -> np.ndarray:
+        """``assignment`` with the pinned tokens in the float format."""
+        if self.pinned is not None and self.pinned.any():
+            assignment = np.where(self.pinned, self.float_format, assignment)
+        return assignment
 
     @property
     def costs(self) -> np.ndarray:
@@ -56,10 +79,8 @@ class AllocationProblem:
     def lossless_format(self, budget_bits: float) -> int | None:
         """The float format's index when ``budget_bits`` affords it for every
         token (no error table is needed then), else None."""
-        floats = [i for i, f in enumerate(self.formats) if f.is_float]
-        if floats and float(budget_bits) >= self.float_bits:
-            return floats[0]
-        return None
+        f = self.float_format
+        return f if f is not None and float(budget_bits) >= self.float_bits else None
 
     def effective_bits(self, assignment: np.ndarray) -> float:
         """Exact effective bits the (L, T') assignment stores (tails included)."""
@@ -260,14 +281,16 @@ def uniform_format(problem: AllocationProblem, budget_bits: float) -> int:
     L, _, Tn, F = problem.errors.shape
     best, best_key = None, None
     for f in range(F):
-        eff = problem.effective_bits(np.full((L, Tn), f))
+        eff = problem.effective_bits(problem.pin(np.full((L, Tn), f)))
         if eff > budget_bits + 0.02:
             continue
         key = (round(eff, 6), -float(problem.errors[:, :, :, f].sum()))
         if best_key is None or key > best_key:
             best, best_key = f, key
     if best is None:
-        raise ConfigError(f"no single format fits budget_bits={budget_bits}")
+        n_pin = 0 if problem.pinned is None else int(problem.pinned.sum())
+        beside = f" beside {n_pin} pinned float tokens" if n_pin else ""
+        raise ConfigError(f"no single format fits budget_bits={budget_bits}{beside}")
     return best
 
 

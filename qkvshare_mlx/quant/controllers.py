@@ -202,17 +202,29 @@ def run_controller(
         return assignment, {"planned_effective_bits": eff, "target_bits": eff}
     if name == "uniform":
         f = uniform_format(problem, budget_bits)
-        return np.full((L, Tn), f, dtype=np.int64), {
+        return problem.pin(np.full((L, Tn), f, dtype=np.int64)), {
             "format": problem.formats[f].label()
         }
     imp = CONTROLLERS[name](problem, stats, plan)
     costs = problem.costs
+    free = problem.free()
+    # Pinned float tokens take their share of the budget first.
+    target = float(budget_bits)
+    if free is not problem.held:
+        held = problem.held if problem.held is not None else np.ones_like(free)
+        n_held, n_free = int(held.sum()), int(free.sum())
+        pinned_cost = costs[problem.float_format] * (n_held - n_free)
+        target = (target * n_held - pinned_cost) / max(n_free, 1)
+        if n_free and target < costs.min() - 1e-9:
+            raise ConfigError(
+                f"budget_bits={budget_bits} cannot hold {n_held - n_free} pinned "
+                f"float tokens (pin_sinks/pin_recent) and {n_free} others"
+            )
     # The allocator plans with nominal costs; per-channel tails can cost a
     # little more, so tighten the target until the exact count fits.
-    target = float(budget_bits)
     for _ in range(8):
-        assignment = allocate_bits(
-            imp, problem.errors, costs, target, held=problem.held
+        assignment = problem.pin(
+            allocate_bits(imp, problem.errors, costs, target, held=free)
         )
         eff = problem.effective_bits(assignment)
         if eff <= budget_bits + 0.02:

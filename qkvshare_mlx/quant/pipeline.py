@@ -296,6 +296,13 @@ def quantize(
         mask = None
         if any(held):
             mask = np.arange(start, T)[None, :] >= np.array(held)[:, None]
+        pinned = None
+        if config.pin_sinks or config.pin_recent:
+            pos = np.arange(start, T)
+            pin = (pos < config.pin_sinks) | (pos >= T - config.pin_recent)
+            pinned = np.repeat(pin[None, :], len(keys), axis=0)
+            if mask is not None:
+                pinned &= mask
         problem = AllocationProblem(
             errors=errors,
             formats=formats,
@@ -304,6 +311,7 @@ def quantize(
             start=start,
             n_tokens=T,
             held=mask,
+            pinned=pinned,
         )
         assignment, info = run_controller(
             controller, problem, budget_bits, stats=stats, plan=plan, config=config
