@@ -247,10 +247,14 @@ def inject(
             return [
                 _quantized_kv_cache(layer, T, *uniform, dtype) for layer in qkv.layers
             ]
-        return [
+        caches = [
             MixedQuantizedKVCache(layer, T, start=offset, rotation=rotation)
             for layer in qkv.layers
         ]
+        if _has_sinks(model):  # mlx-lm's quantized attention takes no sinks
+            for c in caches:
+                c.native = False
+        return caches
 
     if offset != 0:
         card.require_start(f"mode {mode!r} (an mlx-lm KVCache; use 'compressed')")
@@ -286,6 +290,18 @@ def inject(
         buffers=_buffers(reuse),
     )
     return [_layer_cache(k, v, T, w) for (k, v), w in zip(decoded, windows)]
+
+
+def _has_sinks(model) -> bool:
+    """Whether a model's attention has learned sinks (gpt-oss), which
+    mlx-lm's quantized attention refuses."""
+    layers = getattr(model, "layers", None) or getattr(
+        getattr(model, "model", None), "layers", []
+    )
+    return any(
+        getattr(getattr(layer, "self_attn", None), "sinks", None) is not None
+        for layer in layers
+    )
 
 
 def _buffers(caches) -> list | None:
