@@ -145,24 +145,32 @@ def allocate_bits(
     n = flat.shape[0]
     limit = budget_bits * n
 
+    buf = np.empty_like(flat)  # one (n, F) scratch for every full solve
+
     def choose(lam):
-        return np.argmin(flat + lam * costs[None, :], axis=1)
+        np.multiply(costs[None, :], lam, out=buf)
+        return np.argmin(np.add(flat, buf, out=buf), axis=1)
 
     cheapest = int(np.argmin(costs))
     if costs[cheapest] * n > limit + 1e-9:
         return np.full((L, T), cheapest, dtype=np.int64)
-    c0 = choose(0.0)
+    c0 = np.argmin(flat, axis=1)
     if costs[c0].sum() <= limit:
         return c0.reshape(L, T)
     # Lagrangian sweep on log(lambda): hi is feasible, lo is not.
     scale = max(float(flat.max()), 1e-30)
     lo, hi = np.log(scale * 1e-16), np.log(scale * 1e6)
-    a_hi = choose(np.exp(hi))
-    if costs[a_hi].sum() > limit:
-        a_hi = np.full(n, cheapest)
+
+    def top():  # the choice at hi (the cheapest format if even that overflows)
+        a = choose(np.exp(hi))
+        return a if costs[a].sum() <= limit else np.full(n, cheapest)
+
     known = None
     if n >= 8 * SAMPLE_ROWS:
-        known = _confirmed_bracket(flat, costs, budget_bits, lo, hi, c0, a_hi, choose)
+        known = _confirmed_bracket(flat, costs, budget_bits, lo, hi, c0, top, choose)
+        a_hi = top  # solved only if the sweep's bracket ends up outside known
+    else:
+        a_hi = top()
     lo, hi, a_lo, a_hi = _sweep(flat, costs, limit, lo, hi, c0, a_hi, known, choose)
     # Greedy fill: upgrade tokens towards the infeasible side, best gain per bit.
     out = a_hi.copy()
@@ -187,8 +195,8 @@ SAMPLE_ROWS = 8192
 
 def _sweep(flat, costs, limit, lo, hi, a_lo, a_hi, known=None, choose=None):
     """48 bisection steps on log(lambda) between infeasible ``lo`` (choice
-    ``a_lo``) and feasible ``hi`` (``a_hi``); returns the final
-    ``(lo, hi, a_lo, a_hi)``.
+    ``a_lo``) and feasible ``hi`` (``a_hi``, or a function solving it when
+    needed); returns the final ``(lo, hi, a_lo, a_hi)``.
 
     Only rows whose choice differs between the bracket's ends can change
     inside it: each row's objective is linear in lambda, so a format that is
@@ -233,13 +241,17 @@ def _sweep(flat, costs, limit, lo, hi, a_lo, a_hi, known=None, choose=None):
     if not moved_lo:
         cur_lo = a_lo if lo == lo0 else (a_a if lo == log_a else choose(np.exp(lo)))
     if not moved_hi:
-        cur_hi = a_hi if hi == hi0 else (a_b if hi == log_b else choose(np.exp(hi)))
+        if hi == hi0:
+            cur_hi = a_hi() if callable(a_hi) else a_hi
+        else:
+            cur_hi = a_b if hi == log_b else choose(np.exp(hi))
     return lo, hi, cur_lo, cur_hi
 
 
-def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, a_hi, choose):
+def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, top, choose):
     """A narrow bracket of the sweep's lambda, found on every
-    ``n // SAMPLE_ROWS``-th row and confirmed (widened if need be) on all."""
+    ``n // SAMPLE_ROWS``-th row and confirmed (widened if need be) on all;
+    ``top()`` solves all rows at ``hi``."""
     n = flat.shape[0]
     sample = flat[:: n // SAMPLE_ROWS]
     s_lo, s_hi = (
@@ -248,7 +260,10 @@ def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, a_hi, choose):
     limit_s = budget_bits * sample.shape[0]
     _, guess, _, _ = _sweep(sample, costs, limit_s, lo, hi, s_lo, s_hi)
     limit = budget_bits * n
-    log_a, log_b = guess - 0.5, guess + 0.5
+    # a narrow bracket leaves few rows to re-solve; widened (doubling) when
+    # the sample's guess misses
+    width = 0.1
+    log_a, log_b = guess - width, guess + width
     a_a = a_b = None
     while a_a is None:
         if log_a <= lo:
@@ -259,17 +274,20 @@ def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, a_hi, choose):
             a_a = a
         else:  # feasible: the bracket's new top, look lower
             log_b, a_b = log_a, a
-            log_a -= 1.0
+            width *= 2
+            log_a -= width
+    width = 0.1
     while a_b is None:
         if log_b >= hi:
-            log_b, a_b = hi, a_hi
+            log_b, a_b = hi, top()
             break
         b = choose(np.exp(log_b))
         if costs[b].sum() <= limit:
             a_b = b
         else:
             log_a, a_a = log_b, b
-            log_b += 1.0
+            width *= 2
+            log_b += width
     return log_a, a_a, log_b, a_b
 
 

@@ -7,6 +7,8 @@ always a float64 numpy table for the allocator.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ..formats import Format, pad_rows, padded_dim
@@ -75,17 +77,60 @@ def _channel_sq_ranges(x, groups, xp) -> dict:
     return out
 
 
-def _sq_norms(x, xp, host=None):
-    """(T,) sum over (B, H, D) of x^2 (in numpy where ``host`` gives a view)."""
-    h = x if xp is np else (host(x) if host is not None else None)
-    if h is not None:
-        return np.einsum("bhtd,bhtd->t", h, h, dtype=np.float64)
+def _sq_norms(x, xp):
+    """(T,) sum over (B, H, D) of x^2."""
+    if xp is np:
+        return np.einsum("bhtd,bhtd->t", x, x, dtype=np.float64)
     return (x * x).sum(axis=(0, 1, 3))
 
 
-def error_table(
-    keys, values, formats: list[Format], float_bits: int = 16, *, xp=np, host=None
-):
+def _statistics(keys, values, formats: list[Format], float_bits: int, xp) -> dict:
+    """The (T,) statistics a layer's error table needs, unevaluated on a lazy
+    ``xp``: per group kind and size the summed squared ranges, and the
+    squared norms where float16 rows have an error to count."""
+    xk, xv = keys.astype(xp.float32), values.astype(xp.float32)
+    quantized = [f for f in formats if not f.is_float]
+    kc = sorted({f.key_group for f in quantized if f.key_layout == "channel"})
+    kt = sorted({f.key_group for f in quantized if f.key_layout != "channel"})
+    vt = sorted({f.value_group for f in quantized})
+    out = {}
+    for tag, groups, fn, x in (
+        ("kc", kc, _channel_sq_ranges, xk),
+        ("kt", kt, _token_group_sq_ranges, xk),
+        ("vt", vt, _token_group_sq_ranges, xv),
+    ):
+        if groups:
+            out.update({(tag, g): r for g, r in fn(x, groups, xp).items()})
+    if float_bits == 16 and any(f.is_float for f in formats):
+        out["k2"], out["v2"] = _sq_norms(xk, xp), _sq_norms(xv, xp)
+    return out
+
+
+def _table(stats: dict, T: int, formats: list[Format], float_bits: int) -> np.ndarray:
+    """(2, T, F) errors from a layer's statistics: each format's column is
+    one statistic times a constant, so the table is one (T, S) x (S, F)
+    product per half (K, V)."""
+    fl_eps = 2.0 ** (-2 * 11) / 3 if float_bits == 16 else 0.0
+    names = sorted(stats, key=str)
+    if not names:  # float formats only, stored exactly
+        return np.zeros((2, T, len(formats)))
+    col = {n: i for i, n in enumerate(names)}
+    S = np.stack([np.asarray(stats[n], dtype=np.float64) for n in names], axis=1)
+    coef = np.zeros((2, len(names), len(formats)))
+    for i, f in enumerate(formats):
+        if f.is_float:
+            if fl_eps:
+                coef[0, col["k2"], i] = coef[1, col["v2"], i] = fl_eps
+            continue
+        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
+        coef[0, col[kk], i] = 1.0 / (12.0 * ((1 << f.bits) - 1) ** 2)
+        coef[1, col[("vt", f.value_group)], i] = 1.0 / (
+            12.0 * ((1 << f.vbits) - 1) ** 2
+        )
+    return np.stack([S @ coef[0], S @ coef[1]])
+
+
+def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp=np):
     """Expected squared reconstruction error per token and format.
 
     Uses the uniform-rounding model ``(range / (2^b - 1))^2 / 12`` per element
@@ -96,43 +141,26 @@ def error_table(
         formats: the format menu.
         float_bits: storage bits of float tokens (16 or 32).
         xp: the array namespace (``numpy`` or ``mlx.core``).
-        host: optional ``(x) -> numpy view or None`` (``Backend.host``): where
-            it gives a view, the float formats' norms are summed in numpy.
 
     Returns:
         (2, T, F) float64 numpy array: key errors and value errors.
     """
-    xk, xv = keys.astype(xp.float32), values.astype(xp.float32)
-    quantized = [f for f in formats if not f.is_float]
-    kc = sorted({f.key_group for f in quantized if f.key_layout == "channel"})
-    kt = sorted({f.key_group for f in quantized if f.key_layout != "channel"})
-    vt = sorted({f.value_group for f in quantized})
-    ranges = {}
-    for tag, groups, fn, x in (
-        ("kc", kc, _channel_sq_ranges, xk),
-        ("kt", kt, _token_group_sq_ranges, xk),
-        ("vt", vt, _token_group_sq_ranges, xv),
-    ):
-        if groups:
-            ranges.update({(tag, g): r for g, r in fn(x, groups, xp).items()})
-    if xp is not np:  # one evaluation for every range
-        xp.eval(list(ranges.values()))
-    ranges = {k: np.asarray(v, dtype=np.float64) for k, v in ranges.items()}
-    T = keys.shape[2]
-    out = np.zeros((2, T, len(formats)), dtype=np.float64)
-    fl_eps = 2.0 ** (-2 * 11) / 3 if float_bits == 16 else 0.0
-    k2 = v2 = np.zeros(T)
-    if fl_eps and any(f.is_float for f in formats):
-        k2 = np.asarray(_sq_norms(xk, xp, host), dtype=np.float64)
-        v2 = np.asarray(_sq_norms(xv, xp, host), dtype=np.float64)
-    for i, f in enumerate(formats):
-        if f.is_float:
-            out[0, :, i] = k2 * fl_eps
-            out[1, :, i] = v2 * fl_eps
-            continue
-        kk = ("kc" if f.key_layout == "channel" else "kt", f.key_group)
-        out[0, :, i] = ranges[kk] / (12.0 * ((1 << f.bits) - 1) ** 2)
-        out[1, :, i] = ranges[("vt", f.value_group)] / (
-            12.0 * ((1 << f.vbits) - 1) ** 2
-        )
-    return out
+    return error_tables([(keys, values)], formats, float_bits, xp=xp)[0]
+
+
+def error_tables(
+    layers, formats: list[Format], float_bits: int = 16, *, xp=np, lane=None
+) -> list[np.ndarray]:
+    """:func:`error_table` of every ``(keys, values)`` layer, evaluated at
+    once on a lazy ``xp``; ``lane(i)`` (``Backend.lane``) is the context
+    layer ``i``'s work is built in (parallel streams on a CPU)."""
+    stats = []
+    for i, (k, v) in enumerate(layers):
+        ctx = lane(i) if lane is not None else contextlib.nullcontext()
+        with ctx:
+            stats.append(_statistics(k, v, formats, float_bits, xp))
+    if xp is not np:  # one evaluation for every statistic of every layer
+        xp.eval([list(st.values()) for st in stats])
+    return [
+        _table(st, k.shape[2], formats, float_bits) for st, (k, _) in zip(stats, layers)
+    ]

@@ -14,7 +14,9 @@ decided by :mod:`.controllers`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -127,10 +129,31 @@ def decode(enc: Encoded, bits: int, dtype=mx.float32) -> mx.array:
     return x if enc.dim is None else x[..., : enc.dim]
 
 
+_CPU_STREAMS: list = []
+
+
+def _cpu_streams() -> list:
+    """One MLX CPU stream per core (up to 4): ops on different streams run
+    on different threads, and MLX's CPU kernels are single-threaded."""
+    if not _CPU_STREAMS:
+        n = max(1, min(4, os.cpu_count() or 1))
+        _CPU_STREAMS.append(mx.default_stream(mx.cpu))
+        _CPU_STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(n - 1))
+    return _CPU_STREAMS
+
+
 class MLXBackend:
     """:class:`.pipeline.Backend` on MLX arrays (lazy; evaluated per layer)."""
 
     xp = mx
+
+    def lane(self, i: int):
+        # On a CPU, layer i's lazy work goes to one of several streams (one
+        # per core: 2x on 2 cores for the encode); elsewhere the default one.
+        if mx.default_device() != mx.cpu:
+            return contextlib.nullcontext()
+        streams = _cpu_streams()
+        return mx.stream(streams[i % len(streams)])
 
     def asarray(self, x):
         return x if isinstance(x, mx.array) else mx.array(x)
@@ -158,18 +181,20 @@ class MLXBackend:
     encode = staticmethod(encode)
 
     def finish(self, layers) -> None:
-        mx.eval(
-            [
-                a
-                for layer in layers
-                for s in layer
-                for e in (s.keys, s.values)
-                for a in e.arrays().values()
-            ]
-        )
+        mx.eval(_arrays(layers))
 
 
 MLX = MLXBackend()
+
+
+def _arrays(layers) -> list:
+    return [
+        a
+        for layer in layers
+        for s in layer
+        for e in (s.keys, s.values)
+        for a in e.arrays().values()
+    ]
 
 
 @functools.cache

@@ -35,7 +35,7 @@ from ..formats import (
 from ..rotation import check_rotation
 from .allocator import AllocationProblem
 from .controllers import HandoffPlan, TokenStats, check_controller, run_controller
-from .error_model import error_table
+from .error_model import error_tables
 
 
 class Backend(Protocol):
@@ -54,6 +54,10 @@ class Backend(Protocol):
         """``x`` as a numpy array read in place (no copy) where that is the
         fast way to scan it (this library's arrays in host memory, on a CPU),
         else None."""
+
+    def lane(self, i: int) -> Any:
+        """A context manager for layer ``i``'s array work: lazy libraries
+        may spread layers over parallel streams; others do nothing."""
 
     def take(self, x, index: np.ndarray) -> Any:
         """Tokens ``index`` (sorted, non-empty) of (B, H, T, D) ``x`` along T."""
@@ -233,8 +237,10 @@ def quantize(
     # 2. rotate: quantize in the rotated basis (undone by every decoder)
     if config.rotation != "none":
         check_rotation(config.rotation, dk, dv)
-        keys = [backend.rotate(k, config.rotation) for k in keys]
-        values = [backend.rotate(v, config.rotation) for v in values]
+        for i in range(len(keys)):
+            with backend.lane(i):
+                keys[i] = backend.rotate(keys[i], config.rotation)
+                values[i] = backend.rotate(values[i], config.rotation)
     # 3. inherit: an earlier hop's segments are kept, only new tokens encoded
     start = 0
     if inherited is not None:
@@ -281,17 +287,13 @@ def quantize(
             errors = np.broadcast_to(0.0, (len(keys), 2, T - start, len(formats)))
         else:
             errors = np.stack(
-                [
-                    error_table(
-                        k[:, :, start:],
-                        v[:, :, start:],
-                        formats,
-                        config.float_bits,
-                        xp=backend.xp,
-                        host=backend.host,
-                    )
-                    for k, v in zip(keys, values)
-                ]
+                error_tables(
+                    [(k[:, :, start:], v[:, :, start:]) for k, v in zip(keys, values)],
+                    formats,
+                    config.float_bits,
+                    xp=backend.xp,
+                    lane=backend.lane,
+                )
             )  # (L, 2, T', F)
         mask = None
         if any(held):
@@ -320,9 +322,10 @@ def quantize(
             assignment = np.where(mask, assignment, -1)
         # 5. one encode call per (layer, format) bucket
         for li, (k, v) in enumerate(zip(keys, values)):
-            new_layers[li] = encode_layer(
-                backend, k, v, formats, assignment[li], config=config, start=start
-            )
+            with backend.lane(li):
+                new_layers[li] = encode_layer(
+                    backend, k, v, formats, assignment[li], config=config, start=start
+                )
         backend.finish(new_layers)
     layers = [old_layers[i] + new_layers[i] for i in range(len(keys))]
     qkv = QuantizedKV(
