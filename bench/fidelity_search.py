@@ -279,14 +279,15 @@ def _study_retokenizer(tokenizer):
 
 
 def transcript_rows(model, tokenizer, state, contexts, follow, cands):
+    from transcript import transcript_tokens  # bench/transcript.py
+
     from qkvshare_mlx.capture import prefill
 
-    ttft = _ttft_module()
     for n in contexts:
         todo = [c for c in cands if ("transcript", n, c.name) not in state]
         if not todo:
             continue
-        ids = ttft.transcript_tokens(tokenizer, n + follow)
+        ids = transcript_tokens(tokenizer, n + follow)
         pre = prefill(model, ids[:n], probe_queries=32)
         exact = _kv_caches(pre.keys, pre.values)
         ref = model(mx.array(ids[n:])[None], cache=exact)[0].astype(mx.float32)
@@ -298,17 +299,6 @@ def transcript_rows(model, tokenizer, state, contexts, follow, cands):
                 f"transcript {n}: {c.name} KL {m['kl']:.5f} "
                 f"top-1 {m['top1_agreement']:.3f}"
             )
-
-
-def _ttft_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "ttft", Path(__file__).with_name("ttft.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ----------------------------------------------------------------------------

@@ -66,23 +66,14 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _ttft_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "ttft", Path(__file__).with_name("ttft.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def sender_cache(model, tokenizer, n: int, cache_dir: Path, tag: str):
     """(keys, values, stats, ids) of the sender's exact prefill of ``n``
     transcript tokens, from ``cache_dir`` when an earlier run kept it."""
+    from transcript import transcript_tokens  # bench/transcript.py
+
     from qkvshare_mlx.capture import prefill
 
-    ids = _ttft_module().transcript_tokens(tokenizer, n)
+    ids = transcript_tokens(tokenizer, n)
     path = cache_dir / f"{tag}-{n}.safetensors"
     if path.exists():
         arrays = mx.load(str(path))

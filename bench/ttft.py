@@ -76,6 +76,7 @@ from mlx_lm.models.cache import (
     make_prompt_cache,
     save_prompt_cache,
 )
+from transcript import transcript_tokens  # bench/transcript.py
 
 from qkvshare_mlx.capture import prefill
 from qkvshare_mlx.card import DEFAULT_MAX_BYTES, CacheCard, container, schema
@@ -120,26 +121,6 @@ def log(msg):
 
 def ms(t0, t1):
     return 1000.0 * (t1 - t0)
-
-
-# ----------------------------------------------------------------------------
-# Inputs: a long multi-agent transcript of GSM8K train problems.
-
-
-def transcript_tokens(tokenizer, n: int) -> list[int]:
-    from qkvshare_mlx.evals.gsm8k import load_problems
-
-    ids: list[int] = []
-    for i, p in enumerate(load_problems("train", 2000)):
-        turn = (
-            f"[Turn {i + 1}] Planner: Problem {i + 1}: {p['question']}\n"
-            f"Solver: {p['answer'].replace('####', 'Final answer:')}\n"
-            f"Checker: I re-did the arithmetic; the answer {p['final']} holds.\n\n"
-        )
-        ids += tokenizer.encode(turn, add_special_tokens=False)
-        if len(ids) >= n:
-            return ids[:n]
-    raise SystemExit(f"only {len(ids)} transcript tokens available, need {n}")
 
 
 # ----------------------------------------------------------------------------
