@@ -64,7 +64,7 @@ def install() -> bool:
     def quantized_scaled_dot_product_attention(
         queries, q_keys, q_values, scale, mask, group_size=64, bits=8
     ):
-        owner = _OWNERS.get(id(q_keys)) if isinstance(q_keys, mx.array) else None
+        owner = _OWNERS.pop(id(q_keys), None) if isinstance(q_keys, mx.array) else None
         if owner is not None:
             out = owner.attend(queries, q_keys, scale, mask)
             if out is not None:
@@ -95,7 +95,9 @@ def on_codes(n_queries: int) -> bool:
 
 
 def register(keys: mx.array, cache) -> None:
-    """Mark ``keys`` (what ``cache.update_and_fetch`` returned) as ``cache``'s."""
+    """Mark ``keys`` (what ``cache.update_and_fetch`` returned, about to be
+    passed to attention) as ``cache``'s. By id: the entry is overwritten by
+    the next cache whose keys get that id, before attention looks it up."""
     _OWNERS[id(keys)] = cache
 
 

@@ -281,17 +281,19 @@ class MixedQuantizedKVCache(_BaseCache):
         self.offset = self.start + self.n_visible + self.n_tail
         out = self._fetch(keys.dtype)
         if self.native:
+            # by id only: holding the array would keep it, once some caller
+            # evaluates it, decoded in memory until the next forward
             attention.register(out[0], self)
-            self._fetched = out[0]
+            self._fetched = id(out[0])
         return out
 
     # ---- attention on the codes ----------------------------------------------
 
     @property
     def native(self) -> bool:
-        """Whether mlx-lm's attention runs on this cache's codes (the hook of
-        :mod:`qkvshare_mlx.attention` is installed and the cache holds card
-        tokens; set False to always attend on decoded K/V)."""
+        """Whether mlx-lm's attention may run on this cache's codes (the
+        hook of :mod:`qkvshare_mlx.attention` is installed); set False to
+        always attend on decoded K/V."""
         return getattr(self, "_native", True) and attention.install()
 
     @native.setter
@@ -318,8 +320,9 @@ class MixedQuantizedKVCache(_BaseCache):
         cannot or should not (other keys, hidden card tokens, a mask over
         reordered tokens, a CPU prefill: :func:`attention.on_codes`), and
         the caller attends on the decoded K/V instead."""
-        if getattr(self, "_fetched", None) is not keys or not self.segments:
+        if getattr(self, "_fetched", None) != id(keys) or not self.segments:
             return None
+        self._fetched = None
         if not attention.on_codes(queries.shape[2]):
             return None
         if self.n_visible < self.n_card:
