@@ -20,6 +20,8 @@ how a card was made, or which cache :func:`~qkvshare_mlx.inject.inject` picks.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
@@ -29,7 +31,7 @@ from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 from . import attention
 from .errors import CardFormatError
 from .formats import Encoded, Segment
-from .quant.mlx_backend import decode, rotate_rows, unrotate
+from .quant.mlx_backend import MLX, decode, unrotate
 from .rotation import check_rotation
 
 # ----------------------------------------------------------------------------
@@ -333,11 +335,10 @@ class MixedQuantizedKVCache(_BaseCache):
         if self.n_tail:
             tk = self.tail_keys[..., : self.n_tail, :]
             tv = self.tail_values[..., : self.n_tail, :]
-        rot = rotate = unrot = None
+        rotate = unrot = None
         if self.rotation != "none":
-            rot = self.rotation
-            rotate = lambda x: rotate_rows(x, rot)  # noqa: E731
-            unrot = lambda x: unrotate(x, rot)  # noqa: E731
+            rotate = functools.partial(MLX.rotate, kind=self.rotation)
+            unrot = functools.partial(unrotate, rotation=self.rotation)
         return attention.mixed_attention(
             queries,
             self.segments,

@@ -55,8 +55,7 @@ class AllocationProblem:
 
     @property
     def float_format(self) -> int | None:
-        floats = [i for i, f in enumerate(self.formats) if f.is_float]
-        return floats[0] if floats else None
+        return float_format(self.formats)
 
     def free(self) -> np.ndarray | None:
         """(L, T') bool: the held tokens the controller allocates (not
@@ -77,10 +76,8 @@ class AllocationProblem:
         return np.array([f.nominal_cost(self.float_bits) for f in self.formats])
 
     def lossless_format(self, budget_bits: float) -> int | None:
-        """The float format's index when ``budget_bits`` affords it for every
-        token (no error table is needed then), else None."""
-        f = self.float_format
-        return f if f is not None and float(budget_bits) >= self.float_bits else None
+        """See :func:`lossless_format`."""
+        return lossless_format(self.formats, self.float_bits, budget_bits)
 
     def effective_bits(self, assignment: np.ndarray) -> float:
         """Exact effective bits the (L, T') assignment stores (tails included)."""
@@ -95,6 +92,24 @@ class AllocationProblem:
             )
             n += layer.size
         return total / max(n * (dk + dv), 1)
+
+
+def float_format(formats: list[Format]) -> int | None:
+    """Index of the menu's float format, or None."""
+    floats = [i for i, f in enumerate(formats) if f.is_float]
+    return floats[0] if floats else None
+
+
+def lossless_format(formats: list[Format], float_bits: int, budget_bits) -> int | None:
+    """The float format's index when ``budget_bits`` affords it for every
+    token (no error table is needed then), else None (also for a budget that
+    is not a number: :func:`validate_budget` names that problem)."""
+    f = float_format(formats)
+    try:
+        affords = float(budget_bits) >= float_bits
+    except (TypeError, ValueError):
+        return None
+    return f if f is not None and affords else None
 
 
 def allocate_bits(

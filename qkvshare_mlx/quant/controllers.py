@@ -210,14 +210,13 @@ def run_controller(
     free = problem.free()
     # Pinned float tokens take their share of the budget first.
     target = float(budget_bits)
-    if free is not problem.held:
-        held = problem.held if problem.held is not None else np.ones_like(free)
-        n_held, n_free = int(held.sum()), int(free.sum())
-        pinned_cost = costs[problem.float_format] * (n_held - n_free)
-        target = (target * n_held - pinned_cost) / max(n_free, 1)
+    if free is not problem.held:  # pinned: held tokens, the rest are free
+        n_pinned, n_free = int(problem.pinned.sum()), int(free.sum())
+        pinned_cost = costs[problem.float_format] * n_pinned
+        target = (target * (n_pinned + n_free) - pinned_cost) / max(n_free, 1)
         if n_free and target < costs.min() - 1e-9:
             raise ConfigError(
-                f"budget_bits={budget_bits} cannot hold {n_held - n_free} pinned "
+                f"budget_bits={budget_bits} cannot hold {n_pinned} pinned "
                 f"float tokens (pin_sinks/pin_recent) and {n_free} others"
             )
     # The allocator plans with nominal costs; per-channel tails can cost a

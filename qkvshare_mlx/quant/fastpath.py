@@ -178,7 +178,7 @@ def dequantize_layers(
         for ci, chunk in enumerate(chunks):
             # 1. the final buffers, allocated and zeroed by MLX on its own
             # thread while numpy decodes the previous chunk (fresh pages), or
-            # the reused ones (rows before a window's start zeroed here)
+            # the reused ones (the rows the card does not fill zeroed here)
             bufs = ahead
             mx.eval(bufs)
             ahead = alloc(chunks[ci + 1]) if ci + 1 < len(chunks) else None

@@ -181,20 +181,18 @@ class MLXBackend:
     encode = staticmethod(encode)
 
     def finish(self, layers) -> None:
-        mx.eval(_arrays(layers))
+        mx.eval(
+            [
+                a
+                for layer in layers
+                for s in layer
+                for e in (s.keys, s.values)
+                for a in e.arrays().values()
+            ]
+        )
 
 
 MLX = MLXBackend()
-
-
-def _arrays(layers) -> list:
-    return [
-        a
-        for layer in layers
-        for s in layer
-        for e in (s.keys, s.values)
-        for a in e.arrays().values()
-    ]
 
 
 @functools.cache
@@ -221,11 +219,6 @@ def _rotate(x: mx.array, kind: str, inverse: bool) -> mx.array:
     if inverse:  # x @ R.T: the Hadamard transform of x, times the signs
         return mx.hadamard_transform(x, scale=scale) * mx.array(s)
     return mx.hadamard_transform(x * mx.array(s), scale=scale)
-
-
-def rotate_rows(x: mx.array, rotation: str) -> mx.array:
-    """Apply the pipeline's rotation to (..., D) vectors (``x @ R``, float32)."""
-    return _rotate(x, rotation, inverse=False)
 
 
 def unrotate(x: mx.array, rotation: str, dtype=None) -> mx.array:

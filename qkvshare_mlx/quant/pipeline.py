@@ -33,7 +33,7 @@ from ..formats import (
     window_start,
 )
 from ..rotation import check_rotation
-from .allocator import AllocationProblem
+from .allocator import AllocationProblem, lossless_format
 from .controllers import HandoffPlan, TokenStats, check_controller, run_controller
 from .error_model import error_tables
 
@@ -172,13 +172,6 @@ def encode_layer(
     return out
 
 
-def _affords_float(budget_bits, config: QuantConfig) -> bool:
-    try:
-        return float(budget_bits) >= config.float_bits
-    except (TypeError, ValueError):
-        return False  # the controller's budget check names the problem
-
-
 def quantize(
     keys,
     values,
@@ -281,7 +274,7 @@ def quantize(
     # 4. allocate: errors per (layer, token, format), then the controller
     info = {}
     if T > start:
-        if any(f.is_float for f in formats) and _affords_float(budget_bits, config):
+        if lossless_format(formats, config.float_bits, budget_bits) is not None:
             # a lossless budget: every token is stored in float, no errors to
             # measure (a read-only broadcast of zeros stands for the table)
             errors = np.broadcast_to(0.0, (len(keys), 2, T - start, len(formats)))
