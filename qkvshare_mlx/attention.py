@@ -32,7 +32,7 @@ import weakref
 
 import mlx.core as mx
 
-from .formats import Segment
+from .formats import Encoded, Segment
 
 # On a CPU, mx.quantized_matmul costs about the same per query row as
 # decoding the rows it reads (a 3-bit 8000-token layer: 13 ms at 1 query,
@@ -133,14 +133,13 @@ def _key_scores(q: mx.array, seg: Segment) -> mx.array:
     )
 
 
-def _value_output(p: mx.array, seg: Segment, dim: int) -> mx.array:
-    """(B, Hk, R, L, D_v) probabilities (B, Hk, R, L, n) times one segment's values."""
-    e = seg.values
+def _value_output(p: mx.array, e: Encoded, bits: int, dim: int) -> mx.array:
+    """(B, Hk, R, L, D_v) probabilities (B, Hk, R, L, n) times n encoded values."""
     if e.layout == "float":
         return p @ e.data.astype(p.dtype)[:, :, None]
     codes, scales, biases = (a[:, :, None] for a in (e.codes, e.scales, e.biases))
     out = mx.quantized_matmul(
-        p, codes, scales, biases, transpose=False, group_size=e.group, bits=seg.vbits
+        p, codes, scales, biases, transpose=False, group_size=e.group, bits=bits
     )
     return out[..., :dim]
 
@@ -155,6 +154,7 @@ def mixed_attention(
     mask=None,
     rotate=None,
     unrotate=None,
+    value_blocks=None,
 ) -> mx.array:
     """Attention of (B, H_q, L, D) queries over a card's segments and a tail.
 
@@ -171,6 +171,10 @@ def mixed_attention(
             segments, then the tail) broadcastable to (B, H_q, L, T).
         rotate, unrotate: ``x -> x @ R`` and ``x -> x @ R.T`` for a rotated
             card, else None.
+        value_blocks: ``(Encoded, value bits, k)`` per run of ``k``
+            consecutive segments whose values are one block (see
+            :func:`~qkvshare_mlx.caches.merge_formats`): one product per
+            block instead of one per segment. None: each segment's own.
 
     Returns:
         (B, H_q, L, D_v) attention output in the queries' dtype.
@@ -204,12 +208,15 @@ def mixed_attention(
             scores = scores + mask
     p = mx.softmax(scores, axis=-1, precise=True)
     Dv = tail_values.shape[-1] if tail_values is not None else _value_dim(first)
+    if value_blocks is None:
+        value_blocks = [(s.values, s.vbits, 1) for s in segments]
     out = None
-    at = 0
-    for s, n in zip(segments, sizes):
-        o = _value_output(p[..., at : at + n], s, Dv)
+    at = seg = 0
+    for block, bits, k in value_blocks:
+        n = sum(sizes[seg : seg + k])
+        o = _value_output(p[..., at : at + n], block, bits, Dv)
         out = o if out is None else out + o
-        at += n
+        at, seg = at + n, seg + k
     if out is not None and unrotate is not None:
         out = unrotate(out)
     if tail_values is not None:

@@ -132,6 +132,91 @@ def _to_mx(seg: Segment) -> Segment:
     return seg.map_arrays(mx.array)
 
 
+def _format_key(seg: Segment) -> tuple:
+    k, v = seg.keys, seg.values
+    return (seg.bits, seg.vbits, k.layout, k.group, k.dim, v.layout, v.group, v.dim)
+
+
+def _concat_encoded(parts: list[Encoded]) -> Encoded:
+    """One Encoded holding the tokens of ``parts`` (one format) in order."""
+    e = parts[0]
+    if len(parts) == 1:
+        return e
+    axis = -1 if e.layout == "channel" else 2  # channel rows: (D, n) per head
+    arrays = {
+        name: mx.concatenate([p.arrays()[name] for p in parts], axis=axis)
+        for name in e.arrays()
+    }
+    return Encoded(e.layout, e.group, **arrays, dim=e.dim)
+
+
+def _slice_tokens(e: Encoded, a: int, b: int) -> Encoded:
+    """Tokens a..b of a token-layout or float Encoded (views, no copy)."""
+    arrays = {name: x[:, :, a:b] for name, x in e.arrays().items()}
+    return Encoded(e.layout, e.group, **arrays, dim=e.dim)
+
+
+def _value_key(seg: Segment) -> tuple:
+    v = seg.values
+    return (seg.vbits, v.layout, v.group, v.dim)
+
+
+def merge_formats(segments: list[Segment]) -> tuple[list[Segment], list[tuple]]:
+    """A layer's segments regrouped for attention on the codes, codes unchanged.
+
+    A card writes one segment per format and token run (a channel-layout
+    run is a whole number of groups, its remainder another segment), about
+    15 per layer at 4.5 bits, and attention on the codes costs a kernel per
+    segment for the scores and one for the output. So:
+
+    1. the segments of one format are concatenated along the tokens (every
+       channel-layout segment holds whole groups of at least 32 tokens: its
+       packed rows end on a word boundary and concatenate as they are);
+    2. segments whose values share a format (the values are always per
+       token, whatever the keys' layout) are placed side by side, their
+       values concatenated into one block, and each segment's values become
+       a view of its rows of the block (no second copy).
+
+    Returns:
+        The segments, and the value blocks ``(Encoded, value bits, number of
+        segments)`` covering them in order (for
+        :func:`~qkvshare_mlx.attention.mixed_attention`).
+    """
+    groups: dict[tuple, list[Segment]] = {}
+    for s in segments:
+        groups.setdefault(_format_key(s), []).append(s)
+    merged = []
+    for parts in groups.values():
+        if len(parts) == 1:
+            merged.append(parts[0])
+            continue
+        merged.append(
+            Segment(
+                parts[0].bits,
+                np.concatenate([np.asarray(p.index, np.int32) for p in parts]),
+                _concat_encoded([p.keys for p in parts]),
+                _concat_encoded([p.values for p in parts]),
+                value_bits=parts[0].value_bits,
+            )
+        )
+    by_value: dict[tuple, list[Segment]] = {}
+    for s in merged:
+        by_value.setdefault(_value_key(s), []).append(s)
+    out, blocks = [], []
+    for parts in by_value.values():
+        block = _concat_encoded([p.values for p in parts])
+        blocks.append((block, parts[0].vbits, len(parts)))
+        at = 0
+        for p in parts:
+            n = p.n_tokens
+            values = p.values if len(parts) == 1 else _slice_tokens(block, at, at + n)
+            out.append(
+                Segment(p.bits, p.index, p.keys, values, value_bits=p.value_bits)
+            )
+            at += n
+    return out, blocks
+
+
 def _encoded_state(enc: Encoded) -> dict:
     dim = {} if enc.dim is None else {"dim": int(enc.dim)}  # padded rows
     return {"layout": enc.layout, "group": int(enc.group), **dim, **enc.arrays()}
@@ -191,6 +276,9 @@ class MixedQuantizedKVCache(_BaseCache):
     """
 
     step = 64  # tail growth: small, so the tail never dwarfs a compressed card
+    _lazy = None  # ((dtype, n_visible), the decoded card K/V graph), see _card_kv
+    _fetched = None  # id of the keys the last update_and_fetch returned
+    _bypassed = False  # this model's attention does not reach the hook
 
     def __init__(
         self,
@@ -202,7 +290,7 @@ class MixedQuantizedKVCache(_BaseCache):
     ):
         check_rotation(rotation)
         self.rotation = rotation
-        self.segments = [_to_mx(s) for s in segments or []]
+        self._set_segments([_to_mx(s) for s in segments or []])
         self.n_card = int(n_tokens)
         self.n_visible = self.n_card
         self.start = int(start)
@@ -210,6 +298,19 @@ class MixedQuantizedKVCache(_BaseCache):
         self.n_tail = 0
         self.offset = self.start + self.n_card
         self._set_order()
+
+    def _set_segments(self, segments: list[Segment]) -> None:
+        self.segments, self._value_blocks = merge_formats(segments)
+        # evaluated here: the blocks' views then share their buffers, and
+        # the card's pieces they were made from are released
+        mx.eval(
+            [
+                a
+                for s in self.segments
+                for e in (s.keys, s.values)
+                for a in e.arrays().values()
+            ]
+        )
 
     def _set_order(self):
         index = (
@@ -230,9 +331,26 @@ class MixedQuantizedKVCache(_BaseCache):
 
     # ---- the mlx-lm cache protocol -------------------------------------------
 
-    def _card_kv(self, dtype) -> tuple[mx.array, mx.array] | None:
+    def _card_kv(self, dtype, *, keep: bool = True):
+        """The card's (B, H, n_visible, D) K/V, decoded lazily (None if empty).
+
+        While mlx-lm's attention runs on the codes, this graph is never
+        evaluated and is the same at every step, so it is built once and
+        kept (``keep``; building it cost ~1 ms a layer a step in Python). It
+        is dropped as soon as anyone attends on it instead, so no decoded
+        copy of the card stays resident.
+        """
         if self.n_visible == 0:
             return None
+        key = (dtype, self.n_visible)
+        if keep and self._lazy is not None and self._lazy[0] == key:
+            return self._lazy[1]
+        kv = self._decode_card(dtype)
+        if keep and self.native and not self._bypassed:
+            self._lazy = (key, kv)
+        return kv
+
+    def _decode_card(self, dtype) -> tuple[mx.array, mx.array]:
         out_dtype, rotated = dtype, self.rotation != "none"
         if rotated:  # decode and un-rotate in float32
             dtype = mx.float32
@@ -275,6 +393,10 @@ class MixedQuantizedKVCache(_BaseCache):
         :meth:`attend` (:mod:`qkvshare_mlx.attention`), it runs on the
         card's codes and they are never decoded.
         """
+        if getattr(self, "_fetched", None) is not None:
+            # the last K/V returned were not attended on the codes: this
+            # model's attention does not reach the hook; stop keeping them
+            self._bypassed, self._lazy = True, None
         self._grow_tail(keys, values)
         prev = self.n_tail
         self.n_tail += keys.shape[2]
@@ -325,11 +447,16 @@ class MixedQuantizedKVCache(_BaseCache):
         if getattr(self, "_fetched", None) != id(keys) or not self.segments:
             return None
         self._fetched = None
-        if not attention.on_codes(queries.shape[2]):
-            return None
-        if self.n_visible < self.n_card:
-            return None
-        if mask is not None and not isinstance(mask, str) and self._order is not None:
+        if (
+            not attention.on_codes(queries.shape[2])
+            or self.n_visible < self.n_card
+            or (
+                mask is not None
+                and not isinstance(mask, str)
+                and self._order is not None
+            )
+        ):
+            self._lazy = None  # the caller attends on (evaluates) the decoded K/V
             return None
         tk = tv = None
         if self.n_tail:
@@ -348,10 +475,11 @@ class MixedQuantizedKVCache(_BaseCache):
             mask=mask,
             rotate=rotate,
             unrotate=unrot,
+            value_blocks=self._value_blocks,
         )
 
-    def _fetch(self, dtype):
-        card = self._card_kv(dtype)
+    def _fetch(self, dtype, *, keep: bool = True):
+        card = self._card_kv(dtype, keep=keep)
         if self.n_tail == 0:
             return card
         tk = self.tail_keys[..., : self.n_tail, :].astype(dtype)
@@ -369,7 +497,7 @@ class MixedQuantizedKVCache(_BaseCache):
             raise CardFormatError("the cache holds no tokens")
         if dtype is None:
             dtype = self.tail_keys.dtype if self.tail_keys is not None else mx.float32
-        return self._fetch(dtype)
+        return self._fetch(dtype, keep=False)
 
     def size(self) -> int:
         return self.n_visible + self.n_tail
@@ -466,7 +594,9 @@ class MixedQuantizedKVCache(_BaseCache):
                 f"tokens) and 0 <= n_visible <= n_card, got n_tail={n_tail}, "
                 f"n_visible={n_visible}, n_card={n_card}"
             )
-        self.segments, self.rotation = segs, rot
+        self.rotation = rot
+        self._set_segments(segs)
+        self._lazy = self._fetched = None
         self.tail_keys, self.tail_values = tail_keys, tail_values
         self.n_card, self.n_visible = int(n_card), int(n_visible)
         self.n_tail, self.start = int(n_tail), int(start)

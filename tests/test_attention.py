@@ -7,7 +7,7 @@ from conftest import TINY_LLAMA_CONFIG, WIDE_HEAD_CONFIG, prefill_card, tiny_lla
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from qkvshare_mlx import attention
-from qkvshare_mlx.caches import MixedQuantizedKVCache
+from qkvshare_mlx.caches import MixedQuantizedKVCache, _to_mx
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.inject import inject
 
@@ -156,3 +156,81 @@ def test_a_long_prefill_attends_on_decoded_kv_on_a_cpu(wide, ids, calls):
     plain = _run(wide, inject(card, wide, mode="dequantize"), [long_feed, [3]])
     for g, w in zip(got, plain):
         np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-4)
+
+
+def test_segments_of_one_format_are_merged(wide, ids):
+    # a card writes one segment per format and token run; the compressed
+    # cache holds one per format, with the same codes and the same K/V
+    card, _ = prefill_card(
+        wide, ids[:200], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    c = inject(card, wide, mode="compressed")[0]
+    layer = card.layers[0]
+    formats = {merge_key(s) for s in layer}
+    assert len(layer) > len(formats)  # the card has runs to merge
+    assert len(c.segments) == len(formats)
+    assert sorted(merge_key(s) for s in c.segments) == sorted(formats)
+    assert sum(s.n_tokens for s in c.segments) == sum(s.n_tokens for s in layer)
+    # values of one format form one block, of which the segments hold views
+    value_formats = {merge_key(s)[1::4] + merge_key(s)[5:] for s in layer}
+    blocks = c._value_blocks
+    assert len(blocks) == len(value_formats) < len(c.segments)
+    assert sum(k for *_, k in blocks) == len(c.segments)
+    # built from pieces already in memory, the cache allocates at most one
+    # copy of them (the merged keys and the value blocks), no second one
+    pieces = [_to_mx(s) for s in layer]
+    mx.eval(
+        [a for s in pieces for e in (s.keys, s.values) for a in e.arrays().values()]
+    )
+    payload = sum(s.payload_bits() for s in layer) // 8
+    before = mx.get_active_memory()
+    again = MixedQuantizedKVCache(pieces, card.n_tokens)
+    assert mx.get_active_memory() - before <= 1.25 * payload  # allocator rounding
+    assert again.nbytes >= payload
+    ref = inject(card, wide, mode="dequantize")[0]
+    k, v = c.dequantized()
+    assert np.array_equal(np.array(k), np.array(ref.keys[..., : ref.offset, :]))
+    assert np.array_equal(np.array(v), np.array(ref.values[..., : ref.offset, :]))
+
+
+def merge_key(s):
+    k, v = s.keys, s.values
+    return (
+        s.bits,
+        s.vbits,
+        k.layout,
+        k.group,
+        k.dim or 0,
+        v.layout,
+        v.group,
+        v.dim or 0,
+    )
+
+
+def test_decoded_graph_is_built_once_and_never_kept_evaluated(wide, ids, calls):
+    card, _ = prefill_card(
+        wide, ids[:100], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    caches = inject(card, wide, mode="compressed")
+    _run(wide, caches, [[3]])
+    kept = caches[0]._lazy
+    assert kept is not None  # the step ran on the codes: the graph is kept
+    _run(wide, caches, [[4]])
+    assert caches[0]._lazy is kept  # and reused, not rebuilt
+    # a prefill on a CPU attends on the decoded K/V: nothing stays behind
+    _run(wide, caches, [list(range(1, attention.CPU_MAX_QUERIES + 4))])
+    assert all(c._lazy is None for c in caches)
+
+
+def test_a_model_that_bypasses_the_hook_keeps_no_decoded_card(wide, ids):
+    card, _ = prefill_card(
+        wide, ids[:64], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    c = inject(card, wide, mode="compressed")[0]
+    ref = inject(card, wide, mode="dequantize")[0]
+    for step in range(3):  # a caller that never reaches the hook
+        k_new = mx.full((1, 2, 1, 64), float(step))
+        keys, _ = c.update_and_fetch(k_new, k_new)
+        rk, _ = ref.update_and_fetch(k_new, k_new)
+        assert np.array_equal(np.array(keys), np.array(rk))
+    assert c._bypassed and c._lazy is None
