@@ -10,6 +10,7 @@ from qkvshare_mlx.errors import CacheShapeError, ConfigError
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.quant.controllers import CONTROLLERS, TokenStats
 from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant.pipeline import check_kv
 
 # ---------------------------------------------------------------------------
 # Budgets
@@ -163,6 +164,20 @@ def test_non_finite_values_are_refused(bad):
     values[1] = mx.broadcast_to(values[1], (1, 2, 8, 64))
     with pytest.raises(CacheShapeError, match="layer 1.*NaN or Inf"):
         quantize_cache(keys, values, controller="uniform", budget_bits=4.5)
+
+
+def test_large_finite_values_whose_sum_overflows_are_accepted():
+    # the finiteness check sums each tensor first; an overflowing sum of
+    # finite values must still pass (checked element by element)
+    keys, values = _kv()
+    keys[0] = mx.full((1, 2, 8, 64), 3e38)
+    assert check_kv(keys, values, xp=mx) == (1, 2, 8, 64, 64)
+    host = [[np.array(x) for x in kv] for kv in (keys, values)]
+    assert check_kv(*host, xp=np) == (1, 2, 8, 64, 64)
+    keys[0] = mx.array(np.where(np.arange(64) == 3, np.inf, 3e38).astype(np.float32))
+    keys[0] = mx.broadcast_to(keys[0], (1, 2, 8, 64))
+    with pytest.raises(CacheShapeError, match="layer 0.*NaN or Inf"):
+        check_kv(keys, values, xp=mx)
 
 
 def test_unknown_controller_is_named():

@@ -107,13 +107,18 @@ def check_kv(keys, values, *, xp=np) -> tuple[int, ...]:
             ref = dims
         elif dims != ref:
             raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
-    # one pass (and, on MLX, one evaluation) for every layer's finiteness
-    finite = xp.stack(
-        [xp.isfinite(x).all() for pair in zip(keys, values) for x in pair]
-    )
-    bad = np.nonzero(~np.asarray(finite).reshape(-1, 2).all(axis=1))[0]
-    if bad.size:
-        raise CacheShapeError(f"layer {int(bad[0])}: keys or values contain NaN or Inf")
+    # One pass (on MLX, one evaluation) for every layer: a NaN or Inf makes
+    # its tensor's sum non-finite, and a sum reads the tensor once without
+    # the boolean temporary of isfinite; only a non-finite sum (a bad value,
+    # or an overflow of finite ones) is checked element by element.
+    tensors = [x for pair in zip(keys, values) for x in pair]
+    sums = np.asarray(xp.stack([x.sum() for x in tensors])).astype(np.float64)
+    suspects = np.nonzero(~np.isfinite(sums))[0]
+    for i in suspects:
+        if not bool(xp.isfinite(tensors[i]).all()):
+            raise CacheShapeError(
+                f"layer {int(i) // 2}: keys or values contain NaN or Inf"
+            )
     return ref
 
 
@@ -125,17 +130,24 @@ def encode_bucket(
     Per-channel keys store whole groups of ``key_group`` tokens per channel
     and the remaining tokens per token (:func:`formats.split_for_layout`).
     """
+    index = np.asarray(index, dtype=np.int32)
+    k, v = backend.take(keys, index), backend.take(values, index)
+    return _encode_gathered(backend, k, v, index, fmt, float_dtype)
+
+
+def _encode_gathered(backend, k, v, index, fmt: Format, float_dtype) -> list[Segment]:
+    """Encode (B, H, n, D) tokens already gathered, ``index`` their positions."""
     out = []
     for s0, s1, k_layout, k_group in split_for_layout(len(index), fmt):
-        idx = np.asarray(index[s0:s1], dtype=np.int32)
-        k, v = backend.take(keys, idx), backend.take(values, idx)
+        ks, vs = k[:, :, s0:s1], v[:, :, s0:s1]
         if fmt.is_float:
-            ek = backend.encode(k, FLOAT_BITS, "float", 0, float_dtype)
-            ev = backend.encode(v, FLOAT_BITS, "float", 0, float_dtype)
+            ek = backend.encode(ks, FLOAT_BITS, "float", 0, float_dtype)
+            ev = backend.encode(vs, FLOAT_BITS, "float", 0, float_dtype)
         else:
-            ek = backend.encode(k, fmt.bits, k_layout, k_group, float_dtype)
-            ev = backend.encode(v, fmt.vbits, "token", fmt.value_group, float_dtype)
-        out.append(Segment(fmt.bits, idx, ek, ev, value_bits=fmt.value_bits))
+            ek = backend.encode(ks, fmt.bits, k_layout, k_group, float_dtype)
+            ev = backend.encode(vs, fmt.vbits, "token", fmt.value_group, float_dtype)
+        seg = Segment(fmt.bits, index[s0:s1], ek, ev, value_bits=fmt.value_bits)
+        out.append(seg)
     return out
 
 
@@ -164,11 +176,22 @@ def encode_layer(
         Segments covering the held tokens of ``start..T-1``, by format index,
         the per-channel part before the per-token tail.
     """
-    out = []
-    for f in np.unique(assignment[assignment >= 0]):
-        index = (np.nonzero(assignment == f)[0] + start).astype(np.int32)
-        fmt = formats[int(f)]
-        out += encode_bucket(backend, keys, values, index, fmt, config.float_dtype)
+    buckets = [
+        (formats[int(f)], (np.nonzero(assignment == f)[0] + start).astype(np.int32))
+        for f in np.unique(assignment[assignment >= 0])
+    ]
+    if not buckets:
+        return []
+    # one gather per tensor puts every bucket's tokens in a run (a slice),
+    # instead of one gather per bucket and segment
+    order = np.concatenate([index for _, index in buckets])
+    kp, vp = backend.take(keys, order), backend.take(values, order)
+    out, at = [], 0
+    for fmt, index in buckets:
+        n = len(index)
+        k, v = kp[:, :, at : at + n], vp[:, :, at : at + n]
+        out += _encode_gathered(backend, k, v, index, fmt, config.float_dtype)
+        at += n
     return out
 
 
