@@ -187,10 +187,11 @@ def inject(
             ``"auto"``: ``"mlx"`` where the default device is a GPU. Both
             give the same caches, bit for bit without a rotation.
         reuse: caches this receiver is done with (an earlier handoff's
-            ``KVCache`` list): for ``"dequantize"`` decoded by numpy, each
-            layer whose float32 buffers fit is decoded into them in place,
-            with no fresh pages to fault in and zero (an agent receiving
-            card after card). The old caches must not be used afterwards.
+            ``KVCache`` list): for ``"dequantize"`` and ``"stream"`` decoded
+            by numpy, each layer whose float32 buffers fit is decoded into
+            them in place, with no fresh pages to fault in and zero (an agent
+            receiving card after card). The old caches must not be used
+            afterwards.
 
     Returns:
         One cache per layer; its ``offset`` is the card's offset plus its
@@ -277,7 +278,12 @@ def inject(
         return [_layer_cache(k, v, T, w) for (k, v), w in zip(decoded, windows)]
     if mode == "stream":
         futures = stream_layers(
-            qkv.layers, T, capacity=capacity, rotation=rotation, starts=qkv.starts
+            qkv.layers,
+            T,
+            capacity=capacity,
+            rotation=rotation,
+            starts=qkv.starts,
+            buffers=_buffers(reuse),
         )
         return [StreamedKVCache(f, T, dtype) for f in futures]
     decoded = dequantize_layers(

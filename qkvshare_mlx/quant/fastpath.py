@@ -270,26 +270,34 @@ def stream_layers(
     capacity: int = 0,
     rotation: str = "none",
     starts: list[int] | None = None,
+    buffers: list | None = None,
 ) -> list[Future]:
     """:func:`dequantize_layers` on a background thread, layer by layer.
 
     The (B, H, max(T, capacity), D) float32 buffers of every layer are
-    allocated and zeroed here (MLX, the calling thread); one worker thread
-    then decodes the layers in order straight into them (numpy only, through
-    host views of the evaluated buffers). The caller may run MLX work (the
-    receiver's forward) meanwhile, as long as it reads layer ``i``'s buffers
-    only after ``futures[i].result()``. Results equal :func:`dequantize_layer`'s
-    bit for bit.
+    allocated and zeroed here (MLX, the calling thread), or taken from
+    ``buffers`` where they fit (as :func:`dequantize_layers` does: no fresh
+    pages, and the rows the card does not fill are zeroed by the worker);
+    one worker thread then decodes the layers in order straight into them
+    (numpy only, through host views of the evaluated buffers). The caller
+    may run MLX work (the receiver's forward) meanwhile, as long as it reads
+    layer ``i``'s buffers only after ``futures[i].result()``. Results equal
+    :func:`dequantize_layer`'s bit for bit.
 
     Returns:
         Per layer, a Future of its evaluated (keys, values).
     """
     T = n_tokens
     n_pos = max(int(capacity), T)
-    for li, (layer, start) in enumerate(zip(layers, starts or [0] * len(layers))):
+    starts = list(starts or [0] * len(layers))
+    for li, (layer, start) in enumerate(zip(layers, starts)):
         check_cover(layer_index(layer), T, f"layer {li}", start=start)
     check_rotation(rotation)
-    bufs = [_alloc_rows([layer], n_pos) for layer in layers]
+    reuse = [_fitting(buffers, li, layers[li], n_pos) for li in range(len(layers))]
+    bufs = [
+        {"keys": [r[0]], "values": [r[1]]} if r else _alloc_rows([layer], n_pos)
+        for layer, r in zip(layers, reuse)
+    ]
     mx.eval(bufs)
     views = [
         {kv: [_host_view(a) for a in b[kv]] for kv in ("keys", "values")} for b in bufs
@@ -299,7 +307,11 @@ def stream_layers(
     def decode(li):  # one worker: the scratch buffer is never shared
         nonlocal scratch
         for kv in ("keys", "values"):
-            scratch = _fill_rows([layers[li]], kv, views[li][kv], T, rotation, scratch)
+            dst = views[li][kv]
+            if reuse[li]:  # no earlier handoff's rows stay behind
+                dst[0][:, :, : starts[li]] = 0
+                dst[0][:, :, T:] = 0
+            scratch = _fill_rows([layers[li]], kv, dst, T, rotation, scratch)
         return bufs[li]["keys"][0], bufs[li]["values"][0]
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvshare-decode")
