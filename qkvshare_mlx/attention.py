@@ -110,13 +110,13 @@ def _pad_last(x: mx.array, width: int) -> mx.array:
 
 
 def _key_scores(q: mx.array, seg: Segment) -> mx.array:
-    """(B, Hk, R, L, n) scores of grouped queries (B, Hk, R, L, D) against
-    one segment's n keys."""
+    """(B, Hk, M, n) scores of grouped queries (B, Hk, M, D) against one
+    segment's n keys (M = R * L: a head's R query heads' L rows, so each
+    key code is read once for all of them)."""
     e = seg.keys
     if e.layout == "float":
-        k = e.data.astype(q.dtype)[:, :, None]
-        return q @ k.swapaxes(-1, -2)
-    codes, scales, biases = (a[:, :, None] for a in (e.codes, e.scales, e.biases))
+        return q @ e.data.astype(q.dtype).swapaxes(-1, -2)
+    codes, scales, biases = e.codes, e.scales, e.biases
     if e.layout == "channel":  # (D, n) rows grouped along the tokens
         return mx.quantized_matmul(
             q, codes, scales, biases, transpose=False, group_size=e.group, bits=seg.bits
@@ -134,10 +134,10 @@ def _key_scores(q: mx.array, seg: Segment) -> mx.array:
 
 
 def _value_output(p: mx.array, e: Encoded, bits: int, dim: int) -> mx.array:
-    """(B, Hk, R, L, D_v) probabilities (B, Hk, R, L, n) times n encoded values."""
+    """(B, Hk, M, D_v) probabilities (B, Hk, M, n) times n encoded values."""
     if e.layout == "float":
-        return p @ e.data.astype(p.dtype)[:, :, None]
-    codes, scales, biases = (a[:, :, None] for a in (e.codes, e.scales, e.biases))
+        return p @ e.data.astype(p.dtype)
+    codes, scales, biases = e.codes, e.scales, e.biases
     out = mx.quantized_matmul(
         p, codes, scales, biases, transpose=False, group_size=e.group, bits=bits
     )
@@ -187,21 +187,16 @@ def mixed_attention(
     else:
         Hk = tail_keys.shape[1]
     R = Hq // Hk
-    q = (queries * scale).reshape(B, Hk, R, L, Dk)
+    # (B, H_q, L, D) -> (B, H_kv, R * L, D): query head h = h_kv * R + r
+    q = (queries * scale).reshape(B, Hk, R * L, Dk)
     qc = rotate(q) if rotate is not None else q
     parts = [_key_scores(qc, s) for s in segments]
     if tail_keys is not None:
-        parts.append(q @ tail_keys.astype(q.dtype)[:, :, None].swapaxes(-1, -2))
+        parts.append(q @ tail_keys.astype(q.dtype).swapaxes(-1, -2))
     sizes = [p.shape[-1] for p in parts]
     scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
-    if isinstance(mask, str):  # causal among the tail's last L tokens
-        T = scores.shape[-1]
-        rows = mx.arange(T - L, T)[:, None]
-        mask = rows >= mx.arange(T)[None]
+    mask = _folded_mask(mask, scores.shape[-1], B, Hk, R, L)
     if mask is not None:
-        if mask.ndim == 4:  # (B, 1 or H_q, L, T) -> (B, 1 or H_kv, 1 or R, L, T)
-            heads = (1, 1) if mask.shape[1] == 1 else (Hk, R)
-            mask = mask.reshape(mask.shape[0], *heads, L, mask.shape[-1])
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
         else:
@@ -220,9 +215,26 @@ def mixed_attention(
     if out is not None and unrotate is not None:
         out = unrotate(out)
     if tail_values is not None:
-        o = p[..., at:] @ tail_values.astype(p.dtype)[:, :, None]
+        o = p[..., at:] @ tail_values.astype(p.dtype)
         out = o if out is None else out + o
     return out.reshape(B, Hq, L, Dv).astype(queries.dtype)
+
+
+def _folded_mask(mask, T: int, B: int, Hk: int, R: int, L: int):
+    """The attention mask over (B, H_q, L, T) scores laid out as the folded
+    (B, H_kv, R * L, T) ones (``"causal"``: among the tail's last L tokens)."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        rows = mx.tile(mx.arange(T - L, T), (R,))[:, None]
+        return rows >= mx.arange(T)[None]
+    if mask.ndim == 4 and mask.shape[1] == Hk * R and R > 1:  # per query head
+        return mask.reshape(mask.shape[0], Hk, R * L, mask.shape[-1])
+    if mask.ndim == 4 and mask.shape[1] not in (1, Hk * R):
+        raise ValueError(f"mask heads: expected 1 or {Hk * R}, got {mask.shape[1]}")
+    # shared by the query heads: (..., L, T), repeated for each of the R
+    mask = mx.broadcast_to(mask, (*mask.shape[:-2], L, mask.shape[-1]))
+    return mask if R == 1 else mx.tile(mask, (1,) * (mask.ndim - 2) + (R, 1))
 
 
 def _value_dim(seg: Segment) -> int:

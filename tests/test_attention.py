@@ -1,5 +1,7 @@
 """Attention on a card's codes (qkvshare_mlx.attention) in compressed caches."""
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from conftest import TINY_LLAMA_CONFIG, WIDE_HEAD_CONFIG, prefill_card, tiny_lla
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from qkvshare_mlx import attention
-from qkvshare_mlx.caches import MixedQuantizedKVCache, _to_mx
+from qkvshare_mlx.caches import WIDER_ON_CPU, MixedQuantizedKVCache, _to_mx, _widen
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.inject import inject
 
@@ -165,14 +167,14 @@ def test_segments_of_one_format_are_merged(wide, ids):
         wide, ids[:200], controller="saliency", budget=4.5, config=QuantConfig()
     )
     c = inject(card, wide, mode="compressed")[0]
-    layer = card.layers[0]
+    layer = [_widen(s) for s in card.layers[0]]  # as a CPU cache holds them
     formats = {merge_key(s) for s in layer}
     assert len(layer) > len(formats)  # the card has runs to merge
     assert len(c.segments) == len(formats)
     assert sorted(merge_key(s) for s in c.segments) == sorted(formats)
     assert sum(s.n_tokens for s in c.segments) == sum(s.n_tokens for s in layer)
     # values of one format form one block, of which the segments hold views
-    value_formats = {merge_key(s)[1::4] + merge_key(s)[5:] for s in layer}
+    value_formats = {(s.vbits, s.values.layout, s.values.group) for s in layer}
     blocks = c._value_blocks
     assert len(blocks) == len(value_formats) < len(c.segments)
     assert sum(k for *_, k in blocks) == len(c.segments)
@@ -183,6 +185,9 @@ def test_segments_of_one_format_are_merged(wide, ids):
         [a for s in pieces for e in (s.keys, s.values) for a in e.arrays().values()]
     )
     payload = sum(s.payload_bits() for s in layer) // 8
+    gc.collect()
+    mx.synchronize()
+    mx.clear_cache()  # fresh buffers: a cached one may be larger than asked
     before = mx.get_active_memory()
     again = MixedQuantizedKVCache(pieces, card.n_tokens)
     assert mx.get_active_memory() - before <= 1.25 * payload  # allocator rounding
@@ -191,6 +196,21 @@ def test_segments_of_one_format_are_merged(wide, ids):
     k, v = c.dequantized()
     assert np.array_equal(np.array(k), np.array(ref.keys[..., : ref.offset, :]))
     assert np.array_equal(np.array(v), np.array(ref.values[..., : ref.offset, :]))
+
+
+def test_a_cpu_cache_holds_slow_widths_widened_with_the_same_values(wide, ids):
+    card, _ = prefill_card(
+        wide, ids[:200], controller="saliency", budget=4.5, config=QuantConfig()
+    )
+    widths = {b for layer in card.layers for s in layer for b in (s.bits, s.vbits)}
+    assert widths & set(WIDER_ON_CPU)  # the card has widths to widen
+    caches = inject(card, wide, mode="compressed")
+    held = {b for c in caches for s in c.segments for b in (s.bits, s.vbits)}
+    assert not held & set(WIDER_ON_CPU)
+    for c, d in zip(caches, inject(card, wide, mode="dequantize")):
+        k, v = c.dequantized()
+        assert np.array_equal(np.array(k), np.array(d.keys[..., : d.offset, :]))
+        assert np.array_equal(np.array(v), np.array(d.values[..., : d.offset, :]))
 
 
 def merge_key(s):
@@ -234,3 +254,36 @@ def test_a_model_that_bypasses_the_hook_keeps_no_decoded_card(wide, ids):
         rk, _ = ref.update_and_fetch(k_new, k_new)
         assert np.array_equal(np.array(keys), np.array(rk))
     assert c._bypassed and c._lazy is None
+
+
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "causal", "bool shared", "additive per head"]
+)
+def test_mixed_attention_masks_match_attention_on_decoded_kv(mask_kind):
+    from qkvshare_mlx.quant.mlx_backend import decode, quantize_cache
+
+    rng = np.random.default_rng(3)
+    B, Hk, T, D, R, L, n_tail = 1, 2, 96, 64, 3, 4, 6
+    keys = [mx.array(rng.standard_normal((B, Hk, T, D)).astype(np.float32))]
+    values = [mx.array(rng.standard_normal((B, Hk, T, D)).astype(np.float32))]
+    qkv = quantize_cache(keys, values, controller="uniform", budget_bits=4.5)
+    segs = qkv.layers[0]
+    tk = mx.array(rng.standard_normal((B, Hk, n_tail, D)).astype(np.float32))
+    tv = mx.array(rng.standard_normal((B, Hk, n_tail, D)).astype(np.float32))
+    q = mx.array(rng.standard_normal((B, Hk * R, L, D)).astype(np.float32))
+    k = mx.concatenate([decode(s.keys, s.bits) for s in segs] + [tk], axis=2)
+    v = mx.concatenate([decode(s.values, s.vbits) for s in segs] + [tv], axis=2)
+    n = k.shape[2]
+    mask = {
+        "none": None,
+        "causal": "causal",
+        "bool shared": mx.array(rng.random((B, 1, L, n)) > 0.3),
+        "additive per head": mx.array(
+            rng.standard_normal((B, Hk * R, L, n)).astype(np.float32)
+        ),
+    }[mask_kind]
+    if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+        mask[..., 0] = True  # every row attends somewhere
+    got = attention.mixed_attention(q, segs, tk, tv, scale=0.125, mask=mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-4)
