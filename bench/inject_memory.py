@@ -11,6 +11,8 @@ of ``--reps`` runs, with min and max):
   memory held before (the model's weights);
 - ``ttft_ms`` and ``decode_tps``.
 
+The modes' repetitions are interleaved, in a shuffled order each time.
+
 The sender's prefill is also timed with and without the attention probe, to
 show the probe's cost. Prints a table; writes bench/results/inject_memory.json.
 
@@ -22,6 +24,7 @@ from __future__ import annotations  # noqa: I001  (qkvshare_mlx before mlx, belo
 import argparse
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -153,15 +156,23 @@ def main():
     make_s = time.perf_counter() - tic
     log(f"make_card: {make_s:.1f} s")
 
-    # 2. the receiver, each mode in turn, warm-up excluded
+    # 2. the receiver: warm-up excluded, then the modes' repetitions
+    # interleaved (order shuffled per repetition, fixed seeds), so drift in
+    # this machine's speed hits both alike
     prompt = ids + follow_up
-    rows, ref_tokens = {}, None
-    for mode in ("dequantize", "compressed"):
+    modes = ("dequantize", "compressed")
+    for mode in modes:
         run_mode(card, model, tokenizer, prompt, mode, 2)
-        runs = [
-            run_mode(card, model, tokenizer, prompt, mode, args.decode)
-            for _ in range(args.reps)
-        ]
+    all_runs = {mode: [] for mode in modes}
+    for rep in range(args.reps):
+        for mode in random.Random(rep).sample(modes, len(modes)):
+            all_runs[mode].append(
+                run_mode(card, model, tokenizer, prompt, mode, args.decode)
+            )
+        log(f"rep {rep + 1}/{args.reps}")
+    rows, ref_tokens = {}, None
+    for mode in modes:
+        runs = all_runs[mode]
         rows[mode] = {
             "cache_class": runs[0]["cache_class"],
             **{
