@@ -130,24 +130,17 @@ def encode_bucket(
     Per-channel keys store whole groups of ``key_group`` tokens per channel
     and the remaining tokens per token (:func:`formats.split_for_layout`).
     """
-    index = np.asarray(index, dtype=np.int32)
-    k, v = backend.take(keys, index), backend.take(values, index)
-    return _encode_gathered(backend, k, v, index, fmt, float_dtype)
-
-
-def _encode_gathered(backend, k, v, index, fmt: Format, float_dtype) -> list[Segment]:
-    """Encode (B, H, n, D) tokens already gathered, ``index`` their positions."""
     out = []
     for s0, s1, k_layout, k_group in split_for_layout(len(index), fmt):
-        ks, vs = k[:, :, s0:s1], v[:, :, s0:s1]
+        idx = np.asarray(index[s0:s1], dtype=np.int32)
+        k, v = backend.take(keys, idx), backend.take(values, idx)
         if fmt.is_float:
-            ek = backend.encode(ks, FLOAT_BITS, "float", 0, float_dtype)
-            ev = backend.encode(vs, FLOAT_BITS, "float", 0, float_dtype)
+            ek = backend.encode(k, FLOAT_BITS, "float", 0, float_dtype)
+            ev = backend.encode(v, FLOAT_BITS, "float", 0, float_dtype)
         else:
-            ek = backend.encode(ks, fmt.bits, k_layout, k_group, float_dtype)
-            ev = backend.encode(vs, fmt.vbits, "token", fmt.value_group, float_dtype)
-        seg = Segment(fmt.bits, index[s0:s1], ek, ev, value_bits=fmt.value_bits)
-        out.append(seg)
+            ek = backend.encode(k, fmt.bits, k_layout, k_group, float_dtype)
+            ev = backend.encode(v, fmt.vbits, "token", fmt.value_group, float_dtype)
+        out.append(Segment(fmt.bits, idx, ek, ev, value_bits=fmt.value_bits))
     return out
 
 
@@ -176,22 +169,11 @@ def encode_layer(
         Segments covering the held tokens of ``start..T-1``, by format index,
         the per-channel part before the per-token tail.
     """
-    buckets = [
-        (formats[int(f)], (np.nonzero(assignment == f)[0] + start).astype(np.int32))
-        for f in np.unique(assignment[assignment >= 0])
-    ]
-    if not buckets:
-        return []
-    # one gather per tensor puts every bucket's tokens in a run (a slice),
-    # instead of one gather per bucket and segment
-    order = np.concatenate([index for _, index in buckets])
-    kp, vp = backend.take(keys, order), backend.take(values, order)
-    out, at = [], 0
-    for fmt, index in buckets:
-        n = len(index)
-        k, v = kp[:, :, at : at + n], vp[:, :, at : at + n]
-        out += _encode_gathered(backend, k, v, index, fmt, config.float_dtype)
-        at += n
+    out = []
+    for f in np.unique(assignment[assignment >= 0]):
+        index = (np.nonzero(assignment == f)[0] + start).astype(np.int32)
+        fmt = formats[int(f)]
+        out += encode_bucket(backend, keys, values, index, fmt, config.float_dtype)
     return out
 
 
