@@ -285,7 +285,9 @@ class MixedQuantizedKVCache(_BaseCache):
     """One layer of a card, kept quantized, plus a float tail for new tokens.
 
     The card's segments (any mix of widths, layouts and group sizes) are held
-    as they are in the card, and mlx-lm's attention runs on their codes
+    quantized, regrouped by format (:func:`merge_formats`; on a CPU, 3-, 5-
+    and 6-bit codes widened to 4 or 8 bits, :data:`WIDER_ON_CPU`: the same
+    values bit for bit), and mlx-lm's attention runs on their codes
     (:meth:`attend`, :mod:`qkvshare_mlx.attention`). ``update_and_fetch``
     returns the card's K/V decoded lazily (in the dtype of the incoming keys,
     in token order, followed by the receiver's own tokens): evaluated only by
@@ -435,7 +437,7 @@ class MixedQuantizedKVCache(_BaseCache):
         :meth:`attend` (:mod:`qkvshare_mlx.attention`), it runs on the
         card's codes and they are never decoded.
         """
-        if getattr(self, "_fetched", None) is not None:
+        if self._fetched is not None:
             # the last K/V returned were not attended on the codes: this
             # model's attention does not reach the hook; stop keeping them
             self._bypassed, self._lazy = True, None
@@ -486,7 +488,7 @@ class MixedQuantizedKVCache(_BaseCache):
         cannot or should not (other keys, hidden card tokens, a mask over
         reordered tokens, a CPU prefill: :func:`attention.on_codes`), and
         the caller attends on the decoded K/V instead."""
-        if getattr(self, "_fetched", None) != id(keys) or not self.segments:
+        if self._fetched != id(keys) or not self.segments:
             return None
         self._fetched = None
         if (

@@ -16,10 +16,11 @@
   sizes, a width mlx-lm supports) becomes mlx-lm's own ``QuantizedKVCache``
   (attention runs on the quantized codes). Any other card (mixed widths,
   per-channel keys, float tokens, a rotation) becomes a
-  :class:`MixedQuantizedKVCache`, which keeps the card's segments bit for bit
-  and attends on them as they are (:mod:`qkvshare_mlx.attention`: one
-  ``mx.quantized_matmul`` per segment for the scores and one for the
-  output, never decoding the card).
+  :class:`MixedQuantizedKVCache`, which keeps the card's codes (the same
+  values bit for bit, regrouped by format) and attends on them
+  (:mod:`qkvshare_mlx.attention`: one ``mx.quantized_matmul`` per format for
+  the scores and one per value format for the output, never decoding the
+  card).
 
 :func:`align` matches a receiver's prompt against the card's tokens and trims
 the injected cache to what can be reused.
