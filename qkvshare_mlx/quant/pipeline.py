@@ -107,18 +107,13 @@ def check_kv(keys, values, *, xp=np) -> tuple[int, ...]:
             ref = dims
         elif dims != ref:
             raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
-    # One pass (on MLX, one evaluation) for every layer: a NaN or Inf makes
-    # its tensor's sum non-finite, and a sum reads the tensor once without
-    # the boolean temporary of isfinite; only a non-finite sum (a bad value,
-    # or an overflow of finite ones) is checked element by element.
-    tensors = [x for pair in zip(keys, values) for x in pair]
-    sums = np.asarray(xp.stack([x.sum() for x in tensors])).astype(np.float64)
-    suspects = np.nonzero(~np.isfinite(sums))[0]
-    for i in suspects:
-        if not bool(xp.isfinite(tensors[i]).all()):
-            raise CacheShapeError(
-                f"layer {int(i) // 2}: keys or values contain NaN or Inf"
-            )
+    # one pass (and, on MLX, one evaluation) for every layer's finiteness
+    finite = xp.stack(
+        [xp.isfinite(x).all() for pair in zip(keys, values) for x in pair]
+    )
+    bad = np.nonzero(~np.asarray(finite).reshape(-1, 2).all(axis=1))[0]
+    if bad.size:
+        raise CacheShapeError(f"layer {int(bad[0])}: keys or values contain NaN or Inf")
     return ref
 
 
