@@ -1,13 +1,16 @@
 """Attention on a card's codes: mixed widths, layouts and group sizes.
 
 A compressed receiver (:class:`~qkvshare_mlx.caches.MixedQuantizedKVCache`)
-keeps the card's segments quantized. :func:`mixed_attention` attends to
-them without decoding the card: per segment, the scores are one
+keeps the card's segments quantized (one per format:
+:func:`~qkvshare_mlx.caches.merge_formats`). :func:`mixed_attention` attends
+to them without decoding the card: per segment, the scores are one
 ``mx.quantized_matmul`` of the queries against the segment's key codes
 (per-token keys with ``transpose=True``, per-channel keys, stored as
-(D, n) rows grouped along the tokens, with ``transpose=False``) and the
-output one ``mx.quantized_matmul`` of the segment's probabilities against
-its value codes. The segments' scores and those of the receiver's own float
+(D, n) rows grouped along the tokens, with ``transpose=False``), and per
+block of values of one format the output is one ``mx.quantized_matmul`` of
+the block's probabilities against its codes. The R query heads that share
+a KV head are one (R * L, D) block of rows, so each code is read once for
+them all. The segments' scores and those of the receiver's own float
 tokens (the tail) share one softmax. A rotated card is attended in its
 rotated basis: ``q . k = (q R) . (k R)``, and the card's part of the output
 is rotated back once (``x @ R.T``).
@@ -195,7 +198,7 @@ def mixed_attention(
         parts.append(q @ tail_keys.astype(q.dtype).swapaxes(-1, -2))
     sizes = [p.shape[-1] for p in parts]
     scores = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
-    mask = _folded_mask(mask, scores.shape[-1], B, Hk, R, L)
+    mask = _folded_mask(mask, scores.shape[-1], Hk, R, L)
     if mask is not None:
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
@@ -220,7 +223,7 @@ def mixed_attention(
     return out.reshape(B, Hq, L, Dv).astype(queries.dtype)
 
 
-def _folded_mask(mask, T: int, B: int, Hk: int, R: int, L: int):
+def _folded_mask(mask, T: int, Hk: int, R: int, L: int):
     """The attention mask over (B, H_q, L, T) scores laid out as the folded
     (B, H_kv, R * L, T) ones (``"causal"``: among the tail's last L tokens)."""
     if mask is None:
