@@ -1,9 +1,9 @@
 """Attention on a card's codes: mixed widths, layouts and group sizes.
 
 A compressed receiver (:class:`~qkvshare_mlx.caches.MixedQuantizedKVCache`)
-keeps the card's segments quantized (one per format:
-:func:`~qkvshare_mlx.caches.merge_formats`). :func:`mixed_attention` attends
-to them without decoding the card: per segment, the scores are one
+keeps the card's segments quantized, held as :func:`merge_formats` and
+:func:`widen` arrange them. :func:`mixed_attention` attends to them without
+decoding the card: per segment, the scores are one
 ``mx.quantized_matmul`` of the queries against the segment's key codes
 (per-token keys with ``transpose=True``, per-channel keys, stored as
 (D, n) rows grouped along the tokens, with ``transpose=False``), and per
@@ -34,8 +34,10 @@ from __future__ import annotations
 import weakref
 
 import mlx.core as mx
+import numpy as np
 
 from .formats import Encoded, Segment
+from .quant import numpy_backend
 
 # On a CPU, mx.quantized_matmul costs about the same per query row as
 # decoding the rows it reads (a 3-bit 8000-token layer: 13 ms at 1 query,
@@ -102,6 +104,135 @@ def register(keys: mx.array, cache) -> None:
     passed to attention) as ``cache``'s. By id: the entry is overwritten by
     the next cache whose keys get that id, before attention looks it up."""
     _OWNERS[id(keys)] = cache
+
+
+# ----------------------------------------------------------------------------
+# How a compressed cache holds a layer's segments for attention on the codes
+
+# mx.quantized_matmul's CPU kernels for widths that do not divide 32 run
+# ~4x slower per code than for 4 and 8 bits (a 3- or 5-bit 8000-token layer:
+# ~11 ms against ~2.5), so a compressed cache on a CPU holds such codes
+# widened: the same integers, scales and biases, so the same values bit for
+# bit, at a few percent more memory (they are a few percent of a card's
+# tokens at 4.5 bits).
+WIDER_ON_CPU = {3: 4, 5: 8, 6: 8}
+
+
+def _widen_codes(codes, bits: int, to: int) -> np.ndarray:
+    """uint32 words of ``bits``-bit codes (..., W) repacked at ``to`` bits."""
+    q = numpy_backend.unpack_codes(np.asarray(codes), bits, np.uint8)
+    return numpy_backend.pack_codes(q, to)
+
+
+def widen(seg: Segment) -> Segment:
+    """``seg`` with its 3-, 5- and 6-bit codes repacked at 4 or 8 bits."""
+    kb, vb = WIDER_ON_CPU.get(seg.bits), WIDER_ON_CPU.get(seg.vbits)
+    if kb is None and vb is None:
+        return seg
+
+    def repack(e: Encoded, bits: int, to: int | None) -> Encoded:
+        if to is None:
+            return e
+        codes = _widen_codes(e.codes, bits, to)
+        return Encoded(e.layout, e.group, codes, e.scales, e.biases, dim=e.dim)
+
+    bits, vbits = kb or seg.bits, vb or seg.vbits
+    return Segment(
+        bits,
+        seg.index,
+        repack(seg.keys, seg.bits, kb),
+        repack(seg.values, seg.vbits, vb),
+        value_bits=None if vbits == bits else vbits,
+    )
+
+
+def _format_key(seg: Segment) -> tuple:
+    k, v = seg.keys, seg.values
+    return (seg.bits, seg.vbits, k.layout, k.group, k.dim, v.layout, v.group, v.dim)
+
+
+def _concat_encoded(parts: list[Encoded]) -> Encoded:
+    """One Encoded holding the tokens of ``parts`` (one format) in order."""
+    e = parts[0]
+    if len(parts) == 1:
+        return e
+    axis = -1 if e.layout == "channel" else 2  # channel rows: (D, n) per head
+    arrays = {
+        name: mx.concatenate([p.arrays()[name] for p in parts], axis=axis)
+        for name in e.arrays()
+    }
+    return Encoded(e.layout, e.group, **arrays, dim=e.dim)
+
+
+def _slice_tokens(e: Encoded, a: int, b: int) -> Encoded:
+    """Tokens a..b of a token-layout or float Encoded (views, no copy)."""
+    arrays = {name: x[:, :, a:b] for name, x in e.arrays().items()}
+    return Encoded(e.layout, e.group, **arrays, dim=e.dim)
+
+
+def _value_key(seg: Segment) -> tuple:
+    v = seg.values
+    return (seg.vbits, v.layout, v.group, v.dim)
+
+
+def merge_formats(segments: list[Segment]) -> tuple[list[Segment], list[tuple]]:
+    """A layer's segments regrouped for attention on the codes, codes unchanged.
+
+    A card writes one segment per format and token run (a channel-layout
+    run is a whole number of groups, its remainder another segment), about
+    15 per layer at 4.5 bits, and attention on the codes costs a kernel per
+    segment for the scores and one for the output. So:
+
+    1. the segments of one format are concatenated along the tokens (every
+       channel-layout segment holds whole groups of at least 32 tokens: its
+       packed rows end on a word boundary and concatenate as they are);
+    2. segments whose values share a format (the values are always per
+       token, whatever the keys' layout) are placed side by side, their
+       values concatenated into one block, and each segment's values become
+       a view of its rows of the block (no second copy).
+
+    Returns:
+        The segments, and the value blocks ``(Encoded, value bits, number of
+        segments)`` covering them in order (for
+        :func:`~qkvshare_mlx.attention.mixed_attention`).
+    """
+    groups: dict[tuple, list[Segment]] = {}
+    for s in segments:
+        groups.setdefault(_format_key(s), []).append(s)
+    merged = []
+    for parts in groups.values():
+        if len(parts) == 1:
+            merged.append(parts[0])
+            continue
+        merged.append(
+            Segment(
+                parts[0].bits,
+                np.concatenate([np.asarray(p.index, np.int32) for p in parts]),
+                _concat_encoded([p.keys for p in parts]),
+                _concat_encoded([p.values for p in parts]),
+                value_bits=parts[0].value_bits,
+            )
+        )
+    by_value: dict[tuple, list[Segment]] = {}
+    for s in merged:
+        by_value.setdefault(_value_key(s), []).append(s)
+    out, blocks = [], []
+    for parts in by_value.values():
+        block = _concat_encoded([p.values for p in parts])
+        blocks.append((block, parts[0].vbits, len(parts)))
+        at = 0
+        for p in parts:
+            n = p.n_tokens
+            values = p.values if len(parts) == 1 else _slice_tokens(block, at, at + n)
+            out.append(
+                Segment(p.bits, p.index, p.keys, values, value_bits=p.value_bits)
+            )
+            at += n
+    return out, blocks
+
+
+# ----------------------------------------------------------------------------
+# Attention
 
 
 def _pad_last(x: mx.array, width: int) -> mx.array:
@@ -176,7 +307,7 @@ def mixed_attention(
             card, else None.
         value_blocks: ``(Encoded, value bits, k)`` per run of ``k``
             consecutive segments whose values are one block (see
-            :func:`~qkvshare_mlx.caches.merge_formats`): one product per
+            :func:`merge_formats`): one product per
             block instead of one per segment. None: each segment's own.
 
     Returns:

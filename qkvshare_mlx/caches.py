@@ -31,7 +31,6 @@ from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 from . import attention
 from .errors import CardFormatError
 from .formats import Encoded, Segment
-from .quant import numpy_backend
 from .quant.mlx_backend import MLX, decode, unrotate
 from .rotation import check_rotation
 
@@ -133,130 +132,6 @@ def _to_mx(seg: Segment) -> Segment:
     return seg.map_arrays(mx.array)
 
 
-# mx.quantized_matmul's CPU kernels for widths that do not divide 32 run
-# ~4x slower per code than for 4 and 8 bits (a 3- or 5-bit 8000-token layer:
-# ~11 ms against ~2.5), so a compressed cache on a CPU holds such codes
-# widened: the same integers, scales and biases, so the same values bit for
-# bit, at a few percent more memory (they are a few percent of a card's
-# tokens at 4.5 bits).
-WIDER_ON_CPU = {3: 4, 5: 8, 6: 8}
-
-
-def _widen_codes(codes, bits: int, to: int) -> np.ndarray:
-    """uint32 words of ``bits``-bit codes (..., W) repacked at ``to`` bits."""
-    q = numpy_backend.unpack_codes(np.asarray(codes), bits, np.uint8)
-    if to == 4:  # two codes a byte, the first in the low nibble
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return np.ascontiguousarray(q).view(np.uint32)
-
-
-def _widen(seg: Segment) -> Segment:
-    """``seg`` with its 3-, 5- and 6-bit codes repacked at 4 or 8 bits."""
-    kb, vb = WIDER_ON_CPU.get(seg.bits), WIDER_ON_CPU.get(seg.vbits)
-    if kb is None and vb is None:
-        return seg
-
-    def widen(e: Encoded, bits: int, to: int | None) -> Encoded:
-        if to is None:
-            return e
-        codes = _widen_codes(e.codes, bits, to)
-        return Encoded(e.layout, e.group, codes, e.scales, e.biases, dim=e.dim)
-
-    bits, vbits = kb or seg.bits, vb or seg.vbits
-    return Segment(
-        bits,
-        seg.index,
-        widen(seg.keys, seg.bits, kb),
-        widen(seg.values, seg.vbits, vb),
-        value_bits=None if vbits == bits else vbits,
-    )
-
-
-def _format_key(seg: Segment) -> tuple:
-    k, v = seg.keys, seg.values
-    return (seg.bits, seg.vbits, k.layout, k.group, k.dim, v.layout, v.group, v.dim)
-
-
-def _concat_encoded(parts: list[Encoded]) -> Encoded:
-    """One Encoded holding the tokens of ``parts`` (one format) in order."""
-    e = parts[0]
-    if len(parts) == 1:
-        return e
-    axis = -1 if e.layout == "channel" else 2  # channel rows: (D, n) per head
-    arrays = {
-        name: mx.concatenate([p.arrays()[name] for p in parts], axis=axis)
-        for name in e.arrays()
-    }
-    return Encoded(e.layout, e.group, **arrays, dim=e.dim)
-
-
-def _slice_tokens(e: Encoded, a: int, b: int) -> Encoded:
-    """Tokens a..b of a token-layout or float Encoded (views, no copy)."""
-    arrays = {name: x[:, :, a:b] for name, x in e.arrays().items()}
-    return Encoded(e.layout, e.group, **arrays, dim=e.dim)
-
-
-def _value_key(seg: Segment) -> tuple:
-    v = seg.values
-    return (seg.vbits, v.layout, v.group, v.dim)
-
-
-def merge_formats(segments: list[Segment]) -> tuple[list[Segment], list[tuple]]:
-    """A layer's segments regrouped for attention on the codes, codes unchanged.
-
-    A card writes one segment per format and token run (a channel-layout
-    run is a whole number of groups, its remainder another segment), about
-    15 per layer at 4.5 bits, and attention on the codes costs a kernel per
-    segment for the scores and one for the output. So:
-
-    1. the segments of one format are concatenated along the tokens (every
-       channel-layout segment holds whole groups of at least 32 tokens: its
-       packed rows end on a word boundary and concatenate as they are);
-    2. segments whose values share a format (the values are always per
-       token, whatever the keys' layout) are placed side by side, their
-       values concatenated into one block, and each segment's values become
-       a view of its rows of the block (no second copy).
-
-    Returns:
-        The segments, and the value blocks ``(Encoded, value bits, number of
-        segments)`` covering them in order (for
-        :func:`~qkvshare_mlx.attention.mixed_attention`).
-    """
-    groups: dict[tuple, list[Segment]] = {}
-    for s in segments:
-        groups.setdefault(_format_key(s), []).append(s)
-    merged = []
-    for parts in groups.values():
-        if len(parts) == 1:
-            merged.append(parts[0])
-            continue
-        merged.append(
-            Segment(
-                parts[0].bits,
-                np.concatenate([np.asarray(p.index, np.int32) for p in parts]),
-                _concat_encoded([p.keys for p in parts]),
-                _concat_encoded([p.values for p in parts]),
-                value_bits=parts[0].value_bits,
-            )
-        )
-    by_value: dict[tuple, list[Segment]] = {}
-    for s in merged:
-        by_value.setdefault(_value_key(s), []).append(s)
-    out, blocks = [], []
-    for parts in by_value.values():
-        block = _concat_encoded([p.values for p in parts])
-        blocks.append((block, parts[0].vbits, len(parts)))
-        at = 0
-        for p in parts:
-            n = p.n_tokens
-            values = p.values if len(parts) == 1 else _slice_tokens(block, at, at + n)
-            out.append(
-                Segment(p.bits, p.index, p.keys, values, value_bits=p.value_bits)
-            )
-            at += n
-    return out, blocks
-
-
 def _encoded_state(enc: Encoded) -> dict:
     dim = {} if enc.dim is None else {"dim": int(enc.dim)}  # padded rows
     return {"layout": enc.layout, "group": int(enc.group), **dim, **enc.arrays()}
@@ -285,9 +160,10 @@ class MixedQuantizedKVCache(_BaseCache):
     """One layer of a card, kept quantized, plus a float tail for new tokens.
 
     The card's segments (any mix of widths, layouts and group sizes) are held
-    quantized, regrouped by format (:func:`merge_formats`; on a CPU, 3-, 5-
-    and 6-bit codes widened to 4 or 8 bits, :data:`WIDER_ON_CPU`: the same
-    values bit for bit), and mlx-lm's attention runs on their codes
+    quantized, regrouped by format (:func:`.attention.merge_formats`; on a
+    CPU, 3-, 5- and 6-bit codes widened to 4 or 8 bits,
+    :func:`.attention.widen`: the same values bit for bit), and mlx-lm's
+    attention runs on their codes
     (:meth:`attend`, :mod:`qkvshare_mlx.attention`). ``update_and_fetch``
     returns the card's K/V decoded lazily (in the dtype of the incoming keys,
     in token order, followed by the receiver's own tokens): evaluated only by
@@ -343,8 +219,10 @@ class MixedQuantizedKVCache(_BaseCache):
 
     def _set_segments(self, segments: list[Segment]) -> None:
         if mx.default_device() == mx.cpu:
-            segments = [_widen(s) for s in segments]
-        self.segments, self._value_blocks = merge_formats([_to_mx(s) for s in segments])
+            segments = [attention.widen(s) for s in segments]
+        self.segments, self._value_blocks = attention.merge_formats(
+            [_to_mx(s) for s in segments]
+        )
         # evaluated here: the blocks' views then share their buffers, and
         # the card's pieces they were made from are released
         mx.eval(

@@ -9,7 +9,8 @@ from conftest import TINY_LLAMA_CONFIG, WIDE_HEAD_CONFIG, prefill_card, tiny_lla
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from qkvshare_mlx import attention
-from qkvshare_mlx.caches import WIDER_ON_CPU, MixedQuantizedKVCache, _to_mx, _widen
+from qkvshare_mlx.attention import WIDER_ON_CPU, widen
+from qkvshare_mlx.caches import MixedQuantizedKVCache, _to_mx
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.inject import inject
 
@@ -167,7 +168,7 @@ def test_segments_of_one_format_are_merged(wide, ids):
         wide, ids[:200], controller="saliency", budget=4.5, config=QuantConfig()
     )
     c = inject(card, wide, mode="compressed")[0]
-    layer = [_widen(s) for s in card.layers[0]]  # as a CPU cache holds them
+    layer = [widen(s) for s in card.layers[0]]  # as a CPU cache holds them
     formats = {merge_key(s) for s in layer}
     assert len(layer) > len(formats)  # the card has runs to merge
     assert len(c.segments) == len(formats)

@@ -7,7 +7,8 @@ from conftest import TINY_LLAMA_CONFIG, tiny_llama
 from conftest import prefill_card as card_of
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from qkvshare_mlx.caches import MixedQuantizedKVCache, _widen
+from qkvshare_mlx.attention import widen
+from qkvshare_mlx.caches import MixedQuantizedKVCache
 from qkvshare_mlx.capture import prefill
 from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.errors import ConfigError, ModelMismatchError, PromptMismatchError
@@ -128,8 +129,8 @@ def test_compressed_mixed_card_matches_dequantize(model, ids):
     assert all(type(c) is MixedQuantizedKVCache for c in comp)
     nbytes = sum(c.nbytes for c in comp)
     index_bytes = 4 * card.n_tokens * card.cache["n_layers"]
-    # on a CPU, 3-, 5- and 6-bit codes are held at 4 or 8 bits (caches._widen)
-    held = sum(_widen(s).payload_bits() for layer in card.layers for s in layer) // 8
+    # on a CPU, 3-, 5- and 6-bit codes are held at 4 or 8 bits (attention.widen)
+    held = sum(widen(s).payload_bits() for layer in card.layers for s in layer) // 8
     assert card.payload_bytes < held <= nbytes <= held + index_bytes
     deq = inject(card, model, mode="dequantize")
     assert nbytes < sum(c.nbytes for c in deq) / 4
