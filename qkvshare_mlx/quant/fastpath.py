@@ -184,10 +184,9 @@ def dequantize_layers(
             ahead = alloc(chunks[ci + 1]) if ci + 1 < len(chunks) else None
             views = {kv: [_host_view(a) for a in bufs[kv]] for kv in bufs}
             for j, li in enumerate(chunk):
-                if reuse[li]:  # no earlier handoff's rows stay behind
+                if reuse[li]:
                     for kv in views:
-                        views[kv][j][:, :, : starts[li]] = 0
-                        views[kv][j][:, :, T:] = 0
+                        _clear_outside(views[kv][j], starts[li], T)
             # 2. numpy writes every token's row into them, through views
             lchunk = [layers[li] for li in chunk]
             jobs = [
@@ -237,6 +236,14 @@ def _alloc_rows(chunk, n_pos: int) -> dict[str, list[mx.array]]:
         B, H, D = _row_shape(getattr(s, kv), s.vbits if kv == "values" else s.bits)
         bufs[kv] = [mx.zeros((B, H, n_pos, D), mx.float32) for _ in chunk]
     return bufs
+
+
+def _clear_outside(rows: np.ndarray, start: int, T: int) -> None:
+    """Zero a reused (B, H, n, D) buffer's rows the card does not fill
+    (before a window's ``start``, and from ``T`` on): no earlier handoff's
+    rows stay behind, e.g. in a saved prompt cache."""
+    rows[:, :, :start] = 0
+    rows[:, :, T:] = 0
 
 
 def _fitting(buffers, li: int, layer, n_pos: int):
@@ -308,9 +315,8 @@ def stream_layers(
         nonlocal scratch
         for kv in ("keys", "values"):
             dst = views[li][kv]
-            if reuse[li]:  # no earlier handoff's rows stay behind
-                dst[0][:, :, : starts[li]] = 0
-                dst[0][:, :, T:] = 0
+            if reuse[li]:
+                _clear_outside(dst[0], starts[li], T)
             scratch = _fill_rows([layers[li]], kv, dst, T, rotation, scratch)
         return bufs[li]["keys"][0], bufs[li]["values"][0]
 
