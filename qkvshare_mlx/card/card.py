@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -486,19 +485,15 @@ def _read(buf: memoryview, max_bytes: int, max_tokens, key) -> CacheCard:
             )
     container.check_tiling(header)
     tensors = container.tensor_views(buf, header)
-    # 3. integrity, and 4. content checks while the checksum runs (hashlib
-    # releases the GIL; the views are read-only): a mismatch is reported
-    # whatever the content checks found, and nothing is returned before it
-    # is known, so the order of the errors is the spec's
+    # 3. integrity, and 4. content checks while the checksum runs: a mismatch
+    # is reported whatever the content checks found (the spec's order)
     want = meta["sha256"]
-    domain = schema.checksum_domain(int(version))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        hashing = pool.submit(container.digest, domain, card_raw, tensors)
-        try:
-            card, problem = _assemble(card_meta, tensors), None
-        except Exception as e:  # reported only once the checksum matched
-            card, problem = None, e
-        got = hashing.result()
+    got, card, problem = container.digest_during(
+        schema.checksum_domain(int(version)),
+        card_raw,
+        tensors,
+        lambda: _assemble(card_meta, tensors),
+    )
     if got != want:
         raise CardIntegrityError(
             f"checksum mismatch: metadata says {want[:16]:.16}..., content is "

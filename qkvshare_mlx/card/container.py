@@ -26,6 +26,7 @@ import math
 import os
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,24 @@ def digest(domain: str, meta: bytes, tensors: dict[str, np.ndarray]) -> str:
         h.update(struct.pack("<Q", arr.nbytes))
         h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
     return h.hexdigest()
+
+
+def digest_during(domain: str, meta: bytes, tensors: dict[str, np.ndarray], work):
+    """:func:`digest` on a worker thread (hashlib releases the GIL) while
+    ``work()`` runs here on the same read-only tensors.
+
+    Returns:
+        ``(digest, result, error)``: ``work``'s result, or the exception it
+        raised (returned, not raised, so the caller can report a checksum
+        mismatch first).
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = pool.submit(digest, domain, meta, tensors)
+        try:
+            result, error = work(), None
+        except Exception as e:  # the caller decides what to report first
+            result, error = None, e
+        return hashing.result(), result, error
 
 
 def write(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
