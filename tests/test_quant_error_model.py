@@ -6,7 +6,7 @@ import pytest
 
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.quant.allocator import allocate_bits
-from qkvshare_mlx.quant.error_model import error_table
+from qkvshare_mlx.quant.error_model import error_table, error_tables
 
 
 def _reference(keys, values, formats, float_bits):
@@ -122,3 +122,49 @@ def test_active_set_sweep_equals_the_full_sweep(seed, T):
     w = (imp[:, None, :, None] * errors).sum(axis=1)
     np.testing.assert_array_equal(got, _full_sweep(w, costs, budget))
     assert costs[got].mean() <= budget + 1e-9
+
+
+def _layers(L=3, T=150, D=64, seed=0):
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((L, 1, 2, T, D)) * rng.gamma(1, 1, (L, 1, 2, 1, D))
+    values = rng.standard_normal((L, 1, 2, T, D))
+    return [(k.astype(np.float32), v.astype(np.float32)) for k, v in zip(keys, values)]
+
+
+def test_factored_table_weighs_and_sums_like_the_dense_table():
+    layers = _layers()
+    formats = QuantConfig().menu(64, 64)
+    table = error_tables(layers, formats, 16, xp=np)
+    dense = table.dense()
+    assert dense.shape == table.shape == (3, 2, 150, len(formats))
+    for li, (k, v) in enumerate(layers):  # the dense table is the per-layer one
+        np.testing.assert_array_equal(dense[li], error_table(k, v, formats, 16))
+    imp = np.random.default_rng(1).gamma(0.3, 1.0, (3, 2, 150))
+    want = np.einsum("lkt,lktf->ltf", imp, dense)
+    np.testing.assert_allclose(table.weighted(imp), want, rtol=1e-12)
+    np.testing.assert_allclose(table.weighted(imp, np.float32), want, rtol=1e-6)
+    assert table.weighted(imp, np.float32).dtype == np.float32
+    np.testing.assert_allclose(table.totals(), dense.sum(axis=(0, 1, 2)), rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # 3e38's ranges
+@pytest.mark.parametrize("xp", [np, mx], ids=["numpy", "mlx"])
+@pytest.mark.parametrize("key_layout", ["channel", "token"])
+def test_the_tables_pass_finds_every_non_finite_element(xp, key_layout):
+    formats = QuantConfig(key_layout=key_layout).menu(64, 64)
+    layers = _layers(T=37)
+    assert error_tables(
+        [(xp.array(k), xp.array(v)) for k, v in layers], formats, 16, xp=xp
+    ).finite.tolist() == [True, True, True]
+    for bad in (np.nan, np.inf, -np.inf, 3e38):
+        for li, half, t, d in ((0, 0, 0, 0), (1, 1, 36, 63), (2, 0, 20, 33)):
+            broken = [[k.copy(), v.copy()] for k, v in layers]
+            broken[li][half][0, 1, t, d] = bad
+            table = error_tables(
+                [(xp.array(k), xp.array(v)) for k, v in broken], formats, 16, xp=xp
+            )
+            want = [True] * 3
+            want[li] = bad == 3e38  # large finite values are finite
+            assert table.finite.tolist() == want, (bad, li, half, t, d)
+    only_float = QuantConfig(widths=(16,)).menu(64, 64)
+    assert error_tables(layers, only_float, 16).finite is None

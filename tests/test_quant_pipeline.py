@@ -10,6 +10,7 @@ from qkvshare_mlx.errors import CacheShapeError, ConfigError
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.quant.controllers import CONTROLLERS, TokenStats
 from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
+from qkvshare_mlx.quant.numpy_backend import quantize_cache_np
 from qkvshare_mlx.quant.pipeline import check_kv
 
 # ---------------------------------------------------------------------------
@@ -158,12 +159,64 @@ def test_bad_shapes_are_cache_shape_errors(keys, values, needle):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_values_are_refused(bad):
+@pytest.mark.parametrize(
+    "budget,config",
+    [
+        (4.5, QuantConfig()),
+        (3.0, QuantConfig(rotation="hadamard")),
+        (4.5, QuantConfig(key_layout="token")),
+        (16.0, QuantConfig()),  # lossless: no error model pass
+        (16.0, QuantConfig(widths=(16,))),  # float-only menu
+    ],
+    ids=["channel", "rotated", "token", "lossless", "float-only"],
+)
+@pytest.mark.parametrize("runtime", ["mlx", "numpy"])
+def test_non_finite_values_are_refused(bad, budget, config, runtime):
+    # one bad element in one token, in each position of the error model's
+    # groups: found whichever pass scans it
     keys, values = _kv()
-    values[1] = mx.array(np.where(np.arange(64) == 7, bad, 0.0).astype(np.float32))
-    values[1] = mx.broadcast_to(values[1], (1, 2, 8, 64))
-    with pytest.raises(CacheShapeError, match="layer 1.*NaN or Inf"):
-        quantize_cache(keys, values, controller="uniform", budget_bits=4.5)
+    quantize = quantize_cache if runtime == "mlx" else quantize_cache_np
+    for t in (0, 5, 7):
+        row = np.zeros((1, 2, 8, 64), np.float32)
+        row[0, 1, t, 7 + t] = bad
+        vals = list(values)
+        vals[1] = mx.array(row) if runtime == "mlx" else row
+        ks = keys if runtime == "mlx" else [np.array(k) for k in keys]
+        vals = vals if runtime == "mlx" else [np.array(v) for v in vals]
+        with pytest.raises(CacheShapeError, match="layer 1.*NaN or Inf"):
+            quantize(
+                ks,
+                vals,
+                controller="saliency-keynorm",
+                budget_bits=budget,
+                config=config,
+                stats=TokenStats(key_norms=np.ones((2, 8))),
+            )
+
+
+def test_non_finite_values_before_the_inherited_tokens_end_are_not_rescanned():
+    # the inherited tokens are kept from the earlier card, never re-encoded:
+    # only the new tokens are checked (and a bad new token is still refused)
+    keys, values = _kv()
+    first = quantize_cache(
+        [k[:, :, :4] for k in keys],
+        [v[:, :, :4] for v in values],
+        controller="uniform",
+        budget_bits=4.5,
+    )
+    bad = np.array(keys[0])
+    bad[0, 0, 2, 3] = np.nan
+    keys[0] = mx.array(bad)
+    out = quantize_cache(
+        keys, values, controller="uniform", budget_bits=4.5, inherited=first
+    )
+    assert out.layers[0][0].keys is first.layers[0][0].keys
+    bad[0, 0, 6, 3] = np.inf
+    keys[0] = mx.array(bad)
+    with pytest.raises(CacheShapeError, match="layer 0.*NaN or Inf"):
+        quantize_cache(
+            keys, values, controller="uniform", budget_bits=4.5, inherited=first
+        )
 
 
 def test_large_finite_values_whose_sum_overflows_are_accepted():

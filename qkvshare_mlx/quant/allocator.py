@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..formats import Format, planned_bits
+from .error_model import ErrorTable
 
 
 @dataclass
@@ -30,7 +31,8 @@ class AllocationProblem:
     """Errors and costs of the tokens to allocate.
 
     Attributes:
-        errors: (L, 2, T', F) expected squared error of K and V per format.
+        errors: (L, 2, T', F) expected squared error of K and V per format
+            (an array, or the error model's factored :class:`ErrorTable`).
         formats: the F formats of the menu.
         head_dims: (D_k, D_v).
         float_bits: storage bits of float tokens.
@@ -44,7 +46,7 @@ class AllocationProblem:
             counted in the budget); None: none.
     """
 
-    errors: np.ndarray
+    errors: np.ndarray | ErrorTable
     formats: list[Format]
     head_dims: tuple[int, int]
     float_bits: int
@@ -140,38 +142,43 @@ def allocate_bits(
     if importance.ndim == 2:
         importance = importance[:, None, :]
     importance = np.broadcast_to(importance, errors.shape[:3])
-    w = np.einsum("lkt,lktf->ltf", importance, errors, dtype=np.float64)
+    if isinstance(errors, ErrorTable):
+        # float32 choices: half the memory traffic of the sweep's passes, and
+        # float32 resolves weighted errors far finer than formats differ
+        w = errors.weighted(importance, np.float32)
+    else:
+        w = np.einsum("lkt,lktf->ltf", importance, errors, dtype=np.float64)
     L, T, F = w.shape
     if T == 0:
         return np.zeros((L, 0), dtype=np.int64)
-    if held is not None:
-        out = np.full((L, T), int(np.argmin(costs)), dtype=np.int64)
-        rows = held.reshape(-1)
-        if rows.any():
-            sub = allocate_bits(
-                np.ones((1, int(rows.sum()))),
-                w.reshape(-1, F)[rows][None, None],
-                costs,
-                budget_bits,
-            )
-            out.reshape(-1)[rows] = sub[0]
-        return out
-    flat = w.reshape(-1, F)
+    if held is None:
+        return _allocate(w.reshape(-1, F), costs, budget_bits).reshape(L, T)
+    out = np.full((L, T), int(np.argmin(costs)), dtype=np.int64)
+    rows = held.reshape(-1)
+    if rows.any():
+        out.reshape(-1)[rows] = _allocate(w.reshape(-1, F)[rows], costs, budget_bits)
+    return out
+
+
+def _allocate(flat: np.ndarray, costs: np.ndarray, budget_bits: float) -> np.ndarray:
+    """:func:`allocate_bits` on (n, F) weighted errors (float32 or float64):
+    (n,) format indices. Costs are summed in float64 (exact: multiples of
+    1/8), and added to errors in the errors' dtype."""
     n = flat.shape[0]
     limit = budget_bits * n
 
     buf = np.empty_like(flat)  # one (n, F) scratch for every full solve
 
     def choose(lam):
-        np.multiply(costs[None, :], lam, out=buf)
+        np.multiply(costs[None, :], lam, out=buf, casting="same_kind")
         return np.argmin(np.add(flat, buf, out=buf), axis=1)
 
     cheapest = int(np.argmin(costs))
     if costs[cheapest] * n > limit + 1e-9:
-        return np.full((L, T), cheapest, dtype=np.int64)
+        return np.full(n, cheapest, dtype=np.int64)
     c0 = np.argmin(flat, axis=1)
     if costs[c0].sum() <= limit:
-        return c0.reshape(L, T)
+        return c0
     # Lagrangian sweep on log(lambda): hi is feasible, lo is not.
     scale = max(float(flat.max()), 1e-30)
     lo, hi = np.log(scale * 1e-16), np.log(scale * 1e6)
@@ -200,7 +207,7 @@ def allocate_bits(
         take = np.cumsum(extra[order]) <= room + 1e-9
         chosen = diff[order[take]]
         out[chosen] = a_lo[chosen]
-    return out.reshape(L, T)
+    return out
 
 
 # Above this many rows (x8), a sample of the rows finds the sweep's bracket
@@ -240,7 +247,7 @@ def _sweep(flat, costs, limit, lo, hi, a_lo, a_hi, known=None, choose=None):
         if mid >= log_b:
             hi = mid
             continue
-        sub = np.argmin(rows + np.exp(mid) * costs[None, :], axis=1)
+        sub = np.argmin(rows + (np.exp(mid) * costs).astype(rows.dtype), axis=1)
         if fixed + costs[sub].sum() <= limit:
             hi, moved_hi = mid, True
             cur_hi[active] = sub
@@ -270,7 +277,8 @@ def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, top, choose):
     n = flat.shape[0]
     sample = flat[:: n // SAMPLE_ROWS]
     s_lo, s_hi = (
-        np.argmin(sample + lam * costs[None, :], axis=1) for lam in (0.0, np.exp(hi))
+        np.argmin(sample + (lam * costs).astype(sample.dtype), axis=1)
+        for lam in (0.0, np.exp(hi))
     )
     limit_s = budget_bits * sample.shape[0]
     _, guess, _, _ = _sweep(sample, costs, limit_s, lo, hi, s_lo, s_hi)
@@ -312,12 +320,17 @@ def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, top, choose):
 def uniform_format(problem: AllocationProblem, budget_bits: float) -> int:
     """The one format with the largest cost within budget (least error on ties)."""
     L, _, Tn, F = problem.errors.shape
+    errors = problem.errors
+    if isinstance(errors, ErrorTable):
+        totals = errors.totals()
+    else:
+        totals = errors.sum(axis=(0, 1, 2))
     best, best_key = None, None
     for f in range(F):
         eff = problem.effective_bits(problem.pin(np.full((L, Tn), f)))
         if eff > budget_bits + 0.02:
             continue
-        key = (round(eff, 6), -float(problem.errors[:, :, :, f].sum()))
+        key = (round(eff, 6), -float(totals[f]))
         if best_key is None or key > best_key:
             best, best_key = f, key
     if best is None:

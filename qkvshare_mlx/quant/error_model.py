@@ -2,12 +2,15 @@
 
 Written once for any array namespace with numpy's spelling (``numpy`` or
 ``mlx.core``), so both backends measure the same thing; the result is
-always a float64 numpy table for the allocator.
+always float64 numpy for the allocator: an :class:`ErrorTable`, the
+(L, 2, T, F) table in factored form.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,11 +36,19 @@ def _merge(mx_, mn_, m: int, axis: int, xp):
     return mx_.reshape(shape).max(axis=axis + 1), mn_.reshape(shape).min(axis=axis + 1)
 
 
-def _token_group_sq_ranges(x, groups, xp=np) -> dict:
+def _all_finite(hi, lo, xp):
+    # NaN propagates through max and min, +Inf is a maximum and -Inf a
+    # minimum: the group extrema are finite exactly when every element is
+    # (unlike their ranges or sums, which overflow for large finite values).
+    return xp.logical_and(xp.isfinite(hi).all(), xp.isfinite(lo).all())
+
+
+def _token_group_sq_ranges(x, groups, xp=np) -> tuple[dict, object]:
     """Per group size: sum over (B, H, groups) of n * range^2 for per-token
     groups -> (T,), ``n`` the group's real elements (a padded row's last
-    group has fewer). One max/min pass at the smallest group; wider groups
-    are merged from it (every size here is a multiple of the smallest)."""
+    group has fewer), and whether ``x`` is finite. One max/min pass at the
+    smallest group; wider groups are merged from it (every size here is a
+    multiple of the smallest)."""
     B, H, T, D = x.shape
     g0 = min(groups)
     n0 = padded_dim(D, g0) // g0
@@ -54,13 +65,14 @@ def _token_group_sq_ranges(x, groups, xp=np) -> dict:
         else:
             last = D - (n_groups - 1) * group
             out[group] = group * sq[:, :-1].sum(axis=-1) + last * sq[:, -1]
-    return out
+    return out, _all_finite(hi0, lo0, xp)
 
 
-def _channel_sq_ranges(x, groups, xp) -> dict:
+def _channel_sq_ranges(x, groups, xp) -> tuple[dict, object]:
     """Per group size: sum over channels of range^2 in windows of ``group``
-    tokens, per token (the last window padded by repeating the last token).
-    One max/min pass in windows of the smallest group, merged for the rest."""
+    tokens, per token (the last window padded by repeating the last token),
+    and whether ``x`` is finite. One max/min pass in windows of the
+    smallest group, merged for the rest."""
     B, H, T, D = x.shape
     g0 = min(groups)
     pad = (-T) % g0
@@ -74,7 +86,7 @@ def _channel_sq_ranges(x, groups, xp) -> dict:
         r = hi - lo
         per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
         out[group] = xp.repeat(per_window, group)[:T]
-    return out
+    return out, _all_finite(hi0, lo0, xp)
 
 
 def _sq_norms(x, xp):
@@ -84,38 +96,94 @@ def _sq_norms(x, xp):
     return (x * x).sum(axis=(0, 1, 3))
 
 
-def _statistics(keys, values, formats: list[Format], float_bits: int, xp) -> dict:
+def _statistics(keys, values, formats: list[Format], float_bits: int, xp):
     """The (T,) statistics a layer's error table needs, unevaluated on a lazy
     ``xp``: per group kind and size the summed squared ranges, and the
-    squared norms where float16 rows have an error to count."""
+    squared norms where float16 rows have an error to count; and whether
+    keys and values are finite (None: not scanned, a float-only menu)."""
     xk, xv = keys.astype(xp.float32), values.astype(xp.float32)
     quantized = [f for f in formats if not f.is_float]
     kc = sorted({f.key_group for f in quantized if f.key_layout == "channel"})
     kt = sorted({f.key_group for f in quantized if f.key_layout != "channel"})
     vt = sorted({f.value_group for f in quantized})
-    out = {}
+    out, finite = {}, {}
     for tag, groups, fn, x in (
         ("kc", kc, _channel_sq_ranges, xk),
         ("kt", kt, _token_group_sq_ranges, xk),
         ("vt", vt, _token_group_sq_ranges, xv),
     ):
         if groups:
-            out.update({(tag, g): r for g, r in fn(x, groups, xp).items()})
+            ranges, finite[tag[0]] = fn(x, groups, xp)
+            out.update({(tag, g): r for g, r in ranges.items()})
     if float_bits == 16 and any(f.is_float for f in formats):
         out["k2"], out["v2"] = _sq_norms(xk, xp), _sq_norms(xv, xp)
-    return out
+    both = None  # every quantized format scans both keys and values
+    if "k" in finite and "v" in finite:
+        both = xp.logical_and(finite["k"], finite["v"])
+    return out, both
 
 
-def _table(stats: dict, T: int, formats: list[Format], float_bits: int) -> np.ndarray:
-    """(2, T, F) errors from a layer's statistics: each format's column is
-    one statistic times a constant, so the table is one (T, S) x (S, F)
-    product per half (K, V)."""
+@dataclass(frozen=True)
+class ErrorTable:
+    """(L, 2, T, F) expected squared errors of K and V, in factored form.
+
+    Each format's error is one token statistic times a constant (per half),
+    so the table is ``stats`` (L, T, S) times ``coef`` (2, S, F). The whole
+    table is built only on request (:meth:`dense`): at 8000 tokens, 30
+    layers and 37 formats it is 140 MB of float64, while the allocator
+    needs only its importance-weighted sum over K and V (:meth:`weighted`).
+
+    Attributes:
+        stats: (L, T, S) float64 statistics per layer and token.
+        coef: (2, S, F) float64 coefficient of each statistic in each
+            format's key (0) and value (1) error.
+        finite: (L,) bool, whether each layer's keys and values are all
+            finite (found in the same pass as the statistics); None where
+            they were not scanned (a float-only menu).
+    """
+
+    stats: np.ndarray
+    coef: np.ndarray
+    finite: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        L, T, _ = self.stats.shape
+        return (L, 2, T, self.coef.shape[2])
+
+    def dense(self) -> np.ndarray:
+        """The (L, 2, T, F) table."""
+        return np.einsum("lts,ksf->lktf", self.stats, self.coef)
+
+    def weighted(self, importance: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """(L, T, F) sum over K and V of ``importance`` (L, 2, T) times the
+        errors, in ``dtype``: one (L*T, 2S) x (2S, F) product."""
+        L, T, S = self.stats.shape
+        scaled = np.empty((L, T, 2, S), dtype=dtype)
+        np.multiply(
+            self.stats[:, :, None, :],
+            importance.transpose(0, 2, 1)[..., None],
+            out=scaled,
+            casting="same_kind",
+        )
+        coef = self.coef.reshape(2 * S, -1).astype(dtype)
+        return (scaled.reshape(L * T, 2 * S) @ coef).reshape(L, T, -1)
+
+    def totals(self) -> np.ndarray:
+        """(F,) each format's error summed over layers, tokens, K and V."""
+        return self.stats.sum(axis=(0, 1)) @ self.coef.sum(axis=0)
+
+
+def _factors(stats: list[dict], T: int, formats: list[Format], float_bits: int):
+    """(L, T, S) statistics and (2, S, F) coefficients from every layer's
+    statistics (the same names in every layer)."""
     fl_eps = 2.0 ** (-2 * 11) / 3 if float_bits == 16 else 0.0
-    names = sorted(stats, key=str)
-    if not names:  # float formats only, stored exactly
-        return np.zeros((2, T, len(formats)))
+    names = sorted(stats[0], key=str) if stats else []
     col = {n: i for i, n in enumerate(names)}
-    S = np.stack([np.asarray(stats[n], dtype=np.float64) for n in names], axis=1)
+    S = np.empty((len(stats), T, len(names)))
+    for li, st in enumerate(stats):
+        for n in names:
+            S[li, :, col[n]] = np.asarray(st[n], dtype=np.float64)
     coef = np.zeros((2, len(names), len(formats)))
     for i, f in enumerate(formats):
         if f.is_float:
@@ -127,7 +195,13 @@ def _table(stats: dict, T: int, formats: list[Format], float_bits: int) -> np.nd
         coef[1, col[("vt", f.value_group)], i] = 1.0 / (
             12.0 * ((1 << f.vbits) - 1) ** 2
         )
-    return np.stack([S @ coef[0], S @ coef[1]])
+    return ErrorTable(S, coef)
+
+
+def no_errors(L: int, T: int, n_formats: int) -> ErrorTable:
+    """An all-zero (L, 2, T, F) table (float formats only, or a lossless
+    budget: nothing to measure)."""
+    return ErrorTable(np.zeros((L, T, 0)), np.zeros((2, 0, n_formats)))
 
 
 def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp=np):
@@ -145,22 +219,31 @@ def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp
     Returns:
         (2, T, F) float64 numpy array: key errors and value errors.
     """
-    return error_tables([(keys, values)], formats, float_bits, xp=xp)[0]
+    return error_tables([(keys, values)], formats, float_bits, xp=xp).dense()[0]
 
 
 def error_tables(
     layers, formats: list[Format], float_bits: int = 16, *, xp=np, lane=None
-) -> list[np.ndarray]:
-    """:func:`error_table` of every ``(keys, values)`` layer, evaluated at
-    once on a lazy ``xp``; ``lane(i)`` (``Backend.lane``) is the context
-    layer ``i``'s work is built in (parallel streams on a CPU)."""
-    stats = []
+) -> ErrorTable:
+    """The :class:`ErrorTable` of every ``(keys, values)`` layer (all of
+    the same T), evaluated at once on a lazy ``xp``; ``lane(i)``
+    (``Backend.lane``) is the context layer ``i``'s work is built in
+    (parallel streams on a CPU)."""
+    stats, finite = [], []
     for i, (k, v) in enumerate(layers):
         ctx = lane(i) if lane is not None else contextlib.nullcontext()
         with ctx:
-            stats.append(_statistics(k, v, formats, float_bits, xp))
+            st, ok = _statistics(k, v, formats, float_bits, xp)
+        stats.append(st)
+        finite.append(ok)
     if xp is not np:  # one evaluation for every statistic of every layer
-        xp.eval([list(st.values()) for st in stats])
-    return [
-        _table(st, k.shape[2], formats, float_bits) for st, (k, _) in zip(stats, layers)
-    ]
+        xp.eval(
+            [list(st.values()) for st in stats], [f for f in finite if f is not None]
+        )
+    T = layers[0][0].shape[2] if layers else 0
+    if not stats or not stats[0]:  # float formats only, stored exactly
+        return no_errors(len(layers), T, len(formats))
+    table = _factors(stats, T, formats, float_bits)
+    if all(f is not None for f in finite):
+        table = dataclasses.replace(table, finite=np.array([bool(f) for f in finite]))
+    return table

@@ -289,6 +289,9 @@ class NumpyBackend:
 
     encode = staticmethod(encode)
 
+    def start(self, segments) -> None:
+        pass
+
     def finish(self, layers) -> None:
         pass
 

@@ -35,7 +35,7 @@ from ..formats import (
 from ..rotation import check_rotation
 from .allocator import AllocationProblem, lossless_format
 from .controllers import HandoffPlan, TokenStats, check_controller, run_controller
-from .error_model import error_tables
+from .error_model import error_tables, no_errors
 
 
 class Backend(Protocol):
@@ -71,12 +71,19 @@ class Backend(Protocol):
     ) -> Encoded:
         """(B, H, n, D) tokens in one layout (see formats.Encoded)."""
 
+    def start(self, segments: list[Segment]) -> None:
+        """Start evaluating one layer's encoded arrays in the background
+        (lazy libraries: the next layer's gathers overlap them), or nothing."""
+
     def finish(self, layers: list[list[Segment]]) -> None:
         """Evaluate the encoded arrays (lazy libraries), or nothing."""
 
 
-def check_kv(keys, values, *, xp=np) -> tuple[int, ...]:
+def check_kv(keys, values, *, xp=np, finite: bool = True) -> tuple[int, ...]:
     """Validate per-layer (B, H, T, D) K/V lists of namespace ``xp``.
+
+    ``finite=False`` checks the shapes only (:func:`quantize` finds NaN and
+    Inf in its error model's pass over the tokens it encodes).
 
     Returns:
         (B, H, T, D_k, D_v).
@@ -107,14 +114,31 @@ def check_kv(keys, values, *, xp=np) -> tuple[int, ...]:
             ref = dims
         elif dims != ref:
             raise CacheShapeError(f"layer {i}: shape {dims} differs from layer 0 {ref}")
-    # one pass (and, on MLX, one evaluation) for every layer's finiteness
-    finite = xp.stack(
-        [xp.isfinite(x).all() for pair in zip(keys, values) for x in pair]
-    )
-    bad = np.nonzero(~np.asarray(finite).reshape(-1, 2).all(axis=1))[0]
+    if finite:
+        # one pass (and, on MLX, one evaluation) for every layer's finiteness
+        ok = xp.stack(
+            [xp.isfinite(x).all() for pair in zip(keys, values) for x in pair]
+        )
+        refuse_non_finite(np.asarray(ok).reshape(-1, 2).all(axis=1))
+    return ref
+
+
+def refuse_non_finite(finite: np.ndarray) -> None:
+    """Raise CacheShapeError naming the first layer not ``finite`` ((L,) bool)."""
+    bad = np.nonzero(~finite)[0]
     if bad.size:
         raise CacheShapeError(f"layer {int(bad[0])}: keys or values contain NaN or Inf")
-    return ref
+
+
+def _check_finite(backend: Backend, keys, values, start: int) -> None:
+    """Refuse NaN or Inf among tokens ``start..T-1`` (read in place with numpy
+    where the backend's arrays are host memory: faster there)."""
+    parts = [x[:, :, start:] for x in keys + values]
+    hosted = [backend.host(x) for x in parts]
+    xp = np if all(h is not None for h in hosted) else backend.xp
+    parts = hosted if xp is np else parts
+    n = len(keys)
+    check_kv(parts[:n], parts[n:], xp=xp)
 
 
 def encode_bucket(
@@ -219,13 +243,7 @@ def quantize(
     config = config or QuantConfig()
     keys = [backend.asarray(k) for k in keys]
     values = [backend.asarray(v) for v in values]
-    hosted = [backend.host(x) for x in keys + values]
-    if all(h is not None for h in hosted):
-        n = len(keys)
-        B, H, T, dk, dv = check_kv(hosted[:n], hosted[n:], xp=np)
-    else:
-        B, H, T, dk, dv = check_kv(keys, values, xp=backend.xp)
-    del hosted
+    B, H, T, dk, dv = check_kv(keys, values, xp=backend.xp, finite=False)
     check_controller(controller)
     # 2. rotate: quantize in the rotated basis (undone by every decoder)
     if config.rotation != "none":
@@ -275,19 +293,22 @@ def quantize(
     info = {}
     if T > start:
         if lossless_format(formats, config.float_bits, budget_bits) is not None:
-            # a lossless budget: every token is stored in float, no errors to
-            # measure (a read-only broadcast of zeros stands for the table)
-            errors = np.broadcast_to(0.0, (len(keys), 2, T - start, len(formats)))
+            # a lossless budget: every token is stored in float, no errors
+            errors = no_errors(len(keys), T - start, len(formats))
         else:
-            errors = np.stack(
-                error_tables(
-                    [(k[:, :, start:], v[:, :, start:]) for k, v in zip(keys, values)],
-                    formats,
-                    config.float_bits,
-                    xp=backend.xp,
-                    lane=backend.lane,
-                )
-            )  # (L, 2, T', F)
+            errors = error_tables(
+                [(k[:, :, start:], v[:, :, start:]) for k, v in zip(keys, values)],
+                formats,
+                config.float_bits,
+                xp=backend.xp,
+                lane=backend.lane,
+            )  # (L, 2, T', F), factored
+        # the tokens to encode are finite: found by the error model's pass
+        # over them where it scanned them, else in a pass of its own
+        if errors.finite is not None:
+            refuse_non_finite(errors.finite)
+        else:
+            _check_finite(backend, keys, values, start)
         mask = None
         if any(held):
             mask = np.arange(start, T)[None, :] >= np.array(held)[:, None]
@@ -319,6 +340,7 @@ def quantize(
                 new_layers[li] = encode_layer(
                     backend, k, v, formats, assignment[li], config=config, start=start
                 )
+            backend.start(new_layers[li])
         backend.finish(new_layers)
     layers = [old_layers[i] + new_layers[i] for i in range(len(keys))]
     qkv = QuantizedKV(
