@@ -93,7 +93,9 @@ def _sq_norms(x, xp):
     """(T,) sum over (B, H, D) of x^2."""
     if xp is np:
         return np.einsum("bhtd,bhtd->t", x, x, dtype=np.float64)
-    return (x * x).sum(axis=(0, 1, 3))
+    # the contiguous axis first: MLX's CPU reduction over (0, 1, 3) at once
+    # runs about 2x slower
+    return xp.square(x).sum(axis=-1).sum(axis=(0, 1))
 
 
 def _statistics(keys, values, formats: list[Format], float_bits: int, xp):
