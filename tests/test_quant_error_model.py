@@ -168,3 +168,23 @@ def test_the_tables_pass_finds_every_non_finite_element(xp, key_layout):
             assert table.finite.tolist() == want, (bad, li, half, t, d)
     only_float = QuantConfig(widths=(16,)).menu(64, 64)
     assert error_tables(layers, only_float, 16).finite is None
+
+
+def test_sampled_allocation_returns_the_unconstrained_optimum_when_it_fits():
+    # enough rows for the sampled bracket, and a budget every row's best
+    # format fits: the answer is that best format, row by row
+    rng = np.random.default_rng(7)
+    L, T, F = 2, 40000, 6
+    costs = np.array([2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    errors = rng.gamma(0.5, 1.0, (L, 2, T, 1)) * 4.0 ** (-np.arange(F))
+    errors[:, :, : T // 2, 3:] = errors[:, :, : T // 2, 2:3] * 2  # best: 4 bits
+    imp = rng.gamma(0.3, 1.0, (L, T))
+    best = np.argmin((imp[:, None, :, None] * errors).sum(axis=1), axis=-1)
+    fits = costs[best].mean()
+    np.testing.assert_array_equal(allocate_bits(imp, errors, costs, fits), best)
+    np.testing.assert_array_equal(allocate_bits(imp, errors, costs, 7.0), best)
+    tight = allocate_bits(imp, errors, costs, fits - 0.25)
+    assert costs[tight].mean() <= fits - 0.25 + 1e-9
+    np.testing.assert_array_equal(
+        tight, _full_sweep((imp[:, None, :, None] * errors).sum(1), costs, fits - 0.25)
+    )

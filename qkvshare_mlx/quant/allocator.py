@@ -176,9 +176,20 @@ def _allocate(flat: np.ndarray, costs: np.ndarray, budget_bits: float) -> np.nda
     cheapest = int(np.argmin(costs))
     if costs[cheapest] * n > limit + 1e-9:
         return np.full(n, cheapest, dtype=np.int64)
-    c0 = np.argmin(flat, axis=1)
-    if costs[c0].sum() <= limit:
+    sampled = n >= 8 * SAMPLE_ROWS
+    c0 = None if sampled else np.argmin(flat, axis=1)  # the choice at lambda = 0
+    if c0 is not None and costs[c0].sum() <= limit:
         return c0
+
+    def unconstrained():
+        # A sampled bracket whose low end is infeasible proves c0 infeasible
+        # (cost falls as lambda grows): one full pass saved, solved only if
+        # the bracket reaches the bottom of the sweep.
+        nonlocal c0
+        if c0 is None:
+            c0 = np.argmin(flat, axis=1)
+        return c0
+
     # Lagrangian sweep on log(lambda): hi is feasible, lo is not.
     scale = max(float(flat.max()), 1e-30)
     lo, hi = np.log(scale * 1e-16), np.log(scale * 1e6)
@@ -188,12 +199,17 @@ def _allocate(flat: np.ndarray, costs: np.ndarray, budget_bits: float) -> np.nda
         return a if costs[a].sum() <= limit else np.full(n, cheapest)
 
     known = None
-    if n >= 8 * SAMPLE_ROWS:
-        known = _confirmed_bracket(flat, costs, budget_bits, lo, hi, c0, top, choose)
+    if sampled:
+        known = _confirmed_bracket(
+            flat, costs, budget_bits, lo, hi, unconstrained, top, choose
+        )
+        if c0 is not None and costs[c0].sum() <= limit:
+            return c0
         a_hi = top  # solved only if the sweep's bracket ends up outside known
+        a_lo = unconstrained
     else:
-        a_hi = top()
-    lo, hi, a_lo, a_hi = _sweep(flat, costs, limit, lo, hi, c0, a_hi, known, choose)
+        a_hi, a_lo = top(), c0
+    lo, hi, a_lo, a_hi = _sweep(flat, costs, limit, lo, hi, a_lo, a_hi, known, choose)
     # Greedy fill: upgrade tokens towards the infeasible side, best gain per bit.
     out = a_hi.copy()
     diff = np.nonzero(a_lo != a_hi)[0]
@@ -261,7 +277,10 @@ def _sweep(flat, costs, limit, lo, hi, a_lo, a_hi, known=None, choose=None):
     if known is None:
         return lo, hi, cur_lo, cur_hi
     if not moved_lo:
-        cur_lo = a_lo if lo == lo0 else (a_a if lo == log_a else choose(np.exp(lo)))
+        if lo == lo0:
+            cur_lo = a_lo() if callable(a_lo) else a_lo
+        else:
+            cur_lo = a_a if lo == log_a else choose(np.exp(lo))
     if not moved_hi:
         if hi == hi0:
             cur_hi = a_hi() if callable(a_hi) else a_hi
@@ -273,7 +292,7 @@ def _sweep(flat, costs, limit, lo, hi, a_lo, a_hi, known=None, choose=None):
 def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, top, choose):
     """A narrow bracket of the sweep's lambda, found on every
     ``n // SAMPLE_ROWS``-th row and confirmed (widened if need be) on all;
-    ``top()`` solves all rows at ``hi``."""
+    ``top()`` solves all rows at ``hi``, ``a_lo()`` at lambda = 0."""
     n = flat.shape[0]
     sample = flat[:: n // SAMPLE_ROWS]
     s_lo, s_hi = (
@@ -290,7 +309,7 @@ def _confirmed_bracket(flat, costs, budget_bits, lo, hi, a_lo, top, choose):
     a_a = a_b = None
     while a_a is None:
         if log_a <= lo:
-            log_a, a_a = lo, a_lo
+            log_a, a_a = lo, a_lo()
             break
         a = choose(np.exp(log_a))
         if costs[a].sum() > limit:
