@@ -110,6 +110,25 @@ CANDIDATES = [
         budget=3.0,
         config={**SPLIT, "pin_sinks": 4, "pin_recent": 8},
     ),
+    # key errors weighed by the probe queries' energy per channel (the
+    # logits' error, not the key vectors'; QuantConfig.key_error)
+    Candidate(
+        "saliency+hadamard+split, query-aware keys @3.0",
+        budget=3.0,
+        config={**SPLIT, "key_error": "query"},
+    ),
+    Candidate(
+        "saliency+hadamard+split, query-aware keys @4.5",
+        budget=4.5,
+        config={**SPLIT, "key_error": "query"},
+    ),
+    # ... and unrotated, where the keys' outlier channels are left in place
+    Candidate("saliency+split @4.5", budget=4.5, config={"split_kv": True}),
+    Candidate(
+        "saliency+split, query-aware keys @4.5",
+        budget=4.5,
+        config={"split_kv": True, "key_error": "query"},
+    ),
 ]
 
 
@@ -399,7 +418,9 @@ def main(argv=None) -> int:
     p.add_argument("--problems", type=int, default=150)
     p.add_argument("--contexts", default="1024,4096", help="'' for none")
     p.add_argument("--follow", type=int, default=64)
-    p.add_argument("--only", default=None, help="comma-separated candidate names")
+    p.add_argument(
+        "--only", default=None, help="candidate names, separated by ',' (or ';')"
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "fidelity_search.json")
     p.add_argument("--state", type=Path, default=None)
     p.add_argument(
@@ -411,7 +432,8 @@ def main(argv=None) -> int:
 
     cands = CANDIDATES
     if args.only:
-        wanted = set(args.only.split(","))
+        # names with a comma in them are listed with ";" between names
+        wanted = set(args.only.split(";" if ";" in args.only else ","))
         cands = [c for c in CANDIDATES if c.name in wanted]
     state = RowState(args.state or args.out.with_suffix(".state.jsonl"))
     tic = time.perf_counter()

@@ -283,7 +283,9 @@ def _query_projection(attn) -> tuple[Any, int | None] | None:
 
 
 def _probe_attention(attn, hidden, cos, sin, keys):
-    """Attention mass (T,) that the probe queries put on each cached key.
+    """Attention mass (T,) that the probe queries put on each cached key, and
+    the queries' (H_kv, D, D) mean ``q q^T`` per KV head (as
+    ``qkvshare_mlx.capture.query_moments``).
 
     Args:
         attn: the layer's attention module (``q_proj`` or a fused
@@ -309,7 +311,9 @@ def _probe_attention(attn, hidden, cos, sin, keys):
     # query j sits at position T - P + j and sees keys 0..T - P + j
     qpos = torch.arange(T - P, T).view(P, 1)
     scores = scores.masked_fill(torch.arange(T).view(1, T) > qpos, float("-inf"))
-    return scores.softmax(dim=-1).sum(dim=(0, 1, 2, 3))
+    n = q.shape[0] * q.shape[2] * P
+    moments = torch.einsum("bgrpd,bgrpe->gde", q, q) / n
+    return scores.softmax(dim=-1).sum(dim=(0, 1, 2, 3)), moments
 
 
 def _attention_modules(model) -> list | None:
@@ -386,19 +390,20 @@ def hf_prefill(model, tokens, *, probe_queries: int = 32):
             h.remove()
     cache = _output_cache(out)
     keys = [layer.keys for layer in cache.layers]
-    attention = None
+    attention = moments = None
     with torch.no_grad():
         if attns and all(captured.get(li) for li in range(len(attns))):
-            attention = torch.stack(
-                [
-                    _probe_attention(attn, *captured[li], keys[li])
-                    for li, attn in enumerate(attns)
-                ]
-            )
+            probes = [
+                _probe_attention(attn, *captured[li], keys[li])
+                for li, attn in enumerate(attns)
+            ]
+            attention = torch.stack([mass for mass, _ in probes])
+            moments = torch.stack([m for _, m in probes])
         norms = torch.stack([k.float().norm(dim=-1).sum(dim=(0, 1)) for k in keys])
     stats = TokenStats(
         attention=None if attention is None else attention.cpu().double().numpy(),
         key_norms=norms.cpu().double().numpy(),
+        query_moments=None if moments is None else moments.cpu().double().numpy(),
     )
     return cache, stats, out.logits[:, -1].float()
 

@@ -233,16 +233,27 @@ def probe_attention(
     return mx.softmax(scores, axis=-1, precise=True).sum(axis=(0, 1, 2))
 
 
-def _probe_stats(attns, records, keys, q_pos: int, offset: int) -> mx.array:
-    out = []
+def query_moments(queries: mx.array, n_kv_heads: int) -> mx.array:
+    """(H_kv, D, D) mean of ``q q^T`` over the (B, H_q, P, D) queries of each
+    KV head's query heads (GQA: H_q is a multiple of H_kv)."""
+    B, Hq, P, D = queries.shape
+    q = queries.astype(mx.float32).reshape(B, n_kv_heads, Hq // n_kv_heads * P, D)
+    q = q.swapaxes(0, 1).reshape(n_kv_heads, -1, D)
+    return (q.swapaxes(-1, -2) @ q) / q.shape[1]
+
+
+def _probe_stats(attns, records, keys, q_pos: int, offset: int):
+    """(L, T) attention mass and (L, H_kv, D, D) query moments."""
+    mass, moments = [], []
     for attn, rec, k in zip(attns, records, keys):
         B, P, _ = rec.shape
         q = rec.reshape(B, P, attn.n_heads, -1)
         if hasattr(attn, "q_norm"):
             q = attn.q_norm(q)
         q = attn.rope(q.transpose(0, 2, 1, 3), offset=offset)
-        out.append(probe_attention(q, k, q_pos, scale=attn.scale))
-    return mx.stack(out)
+        mass.append(probe_attention(q, k, q_pos, scale=attn.scale))
+        moments.append(query_moments(q, k.shape[1]))
+    return mx.stack(mass), mx.stack(moments)
 
 
 def prefill(
@@ -315,15 +326,16 @@ def prefill(
         [mx.linalg.norm(k.astype(mx.float32), axis=-1).sum(axis=(0, 1)) for k in keys]
     )
     T = keys[0].shape[2]
-    attention = None
+    attention = moments = None
     if P:
         q_pos = T - P  # cache index of the first probe query
-        attention = _probe_stats(
+        attention, moments = _probe_stats(
             attns, [w.recorded for w in wrappers], keys, q_pos, offset
         )
-    mx.eval(norms, attention)
+    mx.eval(norms, attention, moments)
     stats = TokenStats(
         attention=None if attention is None else np.array(attention, dtype=np.float64),
         key_norms=np.array(norms, dtype=np.float64),
+        query_moments=None if moments is None else np.array(moments, np.float64),
     )
     return Prefill(cache, keys, values, logits, stats, ids, P)

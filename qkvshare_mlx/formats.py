@@ -30,6 +30,7 @@ from .rotation import check_rotation
 
 CODE_BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_BITS = 16
+KEY_ERRORS = ("mse", "query")  # QuantConfig.key_error
 ALL_BITS = CODE_BITS + (FLOAT_BITS,)
 GROUP_SIZES = (32, 64, 128)
 KEY_LAYOUTS = ("token", "channel")
@@ -169,6 +170,13 @@ class QuantConfig:
             They count in the budget, so the other tokens get fewer bits. A
             sender-side allocation policy, like the controller: not written
             to the card (whose float tokens are ordinary width-16 segments).
+        key_error: how the allocator measures a key's error: ``"mse"``, the
+            squared error of the key vector, or ``"query"``, the squared
+            error of its attention logits for the sender's probe queries
+            (each channel weighted by their mean energy in it, see
+            :func:`qkvshare_mlx.quant.error_model.query_weights`; needs
+            ``TokenStats.query_moments``). Sender-side, not written to the
+            card.
     """
 
     group_size: int = 64
@@ -181,6 +189,7 @@ class QuantConfig:
     split_kv: bool = False
     pin_sinks: int = 0
     pin_recent: int = 0
+    key_error: str = "mse"
 
     def __post_init__(self):
         validate_group(self.group_size)
@@ -200,6 +209,11 @@ class QuantConfig:
         for b in self.widths:
             validate_bits(b)
         check_rotation(self.rotation)
+        if self.key_error not in KEY_ERRORS:
+            raise ConfigError(
+                f"key_error must be one of {list(KEY_ERRORS)} "
+                f"but got {self.key_error!r}"
+            )
         for name in ("pin_sinks", "pin_recent"):
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:

@@ -21,12 +21,13 @@ def tokens(n, seed=0):
     return np.random.default_rng(seed).integers(0, TINY_LLAMA_CONFIG["vocab_size"], n)
 
 
-def naive_probe(model, ids, P):
-    """Reference: explicit softmax(q k^T) of every query, last P rows summed."""
+def naive_probe(model, ids, P, moments=False):
+    """Reference: explicit softmax(q k^T) of every query, last P rows summed
+    (``moments``: and the mean q q^T of the last P queries per KV head)."""
     x = model.model.embed_tokens(mx.array(ids)[None])
     T = len(ids)
     mask = create_causal_mask(T)
-    out = []
+    out, mom = [], []
     for layer in model.model.layers:
         a = layer.self_attn
         h = layer.input_layernorm(x)
@@ -39,8 +40,11 @@ def naive_probe(model, ids, P):
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         out.append(p[:, :, T - P :].sum(axis=(0, 1, 2)))
+        R = a.n_heads // a.n_kv_heads
+        qp = q[0, :, T - P :].reshape(a.n_kv_heads, R * P, -1)  # heads in KV order
+        mom.append(np.einsum("hnd,hne->hde", qp, qp) / (R * P))
         x = layer(x, mask="causal")
-    return np.stack(out)
+    return (np.stack(out), np.stack(mom)) if moments else np.stack(out)
 
 
 def test_chunked_prefill_matches_one_pass(model):
@@ -64,6 +68,16 @@ def test_probe_attention_matches_naive_softmax(model):
     np.testing.assert_allclose(pre.stats.attention.sum(axis=1), 4 * P, rtol=1e-5)
     # and non-uniform, or the test above would prove little
     assert pre.stats.attention.max() > 3 * pre.stats.attention.mean()
+
+
+def test_probe_records_the_mean_query_moments_per_kv_head(model):
+    # what QuantConfig(key_error="query") weighs key channels by
+    ids = tokens(70, seed=4)
+    pre = prefill(model, ids, chunk_size=20, probe_queries=8)
+    _, want = naive_probe(model, ids, 8, moments=True)
+    assert pre.stats.query_moments.shape == (2, 2, 32, 32)
+    np.testing.assert_allclose(pre.stats.query_moments, want, rtol=1e-3, atol=1e-5)
+    assert prefill(model, ids, probe_queries=0).stats.query_moments is None
 
 
 def test_probe_restores_q_proj_and_key_norms(model):

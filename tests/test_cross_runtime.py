@@ -124,6 +124,21 @@ def test_fingerprints_agree_across_runtimes(twins):
     assert {**hf, "weights_sha256": None} == fingerprint_from_config(CONFIG)
 
 
+def test_probe_statistics_agree_across_runtimes(twins):
+    # the sender's statistics, attention mass and query moments, are the same
+    # whichever runtime prefilled: a card's allocation does not depend on it
+    from qkvshare_mlx.capture import prefill
+
+    ids = tokens(60, seed=5)
+    ours = prefill(twins.mlx_model, ids, probe_queries=8).stats
+    _, theirs, _ = hf_prefill(twins.hf_model, ids, probe_queries=8)
+    np.testing.assert_allclose(theirs.attention, ours.attention, rtol=1e-3, atol=1e-5)
+    assert ours.query_moments.shape == theirs.query_moments.shape == (2, 2, 64, 64)
+    np.testing.assert_allclose(
+        theirs.query_moments, ours.query_moments, rtol=1e-3, atol=1e-4
+    )
+
+
 # ----------------------------------------------------------------------------
 # numpy quantizer (transformers side) vs MLX quantizer
 

@@ -6,42 +6,47 @@ import pytest
 
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.quant.allocator import allocate_bits
-from qkvshare_mlx.quant.error_model import error_table, error_tables
+from qkvshare_mlx.quant.error_model import error_table, error_tables, query_weights
+from qkvshare_mlx.rotation import rotation_matrix
 
 
-def _reference(keys, values, formats, float_bits):
+def _reference(keys, values, formats, float_bits, key_weights=None):
     """(2, T, F) errors computed group by group: each per-token group's
     range over its real elements, each channel window's range over its
     tokens (a short last window counted for its whole width, as padding by
-    repetition does), times 1 / (12 (2^b - 1)^2)."""
+    repetition does), times 1 / (12 (2^b - 1)^2). ``key_weights`` (H, D):
+    each key element's squared error times its channel's weight."""
     k, v = keys.astype(np.float64), values.astype(np.float64)
     B, H, T, D = k.shape
+    ones = np.ones((H, D))
+    kw = ones if key_weights is None else np.asarray(key_weights, np.float64)
 
-    def token(x, group):
+    def token(x, group, w):
         out = np.zeros(T)
         for s in range(0, x.shape[3], group):
             g = x[..., s : s + group]
-            out += g.shape[3] * ((g.max(-1) - g.min(-1)) ** 2).sum(axis=(0, 1))
+            n = w[:, s : s + group].sum(axis=1)[None, :, None]  # (1, H, 1)
+            out += (n * (g.max(-1) - g.min(-1)) ** 2).sum(axis=(0, 1))
         return out
 
-    def channel(x, group):
+    def channel(x, group, w):
         out = np.zeros(T)
         for s in range(0, T, group):
-            w = x[:, :, s : s + group]
-            out[s : s + group] = ((w.max(2) - w.min(2)) ** 2).sum()
+            win = x[:, :, s : s + group]
+            out[s : s + group] = (w[None] * (win.max(2) - win.min(2)) ** 2).sum()
         return out
 
     eps = 2.0 ** (-22) / 3 if float_bits == 16 else 0.0
     out = np.zeros((2, T, len(formats)))
     for i, f in enumerate(formats):
         if f.is_float:
-            out[0, :, i] = eps * (k * k).sum(axis=(0, 1, 3))
+            out[0, :, i] = eps * (kw[None, :, None, :] * k * k).sum(axis=(0, 1, 3))
             out[1, :, i] = eps * (v * v).sum(axis=(0, 1, 3))
             continue
         by = channel if f.key_layout == "channel" else token
-        rk = by(k, f.key_group)
+        rk = by(k, f.key_group, kw)
         out[0, :, i] = rk / (12.0 * (2**f.bits - 1) ** 2)
-        out[1, :, i] = token(v, f.value_group) / (12.0 * (2**f.vbits - 1) ** 2)
+        out[1, :, i] = token(v, f.value_group, ones) / (12.0 * (2**f.vbits - 1) ** 2)
     return out
 
 
@@ -188,3 +193,49 @@ def test_sampled_allocation_returns_the_unconstrained_optimum_when_it_fits():
     np.testing.assert_array_equal(
         tight, _full_sweep((imp[:, None, :, None] * errors).sum(1), costs, fits - 0.25)
     )
+
+
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("key_layout", ["channel", "token"])
+@pytest.mark.parametrize("xp", [np, mx], ids=["numpy", "mlx"])
+def test_query_weighted_key_errors_match_their_definition(D, key_layout, xp):
+    rng = np.random.default_rng(D)
+    keys = rng.standard_normal((1, 2, 45, D)) * rng.gamma(1, 1, (1, 2, 1, D))
+    values = rng.standard_normal((1, 2, 45, D))
+    keys, values = keys.astype(np.float32), values.astype(np.float32)
+    weights = rng.gamma(0.5, 1.0, (2, D)).astype(np.float32)
+    formats = QuantConfig(key_layout=key_layout).menu(D, D)
+    want = _reference(keys, values, formats, 16, key_weights=weights)
+    got = error_tables(
+        [(xp.array(keys), xp.array(values))],
+        formats,
+        16,
+        xp=xp,
+        key_weights=weights[None],
+    ).dense()[0]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-12)
+    # the weights matter (or the check above proves little); values do not move
+    plain = _reference(keys, values, formats, 16)
+    assert np.abs(want[0] - plain[0]).max() > 0.1 * np.abs(plain[0]).max()
+    np.testing.assert_array_equal(want[1], plain[1])
+
+
+def test_query_weights_are_the_queries_energy_in_the_keys_basis():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 3, 40, 64)) * rng.gamma(0.5, 1, (2, 3, 1, 64))
+    moments = np.einsum("lhnd,lhne->lhde", q, q) / 40  # (L, H, D, D)
+    plain = query_weights(moments)
+    energy = (q**2).mean(axis=2)  # (L, H, D)
+    np.testing.assert_allclose(
+        plain, energy / energy.mean(axis=(1, 2), keepdims=True), rtol=1e-5
+    )
+    # rotated keys k R meet rotated queries q R: the energy of q R per channel
+    r = rotation_matrix("hadamard", 64)
+    rotated = query_weights(moments, "hadamard")
+    e_rot = ((q @ r) ** 2).mean(axis=2)
+    np.testing.assert_allclose(
+        rotated, e_rot / e_rot.mean(axis=(1, 2), keepdims=True), rtol=1e-4
+    )
+    np.testing.assert_allclose(rotated.mean(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert not np.allclose(rotated, plain)
+    np.testing.assert_array_equal(query_weights(np.zeros((1, 2, 8, 8))), 1.0)

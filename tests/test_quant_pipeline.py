@@ -270,3 +270,44 @@ def test_saliency_without_stats_is_a_config_error():
     keys, values = _kv()
     with pytest.raises(ConfigError, match="statistics"):
         quantize_cache(keys, values, controller="saliency", budget_bits=4.5)
+
+
+def test_query_aware_key_errors_need_the_probe_queries():
+    keys, values, stats = _realistic_cache(L=2, T=64)
+    cfg = QuantConfig(key_error="query")
+    with pytest.raises(ConfigError, match="query_moments"):
+        quantize_cache(keys, values, budget_bits=4.5, config=cfg, stats=stats)
+    stats.query_moments = np.zeros((2, 2, 32, 32))
+    with pytest.raises(ConfigError, match=r"expected shape \(2, 2, 64, 64\)"):
+        quantize_cache(keys, values, budget_bits=4.5, config=cfg, stats=stats)
+    with pytest.raises(ConfigError, match="key_error must be one of"):
+        QuantConfig(key_error="attention")
+
+
+def test_query_aware_key_errors_spend_bits_where_the_queries_look():
+    # two identical layers whose keys have outlier channels; the probe
+    # queries of layer 0 read the outlier channels, those of layer 1 none of
+    # them. Measured on the key vectors both layers look the same; measured
+    # on the logits, layer 1's outlier errors cost nothing, so it gets fewer
+    # key bits
+    keys, values, stats = _realistic_cache(L=1, T=512)
+    keys, values = keys * 2, values * 2  # the same layer, twice
+    stats.attention = np.repeat(stats.attention, 2, axis=0)
+    stats.key_norms = np.repeat(stats.key_norms, 2, axis=0)
+    reads = np.diag(np.where(np.isin(np.arange(64), [3, 17, 40]), 1.0, 0.01))
+    ignores = np.diag(np.where(np.isin(np.arange(64), [3, 17, 40]), 0.0, 1.0))
+    stats.query_moments = np.stack([np.stack([reads] * 2), np.stack([ignores] * 2)])
+
+    def key_bits(config):
+        qkv = quantize_cache(keys, values, budget_bits=3.0, config=config, stats=stats)
+        per_layer = []
+        for layer in qkv.layers:
+            n = sum(len(s.index) for s in layer)
+            per_layer.append(sum(s.bits * len(s.index) for s in layer) / n)
+        return per_layer, qkv
+
+    (mse0, mse1), _ = key_bits(QuantConfig())
+    assert mse0 == pytest.approx(mse1)
+    (q0, q1), qkv = key_bits(QuantConfig(key_error="query"))
+    assert q0 > q1 + 0.5
+    assert qkv.effective_bits == pytest.approx(3.0, abs=0.05)

@@ -38,10 +38,14 @@ class TokenStats:
         attention: (L, T) attention mass each cached token receives from the
             probe queries (the sender's last queries), summed over heads.
         key_norms: (L, T) L2 norm of each token's keys, summed over heads.
+        query_moments: (L, H_kv, D, D) mean of ``q q^T`` over the probe
+            queries of each KV head's query heads (post-RoPE): what
+            ``QuantConfig(key_error="query")`` weighs key errors by.
     """
 
     attention: np.ndarray | None = None
     key_norms: np.ndarray | None = None
+    query_moments: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

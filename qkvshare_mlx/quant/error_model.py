@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..formats import Format, pad_rows, padded_dim
+from ..rotation import rotation_matrix
 
 
 def _merge(mx_, mn_, m: int, axis: int, xp):
@@ -43,10 +44,11 @@ def _all_finite(hi, lo, xp):
     return xp.logical_and(xp.isfinite(hi).all(), xp.isfinite(lo).all())
 
 
-def _token_group_sq_ranges(x, groups, xp=np) -> tuple[dict, object]:
+def _token_group_sq_ranges(x, groups, xp=np, weights=None) -> tuple[dict, object]:
     """Per group size: sum over (B, H, groups) of n * range^2 for per-token
     groups -> (T,), ``n`` the group's real elements (a padded row's last
-    group has fewer), and whether ``x`` is finite. One max/min pass at the
+    group has fewer; with (H, D) channel ``weights``, the sum of its real
+    channels' weights), and whether ``x`` is finite. One max/min pass at the
     smallest group; wider groups are merged from it (every size here is a
     multiple of the smallest)."""
     B, H, T, D = x.shape
@@ -58,8 +60,14 @@ def _token_group_sq_ranges(x, groups, xp=np) -> tuple[dict, object]:
     for group in groups:
         hi, lo = (hi0, lo0) if group == g0 else _merge(hi0, lo0, group // g0, 3, xp)
         r = hi - lo
-        sq = (r * r).sum(axis=(0, 1))  # (T, groups)
         n_groups = padded_dim(D, group) // group
+        if weights is not None:
+            wpad = np.zeros((H, n_groups * group), np.float32)
+            wpad[:, :D] = weights
+            wg = xp.array(wpad.reshape(H, n_groups, group).sum(axis=-1))
+            out[group] = (r * r * wg[None, :, None, :]).sum(axis=(0, 1, 3))
+            continue
+        sq = (r * r).sum(axis=(0, 1))  # (T, groups)
         if D % group == 0:
             out[group] = group * sq.sum(axis=-1)
         else:
@@ -68,11 +76,12 @@ def _token_group_sq_ranges(x, groups, xp=np) -> tuple[dict, object]:
     return out, _all_finite(hi0, lo0, xp)
 
 
-def _channel_sq_ranges(x, groups, xp) -> tuple[dict, object]:
-    """Per group size: sum over channels of range^2 in windows of ``group``
-    tokens, per token (the last window padded by repeating the last token),
-    and whether ``x`` is finite. One max/min pass in windows of the
-    smallest group, merged for the rest."""
+def _channel_sq_ranges(x, groups, xp, weights=None) -> tuple[dict, object]:
+    """Per group size: sum over channels (times their (H, D) ``weights``, if
+    given) of range^2 in windows of ``group`` tokens, per token (the last
+    window padded by repeating the last token), and whether ``x`` is
+    finite. One max/min pass in windows of the smallest group, merged for
+    the rest."""
     B, H, T, D = x.shape
     g0 = min(groups)
     pad = (-T) % g0
@@ -84,13 +93,17 @@ def _channel_sq_ranges(x, groups, xp) -> tuple[dict, object]:
     for group in groups:
         hi, lo = (hi0, lo0) if group == g0 else _merge(hi0, lo0, group // g0, 2, xp)
         r = hi - lo
+        if weights is not None:
+            r = r * xp.sqrt(xp.array(weights.astype(np.float32)))[None, :, None, :]
         per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
         out[group] = xp.repeat(per_window, group)[:T]
     return out, _all_finite(hi0, lo0, xp)
 
 
-def _sq_norms(x, xp):
-    """(T,) sum over (B, H, D) of x^2."""
+def _sq_norms(x, xp, weights=None):
+    """(T,) sum over (B, H, D) of x^2 (times (H, D) ``weights``, if given)."""
+    if weights is not None:
+        x = x * xp.sqrt(xp.array(weights.astype(np.float32)))[None, :, None, :]
     if xp is np:
         return np.einsum("bhtd,bhtd->t", x, x, dtype=np.float64)
     # the contiguous axis first: MLX's CPU reduction over (0, 1, 3) at once
@@ -98,31 +111,59 @@ def _sq_norms(x, xp):
     return xp.square(x).sum(axis=-1).sum(axis=(0, 1))
 
 
-def _statistics(keys, values, formats: list[Format], float_bits: int, xp):
+def _statistics(keys, values, formats: list[Format], float_bits: int, xp, kw=None):
     """The (T,) statistics a layer's error table needs, unevaluated on a lazy
     ``xp``: per group kind and size the summed squared ranges, and the
-    squared norms where float16 rows have an error to count; and whether
-    keys and values are finite (None: not scanned, a float-only menu)."""
+    squared norms where float16 rows have an error to count (key channels
+    weighted by ``kw``, (H, D), if given); and whether keys and values are
+    finite (None: not scanned, a float-only menu)."""
     xk, xv = keys.astype(xp.float32), values.astype(xp.float32)
     quantized = [f for f in formats if not f.is_float]
     kc = sorted({f.key_group for f in quantized if f.key_layout == "channel"})
     kt = sorted({f.key_group for f in quantized if f.key_layout != "channel"})
     vt = sorted({f.value_group for f in quantized})
     out, finite = {}, {}
-    for tag, groups, fn, x in (
-        ("kc", kc, _channel_sq_ranges, xk),
-        ("kt", kt, _token_group_sq_ranges, xk),
-        ("vt", vt, _token_group_sq_ranges, xv),
+    for tag, groups, fn, x, w in (
+        ("kc", kc, _channel_sq_ranges, xk, kw),
+        ("kt", kt, _token_group_sq_ranges, xk, kw),
+        ("vt", vt, _token_group_sq_ranges, xv, None),
     ):
         if groups:
-            ranges, finite[tag[0]] = fn(x, groups, xp)
+            ranges, finite[tag[0]] = fn(x, groups, xp, w)
             out.update({(tag, g): r for g, r in ranges.items()})
     if float_bits == 16 and any(f.is_float for f in formats):
-        out["k2"], out["v2"] = _sq_norms(xk, xp), _sq_norms(xv, xp)
+        out["k2"], out["v2"] = _sq_norms(xk, xp, kw), _sq_norms(xv, xp)
     both = None  # every quantized format scans both keys and values
     if "k" in finite and "v" in finite:
         both = xp.logical_and(finite["k"], finite["v"])
     return out, both
+
+
+def query_weights(moments: np.ndarray, rotation: str = "none") -> np.ndarray:
+    """Per-channel weights of key errors from the sender's probe queries.
+
+    A key error ``e`` moves the logit of a query ``q`` by ``q . e``; for
+    independent channel errors its mean square over the queries is
+    ``sum_d E[q_d^2] e_d^2``. So each channel's weight is the queries' mean
+    energy in it, in the basis the keys are quantized in (``R^T M R`` for a
+    rotation ``R``: rotated keys ``k R`` meet rotated queries ``q R``),
+    normalised to mean 1 per layer (keys and values keep their balance).
+
+    Args:
+        moments: (L, H_kv, D, D) ``TokenStats.query_moments``.
+        rotation: the card's ``QuantConfig.rotation``.
+
+    Returns:
+        (L, H_kv, D) float32 weights (all 1 for a layer whose queries are 0).
+    """
+    m = np.asarray(moments, dtype=np.float64)
+    if rotation != "none":
+        r = rotation_matrix(rotation, m.shape[-1]).astype(np.float64)
+        m = r.T @ m @ r
+    w = np.maximum(np.diagonal(m, axis1=-2, axis2=-1), 0.0)
+    mean = w.mean(axis=(1, 2), keepdims=True)
+    ok = mean > 0
+    return np.where(ok, w / np.where(ok, mean, 1.0), 1.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -225,17 +266,26 @@ def error_table(keys, values, formats: list[Format], float_bits: int = 16, *, xp
 
 
 def error_tables(
-    layers, formats: list[Format], float_bits: int = 16, *, xp=np, lane=None
+    layers,
+    formats: list[Format],
+    float_bits: int = 16,
+    *,
+    xp=np,
+    lane=None,
+    key_weights=None,
 ) -> ErrorTable:
     """The :class:`ErrorTable` of every ``(keys, values)`` layer (all of
     the same T), evaluated at once on a lazy ``xp``; ``lane(i)``
     (``Backend.lane``) is the context layer ``i``'s work is built in
-    (parallel streams on a CPU)."""
+    (parallel streams on a CPU). ``key_weights``: (L, H, D_k) weights of
+    each key channel's squared error (:func:`query_weights`), or None (all
+    1: the key vector's squared error)."""
     stats, finite = [], []
     for i, (k, v) in enumerate(layers):
         ctx = lane(i) if lane is not None else contextlib.nullcontext()
+        kw = None if key_weights is None else np.asarray(key_weights[i])
         with ctx:
-            st, ok = _statistics(k, v, formats, float_bits, xp)
+            st, ok = _statistics(k, v, formats, float_bits, xp, kw)
         stats.append(st)
         finite.append(ok)
     if xp is not np:  # one evaluation for every statistic of every layer

@@ -35,7 +35,7 @@ from ..formats import (
 from ..rotation import check_rotation
 from .allocator import AllocationProblem, lossless_format
 from .controllers import HandoffPlan, TokenStats, check_controller, run_controller
-from .error_model import error_tables, no_errors
+from .error_model import error_tables, no_errors, query_weights
 
 
 class Backend(Protocol):
@@ -128,6 +128,26 @@ def refuse_non_finite(finite: np.ndarray) -> None:
     bad = np.nonzero(~finite)[0]
     if bad.size:
         raise CacheShapeError(f"layer {int(bad[0])}: keys or values contain NaN or Inf")
+
+
+def _key_weights(config: QuantConfig, stats, shape) -> np.ndarray | None:
+    """(L, H, D_k) key-channel weights of ``config.key_error`` (None: "mse")."""
+    if config.key_error == "mse":
+        return None
+    moments = None if stats is None else stats.query_moments
+    if moments is None:
+        raise ConfigError(
+            "key_error='query' weighs key errors by the sender's probe queries, "
+            "but the token statistics have no query_moments (capture.prefill "
+            "with probe_queries > 0 records them)"
+        )
+    L, H, D = shape
+    if np.shape(moments) != (L, H, D, D):
+        raise ConfigError(
+            f"query_moments: expected shape {(L, H, D, D)} (layers, KV heads, "
+            f"head_dim, head_dim), got {np.shape(moments)}"
+        )
+    return query_weights(moments, config.rotation)
 
 
 def _check_finite(backend: Backend, keys, values, start: int) -> None:
@@ -302,6 +322,7 @@ def quantize(
                 config.float_bits,
                 xp=backend.xp,
                 lane=backend.lane,
+                key_weights=_key_weights(config, stats, (len(keys), H, dk)),
             )  # (L, 2, T', F), factored
         # the tokens to encode are finite: found by the error model's pass
         # over them where it scanned them, else in a pass of its own
