@@ -4,6 +4,7 @@ before a model loads."""
 import os
 import stat
 
+import numpy as np
 import pytest
 from conftest import run_cli
 
@@ -141,3 +142,23 @@ def test_pinned_tokens_from_the_flags(tiny_chat_model_dir, tmp_path):
     for layer in card.layers:
         floats = {int(i) for s in layer if s.bits == 16 for i in s.index}
         assert {0, 1, *range(T - 8, T)} <= floats
+
+
+def test_query_aware_key_errors_from_the_flag(tiny_chat_model_dir, tmp_path):
+    # the sender's probe queries are captured and weigh the key errors: the
+    # same budget, spent on other tokens than with the key vectors' error
+    prompt = " ".join(f"item {i} costs {3 * i % 17} coins;" for i in range(40))
+    args = ["make-card", "--model", str(tiny_chat_model_dir), "-p", prompt]
+    args += ["--budget-bits", "3", "--rotation", "none", "--no-split-kv"]
+    layouts = {}
+    for how in ("mse", "query"):
+        out = tmp_path / f"{how}.qkv"
+        assert main(args + ["--out", str(out), "--key-error", how]) == 0
+        card = CacheCard.load(out)
+        assert card.qkv.effective_bits == pytest.approx(3.0, abs=0.05)
+        assert "key_error" not in card.qkv.config.to_dict()  # sender-side only
+        layouts[how] = [
+            sorted((s.bits, s.keys.group, tuple(np.asarray(s.index))) for s in layer)
+            for layer in card.layers
+        ]
+    assert layouts["mse"] != layouts["query"]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..formats import ALL_BITS, GROUP_SIZES, KEY_LAYOUTS, QuantConfig
+from ..formats import ALL_BITS, GROUP_SIZES, KEY_ERRORS, KEY_LAYOUTS, QuantConfig
 from ..generation import SamplingOptions
 from ..quant.allocator import validate_budget
 from ..quant.controllers import CONTROLLERS, HandoffPlan
@@ -126,6 +126,14 @@ def add_card(p: argparse.ArgumentParser) -> None:
         "count in the budget",
     )
     g.add_argument(
+        "--key-error",
+        choices=KEY_ERRORS,
+        default="mse",
+        help="how the allocator measures a key's error: the key vector's "
+        "squared error (mse), or its logits' for the sender's last queries "
+        "(query: helps unrotated cards; see the README's fidelity search)",
+    )
+    g.add_argument(
         "--hops-remaining",
         type=int,
         default=0,
@@ -219,6 +227,7 @@ def quant_config(args, inherited=None, head_dims=None) -> QuantConfig:
         split_kv=auto.split_kv if args.split_kv is None else args.split_kv,
         pin_sinks=getattr(args, "pin_sinks", 0),
         pin_recent=getattr(args, "pin_recent", 0),
+        key_error=getattr(args, "key_error", "mse"),
     )
 
 
