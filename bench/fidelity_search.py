@@ -55,7 +55,8 @@ KIVI_WINDOW = 128
 class Candidate:
     """One row of the tables: ``kind`` "card" (``controller``, ``budget``
     and ``QuantConfig`` keywords ``config``), "mlx-lm" (its
-    ``QuantizedKVCache`` at ``bits``), "kivi" (at ``bits``), or the
+    ``QuantizedKVCache`` at ``bits``), "kivi" (at ``bits``), "pre-rope"
+    (a card of the keys before RoPE, decoded and RoPE'd again), or the
     ablations "keys-only" / "values-only" (a card whose other half is
     replaced by the exact K or V; its bits are the card's)."""
 
@@ -122,6 +123,26 @@ CANDIDATES = [
         budget=4.5,
         config={**SPLIT, "key_error": "query"},
     ),
+    # keys quantized before RoPE (KVQuant; simulated: RoPE undone on the
+    # sender's keys, quantized, decoded and RoPE'd again; no card format yet)
+    Candidate(
+        "saliency+hadamard+split, pre-RoPE keys @3.0",
+        "pre-rope",
+        budget=3.0,
+        config=SPLIT,
+    ),
+    Candidate(
+        "saliency+hadamard+split, pre-RoPE keys @4.5",
+        "pre-rope",
+        budget=4.5,
+        config=SPLIT,
+    ),
+    Candidate(
+        "saliency+split, pre-RoPE keys @4.5",
+        "pre-rope",
+        budget=4.5,
+        config={"split_kv": True},
+    ),
     # ... and unrotated, where the keys' outlier channels are left in place
     Candidate("saliency+split @4.5", budget=4.5, config={"split_kv": True}),
     Candidate(
@@ -149,6 +170,22 @@ def _kv_caches(keys, values):
         c.state = (k, v, k.shape[2])
         out.append(c)
     return out
+
+
+def rope_matrices(attn, T: int) -> mx.array:
+    """(T, D, D) matrices of the attention's RoPE at positions 0..T-1:
+    column j of matrix t is ``attn.rope`` of the unit vector e_j at t (any
+    RoPE variant is a rotation per position, so one call on D "heads" of
+    unit vectors reads them all)."""
+    D = attn.head_dim if hasattr(attn, "head_dim") else attn.k_proj.weight.shape[0]
+    eye = mx.broadcast_to(mx.eye(D)[None, :, None, :], (1, D, T, D))
+    return attn.rope(eye, offset=0)[0].transpose(1, 2, 0)  # (T, i, j)
+
+
+def rope_keys(rope: mx.array, k: mx.array, *, inverse: bool) -> mx.array:
+    """(B, H, T, D) keys through RoPE (``inverse``: RoPE undone, R_t^T k_t)."""
+    spec = "tji,bhtj->bhti" if inverse else "tij,bhtj->bhti"
+    return mx.einsum(spec, rope.astype(mx.float32), k.astype(mx.float32))
 
 
 def candidate_cache(model, cand: Candidate, keys, values, stats):
@@ -197,6 +234,9 @@ def candidate_cache(model, cand: Candidate, keys, values, stats):
         tail = len(keys) * B * Hk * (T - n_q) * (Dk + values[0].shape[3])
         payload = qkv.payload_bytes + 2 * tail  # the window in float16
         return _kv_caches(ks, vs), 8 * payload / n_el, payload
+    if cand.kind == "pre-rope":  # quantize the keys before RoPE (KVQuant)
+        ropes = [rope_matrices(layer.self_attn, T) for layer in model.layers]
+        keys = [rope_keys(m, k, inverse=True) for m, k in zip(ropes, keys)]
     qkv = quantize_cache(
         keys,
         values,
@@ -205,6 +245,10 @@ def candidate_cache(model, cand: Candidate, keys, values, stats):
         config=QuantConfig(**cand.config),
         stats=stats,
     )
+    if cand.kind == "pre-rope":
+        qk, qv = dequantize_cache(qkv)
+        ks = [rope_keys(m, k, inverse=False) for m, k in zip(ropes, qk)]
+        return _kv_caches(ks, qv), qkv.effective_bits, qkv.payload_bytes
     if cand.kind in ("keys-only", "values-only"):
         qk, qv = dequantize_cache(qkv)
         ks, vs = (qk, values) if cand.kind == "keys-only" else (keys, qv)
