@@ -180,24 +180,19 @@ class MLXBackend:
 
     encode = staticmethod(encode)
 
-    def start(self, segments) -> None:
-        mx.async_eval(_arrays([segments]))
-
     def finish(self, layers) -> None:
-        mx.eval(_arrays(layers))
+        mx.eval(
+            [
+                a
+                for layer in layers
+                for s in layer
+                for e in (s.keys, s.values)
+                for a in e.arrays().values()
+            ]
+        )
 
 
 MLX = MLXBackend()
-
-
-def _arrays(layers) -> list[mx.array]:
-    return [
-        a
-        for layer in layers
-        for s in layer
-        for e in (s.keys, s.values)
-        for a in e.arrays().values()
-    ]
 
 
 @functools.cache

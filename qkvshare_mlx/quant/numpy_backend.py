@@ -289,9 +289,6 @@ class NumpyBackend:
 
     encode = staticmethod(encode)
 
-    def start(self, segments) -> None:
-        pass
-
     def finish(self, layers) -> None:
         pass
 

@@ -71,10 +71,6 @@ class Backend(Protocol):
     ) -> Encoded:
         """(B, H, n, D) tokens in one layout (see formats.Encoded)."""
 
-    def start(self, segments: list[Segment]) -> None:
-        """Start evaluating one layer's encoded arrays in the background
-        (lazy libraries: the next layer's gathers overlap them), or nothing."""
-
     def finish(self, layers: list[list[Segment]]) -> None:
         """Evaluate the encoded arrays (lazy libraries), or nothing."""
 
@@ -361,7 +357,6 @@ def quantize(
                 new_layers[li] = encode_layer(
                     backend, k, v, formats, assignment[li], config=config, start=start
                 )
-            backend.start(new_layers[li])
         backend.finish(new_layers)
     layers = [old_layers[i] + new_layers[i] for i in range(len(keys))]
     qkv = QuantizedKV(
