@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -482,7 +483,9 @@ def main(argv=None) -> int:
     state = RowState(args.state or args.out.with_suffix(".state.jsonl"))
     tic = time.perf_counter()
     contexts = [int(c) for c in args.contexts.split(",") if c]
-    command = " ".join(["python", "bench/fidelity_search.py", *(argv or sys.argv[1:])])
+    command = shlex.join(
+        ["python", "bench/fidelity_search.py", *(argv or sys.argv[1:])]
+    )
     if not args.report:  # the runs behind the state, in order
         n = sum(1 for k in state.rows if k[0] == "command")
         state.add({"set": "command", "item": n, "name": command})
@@ -490,7 +493,7 @@ def main(argv=None) -> int:
         if args.problems:
             gsm8k_rows(model, tokenizer, state, args.problems, cands)
         transcript_rows(model, tokenizer, state, contexts, args.follow, cands)
-    rows = aggregate(state, cands)
+    rows = aggregate(state, CANDIDATES)  # every row of the state, not only --only's
     table = markdown(rows)
     print(table)
     result = {
