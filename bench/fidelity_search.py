@@ -114,29 +114,24 @@ CANDIDATES = [
     ),
     # key errors weighed by the probe queries' energy per channel (the
     # logits' error, not the key vectors'; QuantConfig.key_error)
-    Candidate(
-        "saliency+hadamard+split, query-aware keys @3.0",
-        budget=3.0,
-        config={**SPLIT, "key_error": "query"},
-    ),
-    Candidate(
-        "saliency+hadamard+split, query-aware keys @4.5",
-        budget=4.5,
-        config={**SPLIT, "key_error": "query"},
+    *(
+        Candidate(
+            f"saliency+hadamard+split, query-aware keys @{b}",
+            budget=b,
+            config={**SPLIT, "key_error": "query"},
+        )
+        for b in (3.0, 4.5)
     ),
     # keys quantized before RoPE (KVQuant; simulated: RoPE undone on the
     # sender's keys, quantized, decoded and RoPE'd again; no card format yet)
-    Candidate(
-        "saliency+hadamard+split, pre-RoPE keys @3.0",
-        "pre-rope",
-        budget=3.0,
-        config=SPLIT,
-    ),
-    Candidate(
-        "saliency+hadamard+split, pre-RoPE keys @4.5",
-        "pre-rope",
-        budget=4.5,
-        config=SPLIT,
+    *(
+        Candidate(
+            f"saliency+hadamard+split, pre-RoPE keys @{b}",
+            "pre-rope",
+            budget=b,
+            config=SPLIT,
+        )
+        for b in (3.0, 4.5)
     ),
     Candidate(
         "saliency+split, pre-RoPE keys @4.5",
