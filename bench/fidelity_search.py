@@ -472,8 +472,14 @@ def main(argv=None) -> int:
 
     cands = CANDIDATES
     if args.only:
-        # names with a comma in them are listed with ";" between names
-        wanted = set(args.only.split(";" if ";" in args.only else ","))
+        # names with a comma in them are listed with ";" between names (or
+        # alone)
+        names = {c.name for c in CANDIDATES}
+        sep = ";" if ";" in args.only or args.only in names else ","
+        wanted = set(args.only.split(sep))
+        unknown = sorted(wanted - names)
+        if unknown:
+            p.error(f"--only: unknown candidates {unknown}")
         cands = [c for c in CANDIDATES if c.name in wanted]
     state = RowState(args.state or args.out.with_suffix(".state.jsonl"))
     tic = time.perf_counter()
