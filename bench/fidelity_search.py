@@ -168,12 +168,11 @@ def _kv_caches(keys, values):
     return out
 
 
-def rope_matrices(attn, T: int) -> mx.array:
-    """(T, D, D) matrices of the attention's RoPE at positions 0..T-1:
-    column j of matrix t is ``attn.rope`` of the unit vector e_j at t (any
-    RoPE variant is a rotation per position, so one call on D "heads" of
-    unit vectors reads them all)."""
-    D = attn.head_dim if hasattr(attn, "head_dim") else attn.k_proj.weight.shape[0]
+def rope_matrices(attn, T: int, D: int) -> mx.array:
+    """(T, D, D) matrices of the attention's RoPE at positions 0..T-1 for
+    head size D: column j of matrix t is ``attn.rope`` of the unit vector
+    e_j at t (any RoPE variant is a rotation per position, so one call on D
+    "heads" of unit vectors reads them all)."""
     eye = mx.broadcast_to(mx.eye(D)[None, :, None, :], (1, D, T, D))
     return attn.rope(eye, offset=0)[0].transpose(1, 2, 0)  # (T, i, j)
 
@@ -231,7 +230,7 @@ def candidate_cache(model, cand: Candidate, keys, values, stats):
         payload = qkv.payload_bytes + 2 * tail  # the window in float16
         return _kv_caches(ks, vs), 8 * payload / n_el, payload
     if cand.kind == "pre-rope":  # quantize the keys before RoPE (KVQuant)
-        ropes = [rope_matrices(layer.self_attn, T) for layer in model.layers]
+        ropes = [rope_matrices(layer.self_attn, T, Dk) for layer in model.layers]
         keys = [rope_keys(m, k, inverse=True) for m, k in zip(ropes, keys)]
     qkv = quantize_cache(
         keys,

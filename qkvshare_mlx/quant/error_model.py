@@ -89,26 +89,30 @@ def _channel_sq_ranges(x, groups, xp, weights=None) -> tuple[dict, object]:
         x = xp.concatenate([x, xp.repeat(x[:, :, -1:], pad, axis=2)], axis=2)
     w = x.reshape(B, H, (T + pad) // g0, g0, D)
     hi0, lo0 = w.max(axis=3), w.min(axis=3)  # (B, H, W0, D)
+    if weights is not None:  # (1, H, 1, D), made once for every group size
+        weights = xp.array(weights.astype(np.float32))[None, :, None, :]
     out = {}
     for group in groups:
         hi, lo = (hi0, lo0) if group == g0 else _merge(hi0, lo0, group // g0, 2, xp)
         r = hi - lo
-        if weights is not None:
-            r = r * xp.sqrt(xp.array(weights.astype(np.float32)))[None, :, None, :]
-        per_window = (r * r).sum(axis=(0, 1, 3))  # (W,)
+        sq = r * r if weights is None else r * r * weights
+        per_window = sq.sum(axis=(0, 1, 3))  # (W,)
         out[group] = xp.repeat(per_window, group)[:T]
     return out, _all_finite(hi0, lo0, xp)
 
 
 def _sq_norms(x, xp, weights=None):
     """(T,) sum over (B, H, D) of x^2 (times (H, D) ``weights``, if given)."""
-    if weights is not None:
-        x = x * xp.sqrt(xp.array(weights.astype(np.float32)))[None, :, None, :]
     if xp is np:
-        return np.einsum("bhtd,bhtd->t", x, x, dtype=np.float64)
+        if weights is None:
+            return np.einsum("bhtd,bhtd->t", x, x, dtype=np.float64)
+        return np.einsum("bhtd,bhtd,hd->t", x, x, weights, dtype=np.float64)
+    sq = xp.square(x)
+    if weights is not None:
+        sq = sq * xp.array(weights.astype(np.float32))[None, :, None, :]
     # the contiguous axis first: MLX's CPU reduction over (0, 1, 3) at once
     # runs about 2x slower
-    return xp.square(x).sum(axis=-1).sum(axis=(0, 1))
+    return sq.sum(axis=-1).sum(axis=(0, 1))
 
 
 def _statistics(keys, values, formats: list[Format], float_bits: int, xp, kw=None):
