@@ -40,8 +40,13 @@ def quantized_layout(card: CacheCard) -> tuple[int, int] | None:
     """(bits, group_size) when the card is storable as mlx-lm QuantizedKVCache.
 
     That is: every layer one segment covering tokens 0..T-1 in order, keys and
-    values both in ``token`` layout with one group size, one width for all.
+    values both in ``token`` layout with one group size, one width for all,
+    and the codes in the model's own basis (no rotation, no pre-RoPE keys:
+    mlx-lm's quantized attention reads them as they are).
     """
+    config = card.qkv.config
+    if config.rotation != "none" or config.key_rope is not None:
+        return None
     found = set()
     for layer in card.layers:
         if len(layer) != 1:

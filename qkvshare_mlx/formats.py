@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, SegmentCoverageError
+from .rope import KeyRope
 from .rotation import check_rotation
 
 CODE_BITS = (2, 3, 4, 5, 6, 8)
@@ -177,6 +178,10 @@ class QuantConfig:
             :func:`qkvshare_mlx.quant.error_model.query_weights`; needs
             ``TokenStats.query_moments``). Sender-side, not written to the
             card.
+        key_rope: a :class:`~qkvshare_mlx.rope.KeyRope`: quantize the keys
+            before RoPE (each row rotated back by its position's angles,
+            and forward again by every reader; format version 4), from
+            :func:`qkvshare_mlx.rope.from_mlx_model`. None: keys as cached.
     """
 
     group_size: int = 64
@@ -190,6 +195,7 @@ class QuantConfig:
     pin_sinks: int = 0
     pin_recent: int = 0
     key_error: str = "mse"
+    key_rope: KeyRope | None = None
 
     def __post_init__(self):
         validate_group(self.group_size)
@@ -209,6 +215,11 @@ class QuantConfig:
         for b in self.widths:
             validate_bits(b)
         check_rotation(self.rotation)
+        if self.key_rope is not None and not isinstance(self.key_rope, KeyRope):
+            raise ConfigError(
+                "key_rope must be a KeyRope or None but got "
+                f"{type(self.key_rope).__name__}"
+            )
         if self.key_error not in KEY_ERRORS:
             raise ConfigError(
                 f"key_error must be one of {list(KEY_ERRORS)} "
@@ -305,6 +316,8 @@ class QuantConfig:
             **({"rotation": self.rotation} if self.rotation != "none" else {}),
             # version 3 (with split formats): written only when set
             **({"split_kv": True} if self.split_kv else {}),
+            # version 4: written only when set
+            **({"key_rope": self.key_rope.to_dict()} if self.key_rope else {}),
         }
 
 

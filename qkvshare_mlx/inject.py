@@ -242,6 +242,13 @@ def inject(
             "'dequantize' only"
         )
     _check_held(qkv, windows, layout)
+    key_rope = qkv.config.key_rope
+    if key_rope is not None and mode == "compressed":
+        # q . R_t k does not fold into the query: no attention on the codes
+        raise ConfigError(
+            "mode 'compressed': a card with pre-RoPE keys (quant.config.key_rope) "
+            "is received in mode 'dequantize' or 'stream'"
+        )
     if mode == "compressed":
         uniform = _uniform_token_format(qkv)
         # mlx-lm's quantized attention reads the codes as they are: no rotation
@@ -270,9 +277,15 @@ def inject(
     if on_device:
         decoded = [
             dequantize_layer(
-                layer, T, dtype, capacity=capacity, rotation=rotation, start=start
+                layer,
+                T,
+                dtype,
+                capacity=capacity,
+                rotation=rotation,
+                start=start,
+                rope=None if key_rope is None else key_rope.spec(li),
             )
-            for layer, start in zip(qkv.layers, qkv.starts)
+            for li, (layer, start) in enumerate(zip(qkv.layers, qkv.starts))
         ]
         if mode == "dequantize":
             mx.eval(decoded)
@@ -285,6 +298,7 @@ def inject(
             rotation=rotation,
             starts=qkv.starts,
             buffers=_buffers(reuse),
+            key_rope=key_rope,
         )
         return [StreamedKVCache(f, T, dtype) for f in futures]
     decoded = dequantize_layers(
@@ -295,6 +309,7 @@ def inject(
         rotation=rotation,
         starts=qkv.starts,
         buffers=_buffers(reuse),
+        key_rope=key_rope,
     )
     return [_layer_cache(k, v, T, w) for (k, v), w in zip(decoded, windows)]
 

@@ -162,3 +162,32 @@ def test_query_aware_key_errors_from_the_flag(tiny_chat_model_dir, tmp_path):
             for layer in card.layers
         ]
     assert layouts["mse"] != layouts["query"]
+
+
+def test_pre_rope_flag_writes_a_version_4_card_the_receiver_decodes(
+    tiny_chat_model_dir, tmp_path, capsys
+):
+    from qkvshare_mlx.inject import inject
+    from qkvshare_mlx.models import load_model
+    from qkvshare_mlx.rope import from_mlx_model
+
+    prompt = " ".join(f"item {i} costs {3 * i % 17} coins;" for i in range(20))
+    out = tmp_path / "pre.qkv"
+    args = ["make-card", "--model", str(tiny_chat_model_dir), "-p", prompt]
+    assert main(args + ["--budget-bits", "4.5", "--pre-rope", "--out", str(out)]) == 0
+    card = CacheCard.load(out)
+    model, _ = load_model(str(tiny_chat_model_dir))
+    assert card.version == 4 and card.qkv.config.key_rope == from_mlx_model(model)
+    caches = inject(card, model, mode="dequantize")
+    assert len(caches) == len(model.layers) and caches[0].offset == card.n_tokens
+    # where the model's RoPE is never read, the flag is refused, not ignored
+    for extra, words in (
+        (["--runtime", "hf"], "--pre-rope needs --runtime mlx"),
+        (["--key-error", "query"], "key_error 'query'"),
+    ):
+        capsys.readouterr()
+        assert (
+            main(args + ["--pre-rope", "--out", str(tmp_path / "x.qkv"), *extra]) == 2
+        )
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "x.qkv").exists()

@@ -170,3 +170,22 @@ def test_file_saved_from_a_stream_mode_cache_becomes_a_card(tmp_path):
     back = prompt_cache_file_to_card(path, tokens=card.tokens, **EXACT)
     k2, v2 = dequantize_cache(back.to_quantized())
     assert _equal(ks, k2) and _equal(vs, v2)
+
+
+@pytest.mark.parametrize("extra", ["rotation", "key_rope"])
+def test_codes_in_another_basis_go_out_dequantized(tmp_path, extra):
+    # mlx-lm's quantized attention would read rotated or pre-RoPE codes as
+    # they are: such a card is written as float KVCache layers
+    from qkvshare_mlx.rope import KeyRope, RopeSpec
+
+    kw = {"rotation": "hadamard"}
+    if extra == "key_rope":
+        spec = RopeSpec("half", tuple(float(np.float32(0.5**i)) for i in range(8)))
+        kw = {"key_rope": KeyRope((spec,), (0, 0, 0))}
+    config = QuantConfig(key_layout="token", group_size=64, adaptive_groups=False, **kw)
+    card, _, _ = _card(controller="uniform", budget_bits=4.5, config=config)
+    assert quantized_layout(card) is None
+    path = card_to_prompt_cache_file(card, tmp_path / "p.safetensors")
+    cache = load_prompt_cache(str(path))
+    assert all(type(c) is KVCache for c in cache)
+    assert _equal(dequantize_cache(card.to_quantized())[0], [c.state[0] for c in cache])

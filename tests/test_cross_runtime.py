@@ -259,3 +259,30 @@ def test_default_model_mlx_card_continues_in_transformers(default_pair):
         card = CacheCard.from_bytes(CacheCard.from_quantized(qkv, ids, fp).to_bytes())
         got = continue_hf(card, hf_model, hf_tok, ids, max_tokens=32).tokens
         assert got == hf_greedy_tokens(hf_model, ids, max_tokens=32, eos=eos)
+
+
+def test_pre_rope_card_continues_in_transformers(twins):
+    # keys stored before RoPE (version 4) come back RoPE'd in transformers'
+    # cache: a lossless card continues exactly, a 4.5-bit one stays close
+    from qkvshare_mlx.rope import from_mlx_model
+
+    ids = tokens(54, seed=5)
+    keys, values = mlx_prefill(twins.mlx_model, ids[:48])
+    kr = from_mlx_model(twins.mlx_model)
+    own, _, _ = hf_prefill(twins.hf_model, ids[:48])
+    for budget, tol in ((32, 1e-4), (4.5, None)):
+        config = QuantConfig(float_dtype="float32", key_rope=kr)
+        qkv = quantize_cache(
+            keys, values, controller="uniform", budget_bits=budget, config=config
+        )
+        card = CacheCard.from_quantized(qkv, ids[:48], fingerprint_from_config(CONFIG))
+        card = CacheCard.from_bytes(card.to_bytes(), expect=fingerprint(twins.hf_model))
+        assert card.version == 4
+        injected = card_to_dynamic_cache(card, twins.hf_model)
+        for a, b in zip(own.layers, injected.layers):
+            err = (b.keys - a.keys).abs().max().item()
+            scale = a.keys.abs().max().item()
+            assert err < (tol or 0.2) * scale, (budget, err, scale)
+        if budget == 32:
+            got = continue_hf(card, twins.hf_model, None, ids, max_tokens=16).tokens
+            assert got == hf_greedy_tokens(twins.hf_model, ids, max_tokens=16)

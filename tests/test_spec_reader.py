@@ -19,6 +19,7 @@ from qkvshare_mlx.formats import Format, QuantConfig, QuantizedKV
 from qkvshare_mlx.quant.controllers import TokenStats
 from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
 from qkvshare_mlx.quant.numpy_backend import encode_bucket
+from qkvshare_mlx.rope import KeyRope, RopeSpec, rope_mx
 
 # ---------------------------------------------------------------------------
 # The spec reader.
@@ -124,11 +125,30 @@ def spec_rotation(dim: int) -> np.ndarray:
     return signs[:, None] * h / np.sqrt(dim)
 
 
+def spec_rope(k: np.ndarray, spec: dict) -> np.ndarray:
+    """Section 5.2 on (B, H, T, D) float32 keys: row t's pair i rotated by t * f_i."""
+    f = np.array(spec["freqs"], np.float32)
+    F = f.shape[0]
+    if spec["pairing"] == "half":
+        a, b = np.arange(F), np.arange(F) + F
+    else:
+        assert spec["pairing"] == "interleaved"
+        a, b = np.arange(0, 2 * F, 2), np.arange(1, 2 * F, 2)
+    t = np.arange(k.shape[2], dtype=np.float64)[:, None]
+    angle = t * f.astype(np.float64)
+    c, s = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    out = k.copy()
+    xa, xb = k[..., a], k[..., b]
+    out[..., a] = (xa * c).astype(np.float32) - (xb * s).astype(np.float32)
+    out[..., b] = (xa * s).astype(np.float32) + (xb * c).astype(np.float32)
+    return out
+
+
 def spec_read(data: bytes):
     """Decode a card into (meta, tokens, [K per layer], [V per layer])."""
     meta, header = spec_header(data)
     assert meta["format"] == "qkvshare.cachecard"
-    assert meta["version"] in ("1", "2", "3")
+    assert meta["version"] in ("1", "2", "3", "4")
     card = json.loads(meta["card"])
     assert card["version"] == int(meta["version"])
     tensors = st_load(data)
@@ -136,7 +156,9 @@ def spec_read(data: bytes):
     assert checksum == meta["sha256"]
     rotation = card["quant"]["config"].get("rotation", "none")
     c = card["cache"]
-    if meta["version"] == "3":  # section 9: version 3 has cache.held_from
+    key_rope = card["quant"]["config"].get("key_rope")
+    assert (key_rope is not None) == (meta["version"] == "4")  # section 9
+    if meta["version"] in ("3", "4"):  # section 9: cache.held_from from version 3
         held = c["held_from"]  # all zero only with padded rows (checked below)
     else:
         assert "held_from" not in c
@@ -169,6 +191,8 @@ def spec_read(data: bytes):
         if rotation == "hadamard":  # stored rows are x @ R
             k = (k @ spec_rotation(k.shape[-1]).T).astype(np.float32)
             v = (v @ spec_rotation(v.shape[-1]).T).astype(np.float32)
+        if key_rope is not None:  # section 5.2: then RoPE, by row position
+            k = spec_rope(k, key_rope["specs"][key_rope["layers"][li]])
         keys.append(k)
         values.append(v)
     return card, tensors["tokens"], keys, values
@@ -190,6 +214,14 @@ def _random_cache(L=3, B=1, H=2, T=150, D=64, seed=0):
     return ks, vs, stats
 
 
+KEY_ROPE = KeyRope(
+    (
+        RopeSpec("half", tuple(float(np.float32(1e4 ** (-i / 32))) for i in range(32))),
+        RopeSpec("interleaved", tuple(float(np.float32(0.9**i)) for i in range(12))),
+    ),
+    (0, 1, 0),
+)
+
 CASES = [
     ("uniform", 4.5, QuantConfig(key_layout="channel")),
     ("uniform", 3.0, QuantConfig(key_layout="token", group_size=32)),
@@ -206,12 +238,21 @@ CASES = [
     # Version 2: rotated before quantizing.
     ("saliency", 3.5, QuantConfig(rotation="hadamard")),
     ("uniform", 4.5, QuantConfig(rotation="hadamard", key_layout="token")),
+    # Version 4: keys stored before RoPE (two specs: one interleaved, partial).
+    ("uniform", 3.0, QuantConfig(key_rope=KEY_ROPE)),
+    (
+        "saliency",
+        4.5,
+        QuantConfig(key_rope=KEY_ROPE, rotation="hadamard", split_kv=True),
+    ),
 ]
 
 
 @pytest.mark.parametrize("controller,budget,config", CASES)
 def test_spec_reader_matches_mlx_path(controller, budget, config):
     ks, vs, stats = _random_cache()
+    if config.key_rope is not None:  # cached keys are RoPE'd: outliers spread
+        ks = [rope_mx(k, config.key_rope.spec(li)) for li, k in enumerate(ks)]
     qkv = quantize_cache(
         ks, vs, controller=controller, budget_bits=budget, config=config, stats=stats
     )
@@ -228,7 +269,8 @@ def test_spec_reader_matches_mlx_path(controller, budget, config):
         for got, want in ((k_spec[li], k_mlx[li]), (v_spec[li], v_mlx[li])):
             want = np.array(want)
             # un-rotated in float64 here, float32 there: float32 rounding apart
-            tol = 1e-6 if config.rotation == "none" else 1e-6 * np.abs(want).max()
+            exact = config.rotation == "none" and config.key_rope is None
+            tol = 1e-6 if exact else 1e-6 * np.abs(want).max()
             assert np.abs(got - want).max() <= tol
         # And the result is a real reconstruction, not two equal wrong answers.
         assert np.abs(k_spec[li] - np.array(ks[li])).mean() < 0.5

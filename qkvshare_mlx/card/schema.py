@@ -30,16 +30,18 @@ from ..formats import (
     token_groups,
     window_start,
 )
+from ..rope import KeyRope
 from ..rotation import check_rotation
 
 FORMAT_NAME = "qkvshare.cachecard"
-FORMAT_VERSION = 3  # the newest this library reads and writes
+FORMAT_VERSION = 4  # the newest this library reads and writes
 # Versions read. Writers emit the lowest version that can hold the card:
 # 1 without a rotation (byte-identical to earlier releases), 2 with one, 3
 # when a sliding-window layer holds only its window (``cache.held_from``) or
-# a head size no group divides is stored in padded rows, so an older reader
-# refuses what it would misread.
-READ_VERSIONS = (1, 2, 3)
+# a head size no group divides is stored in padded rows, 4 with pre-RoPE
+# keys (``quant.config.key_rope``), so an older reader refuses what it
+# would misread.
+READ_VERSIONS = (1, 2, 3, 4)
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 # Per-layer token positions are stored as U16 while they fit, else as I32.
 MAX_U16_TOKENS = 1 << 16
@@ -117,6 +119,8 @@ def float_tensor_dtype(quant) -> str:
 def version_for(quant: dict, cache: dict | None = None) -> int:
     """The format version a card with this quant and cache summary is written as."""
     cfg = quant.get("config") if isinstance(quant, dict) else None
+    if isinstance(cfg, dict) and "key_rope" in cfg:
+        return 4
     split = isinstance(cfg, dict) and cfg.get("split_kv", False) is not False
     if (isinstance(cache, dict) and "held_from" in cache) or split:
         return 3
@@ -126,12 +130,14 @@ def version_for(quant: dict, cache: dict | None = None) -> int:
 
 def needs_v3(qkv) -> bool:
     """Whether a :class:`~qkvshare_mlx.formats.QuantizedKV` is written as
-    version 3: sliding layers held from their window, padded rows or split
-    key/value widths (``cache.held_from`` is then written, possibly zeros)."""
+    version 3 or later: sliding layers held from their window, padded rows,
+    split key/value widths or pre-RoPE keys (version 4) (``cache.held_from``
+    is then written, possibly zeros)."""
     segs = [s for layer in qkv.layers for s in layer]
     return (
         bool(qkv.held_from)
         or qkv.config.split_kv
+        or qkv.config.key_rope is not None
         or any(s.value_bits is not None for s in segs)
         or any(e.dim is not None for s in segs for e in (s.keys, s.values))
     )
@@ -212,8 +218,8 @@ def check_quant(quant: dict) -> None:
             raise CardFormatError(f"quant.{key}: expected 0..64 bits, got {v}")
     cfg = req(quant, "config", dict, "quant")
     defaults = QuantConfig().to_dict()
-    # written only when not the default; split_kv in version 3 only
-    optional = {"rotation": "none", "split_kv": False}
+    # written only when not the default; split_kv from version 3 on, key_rope 4
+    optional = {"rotation": "none", "split_kv": False, "key_rope": {}}
     if not set(defaults) <= set(cfg) <= set(defaults) | set(optional):
         raise CardFormatError(
             f"quant.config: expected keys {sorted(defaults)} (optional "
@@ -234,8 +240,10 @@ def check_quant(quant: dict) -> None:
 
 def quant_config(quant: dict) -> QuantConfig:
     """The :class:`QuantConfig` a card's ``quant.config`` describes."""
-    cfg = quant["config"]
+    cfg = dict(quant["config"])
     try:
+        if "key_rope" in cfg:
+            cfg["key_rope"] = KeyRope.from_dict(cfg["key_rope"])
         return QuantConfig(**dict(cfg, widths=tuple(cfg["widths"])))
     except (ConfigError, TypeError) as e:
         raise CardFormatError(f"quant.config: {e}") from None
@@ -314,7 +322,7 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
             f"version {version}: quant.config.rotation "
             f"{m['quant']['config'].get('rotation', 'none')!r} is written as "
             f"version {version_for(m['quant'], c)} (rotated cards are version 2, "
-            "cards with cache.held_from version 3)"
+            "cards with cache.held_from or split_kv version 3, with key_rope 4)"
         )
     starts = held_from(c, m["model"])
     padded_rows, splits = [], []
@@ -324,6 +332,12 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         check_rotation(m["quant"]["config"].get("rotation", "none"), dk, dv)
     except ConfigError as e:
         raise CardFormatError(f"quant.config.rotation: {e}") from None
+    key_rope = quant_config(m["quant"]).key_rope
+    if key_rope is not None:
+        try:
+            key_rope.check(L, dk)
+        except ConfigError as e:
+            raise CardFormatError(f"quant.config.{e}") from None
     table = req(m, "layers", list, "card")
     if len(table) != L:
         raise CardFormatError(
@@ -385,7 +399,7 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
             f"card is version {version}"
         )
     split_kv = m["quant"]["config"].get("split_kv", False)
-    if version >= 3 and not (any(starts) or padded_rows or splits or split_kv):
+    if version == 3 and not (any(starts) or padded_rows or splits or split_kv):
         raise CardFormatError(
             "cache.held_from: all zero and no padded rows or split widths (such "
             "a card is written as version 1 or 2)"

@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if _is_card(src):
         return _card_to_file(args, src, dst)
     options.check_budget(args)
+    if args.pre_rope:  # the model is read for its fingerprint only, never run
+        raise ConfigError(
+            "--pre-rope: convert does not load the model's RoPE; make the card "
+            "with make-card or generate"
+        )
     return _file_to_card(args, src, dst)
 
 

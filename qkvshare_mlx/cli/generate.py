@@ -106,7 +106,7 @@ def _mlx(args, card, model_arg, prompt, sampling, out, plan):
             args.controller,
             args.budget_bits,
             options.quant_config(
-                args, inherited=card, head_dims=options.head_dims(model)
+                args, inherited=card, head_dims=options.head_dims(model), model=model
             ),
             plan,
             options.recorded_model(model_arg),

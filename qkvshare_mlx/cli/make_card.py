@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--generate must be >= 0 but got {args.generate}")
     if args.generate and args.runtime == "hf":
         raise ConfigError("--generate needs --runtime mlx")
+    if args.pre_rope and args.runtime == "hf":
+        raise ConfigError("--pre-rope needs --runtime mlx")
     config, plan = options.quant_config(args), options.plan(args)
     sampling = options.sampling(args)
     key = options.card_key(args)
@@ -84,7 +86,7 @@ def _mlx_card(args, prompt, chat, config, plan, sampling):
 
     options.seed_now(args)
     model, tokenizer = load_model(args.model)
-    config = options.quant_config(args, head_dims=options.head_dims(model))
+    config = options.quant_config(args, head_dims=options.head_dims(model), model=model)
     opts = CardOptions(args.controller, args.budget_bits, config, plan, _extra(args))
     card, gen = send(
         model,

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..formats import Encoded, Segment, check_cover, layer_index
+from ..rope import rope_rows
 from ..rotation import check_rotation
 from . import numpy_backend
 
@@ -116,6 +117,7 @@ def dequantize_layers(
     rotation: str = "none",
     starts: list[int] | None = None,
     buffers: list | None = None,
+    key_rope=None,
 ) -> list[tuple[mx.array, mx.array]]:
     """:func:`dequantize_layer` for many layers, fast: each token written once.
 
@@ -129,8 +131,9 @@ def dequantize_layers(
     token-major cache (what ``mx.take`` along the token axis returns) ran ~3x
     slower per decoding step. Results equal :func:`dequantize_layer`'s bit
     for bit. A ``rotation`` is undone in place (numpy, float32) before any
-    cast to ``dtype``. A layer held from ``starts[l] > 0`` (a sliding
-    window's tokens) has zero rows before it.
+    cast to ``dtype``, then pre-RoPE keys (``key_rope``, a
+    :class:`~qkvshare_mlx.rope.KeyRope`) are rotated forward. A layer held
+    from ``starts[l] > 0`` (a sliding window's tokens) has zero rows before it.
 
     ``buffers``: per layer, ``(keys, values)`` evaluated float32 arrays to
     decode into in place instead of fresh ones (a receiver's caches from an
@@ -149,8 +152,8 @@ def dequantize_layers(
     check_rotation(rotation)
     scratch = {"keys": np.empty(0, np.float32), "values": np.empty(0, np.float32)}
 
-    def fill(chunk, kv, dst):  # numpy only, so keys and values run in parallel
-        scratch[kv] = _fill_rows(chunk, kv, dst, T, rotation, scratch[kv])
+    def fill(chunk, kv, dst, ropes):  # numpy only: keys and values in parallel
+        scratch[kv] = _fill_rows(chunk, kv, dst, T, rotation, scratch[kv], ropes)
 
     step = max(layers_per_pass, 1)
     starts = list(starts or [0] * len(layers))
@@ -189,8 +192,10 @@ def dequantize_layers(
                         _clear_outside(views[kv][j], starts[li], T)
             # 2. numpy writes every token's row into them, through views
             lchunk = [layers[li] for li in chunk]
+            ropes = [_layer_rope(key_rope, li) for li in chunk]
             jobs = [
-                pool.submit(fill, lchunk, kv, views[kv]) for kv in ("keys", "values")
+                pool.submit(fill, lchunk, kv, views[kv], ropes)
+                for kv in ("keys", "values")
             ]
             for job in jobs:
                 job.result()
@@ -204,10 +209,21 @@ def dequantize_layers(
     return out
 
 
+def _layer_rope(key_rope, li: int):
+    return None if key_rope is None else key_rope.spec(li)
+
+
 def _fill_rows(
-    chunk, kv: str, dst: list[np.ndarray], T: int, rotation, scratch: np.ndarray
+    chunk,
+    kv: str,
+    dst: list[np.ndarray],
+    T: int,
+    rotation,
+    scratch: np.ndarray,
+    ropes: list | None = None,
 ) -> np.ndarray:
-    """Decode the ``kv`` ("keys"/"values") rows of a chunk of layers into dst.
+    """Decode the ``kv`` ("keys"/"values") rows of a chunk of layers into dst
+    (keys of pre-RoPE layers rotated forward by their ``ropes`` spec).
 
     numpy only (it releases the GIL: safe on a worker thread). Returns the
     float32 scratch buffer it used (``scratch``, or a larger one) for reuse.
@@ -223,8 +239,10 @@ def _fill_rows(
         scratch = np.empty(need, np.float32)
     for key, items in buckets.items():
         _write_bucket(key, items, dst, scratch)
-    for d in dst:
+    for j, d in enumerate(dst):
         numpy_backend.unrotate_rows(d, T, rotation)
+        if kv == "keys" and ropes and ropes[j] is not None:
+            rope_rows(d[:, :, :T], ropes[j])
     return scratch
 
 
@@ -278,6 +296,7 @@ def stream_layers(
     rotation: str = "none",
     starts: list[int] | None = None,
     buffers: list | None = None,
+    key_rope=None,
 ) -> list[Future]:
     """:func:`dequantize_layers` on a background thread, layer by layer.
 
@@ -317,7 +336,8 @@ def stream_layers(
             dst = views[li][kv]
             if reuse[li]:
                 _clear_outside(dst[0], starts[li], T)
-            scratch = _fill_rows([layers[li]], kv, dst, T, rotation, scratch)
+            ropes = [_layer_rope(key_rope, li)]
+            scratch = _fill_rows([layers[li]], kv, dst, T, rotation, scratch, ropes)
         return bufs[li]["keys"][0], bufs[li]["values"][0]
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvshare-decode")

@@ -32,6 +32,7 @@ from ..formats import (
     pad_rows,
     padded,
 )
+from ..rope import rope_mx
 from ..rotation import rotation_matrix, rotation_signs
 from . import pipeline
 from .controllers import HandoffPlan, TokenStats
@@ -178,6 +179,9 @@ class MLXBackend:
     def rotate(self, x, kind: str):
         return _rotate(x, kind, inverse=False)
 
+    def unrope(self, x, spec):
+        return rope_mx(x, spec, inverse=True)
+
     encode = staticmethod(encode)
 
     def finish(self, layers) -> None:
@@ -244,6 +248,7 @@ def dequantize_layer(
     capacity: int = 0,
     rotation: str = "none",
     start: int = 0,
+    rope=None,
 ) -> tuple[mx.array, mx.array]:
     """Reassemble (B, H, T, D) keys and values from one layer's segments.
 
@@ -258,10 +263,17 @@ def dequantize_layer(
         rotation: the cache's ``QuantConfig.rotation``, undone after decoding.
         start: the layer's first held position; rows before it are zeros
             (positions a sliding window masks out of every later query).
+        rope: the layer's :class:`~qkvshare_mlx.rope.RopeSpec` when the card
+            holds pre-RoPE keys (``QuantConfig.key_rope``): its rows are
+            rotated forward after any rotation is undone, in float32.
     """
-    if rotation != "none":
+    if rotation != "none" or rope is not None:
         k, v = dequantize_layer(segments, n_tokens, mx.float32, start=start)
-        k, v = unrotate(k, rotation, dtype), unrotate(v, rotation, dtype)
+        if rotation != "none":
+            k, v = unrotate(k, rotation), unrotate(v, rotation)
+        if rope is not None:
+            k = rope_mx(k, rope)
+        k, v = k.astype(dtype), v.astype(dtype)
         pad = max(int(capacity) - n_tokens, 0)
         return _zero_pad(k, pad), _zero_pad(v, pad)
     ks = [decode(s.keys, s.bits, dtype) for s in segments]
@@ -293,10 +305,17 @@ def dequantize_layer(
 
 def dequantize_cache(qkv: QuantizedKV, dtype=mx.float32):
     """All layers of a :class:`QuantizedKV` as lists of (B, H, T, D) keys, values."""
-    rot = qkv.config.rotation
+    rot, key_rope = qkv.config.rotation, qkv.config.key_rope
     pairs = [
-        dequantize_layer(layer, qkv.n_tokens, dtype, rotation=rot, start=start)
-        for layer, start in zip(qkv.layers, qkv.starts)
+        dequantize_layer(
+            layer,
+            qkv.n_tokens,
+            dtype,
+            rotation=rot,
+            start=start,
+            rope=None if key_rope is None else key_rope.spec(li),
+        )
+        for li, (layer, start) in enumerate(zip(qkv.layers, qkv.starts))
     ]
     return [k for k, _ in pairs], [v for _, v in pairs]
 

@@ -35,6 +35,7 @@ from ..formats import (
     pad_rows,
     padded,
 )
+from ..rope import rope_np, rope_rows
 from ..rotation import rotation_matrix
 from . import pipeline
 from .controllers import HandoffPlan, TokenStats
@@ -287,6 +288,9 @@ class NumpyBackend:
         matrix = rotation_matrix(kind, x.shape[-1])
         return x.astype(np.float32) @ matrix
 
+    def unrope(self, x, spec):
+        return rope_np(x, spec, inverse=True)
+
     encode = staticmethod(encode)
 
     def finish(self, layers) -> None:
@@ -400,16 +404,22 @@ def quantize_cache_np(
 def dequantize_cache_np(qkv: QuantizedKV) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """All layers of a :class:`QuantizedKV` as lists of (B, H, T, D) float32 arrays.
 
-    A layer held from ``held_from[l] > 0`` has zero rows before it.
+    A layer held from ``held_from[l] > 0`` has zero rows before it. A
+    rotation is undone, then pre-RoPE keys are rotated forward (``key_rope``).
 
     Raises:
         CacheShapeError: a layer's segments do not cover ``n_tokens`` tokens.
     """
     keys, values = [], []
-    for layer, start in zip(qkv.layers, qkv.starts):
+    key_rope = qkv.config.key_rope
+    for li, (layer, start) in enumerate(zip(qkv.layers, qkv.starts)):
         k, v = decode_layer(layer, qkv.n_tokens, start=start)
         rk = rotation_matrix(qkv.config.rotation, k.shape[-1])
         rv = rotation_matrix(qkv.config.rotation, v.shape[-1])
-        keys.append(k if rk is None else k @ rk.T)
+        k = k if rk is None else k @ rk.T
+        if key_rope is not None:  # pre-RoPE keys: rotated forward again
+            k = np.ascontiguousarray(k, dtype=np.float32)
+            rope_rows(k, key_rope.spec(li))
+        keys.append(k)
         values.append(v if rv is None else v @ rv.T)
     return keys, values

@@ -66,6 +66,10 @@ class Backend(Protocol):
         """(..., D) vectors times the rotation's (D, D) matrix ``R``
         (:mod:`qkvshare_mlx.rotation`), in float32."""
 
+    def unrope(self, x, spec) -> Any:
+        """(B, H, T, D) keys rotated back by their rows' RoPE angles
+        (:func:`qkvshare_mlx.rope.rope_rows`, ``inverse``), in float32."""
+
     def encode(
         self, x, bits: int, layout: str, group: int, float_dtype: str
     ) -> Encoded:
@@ -261,7 +265,18 @@ def quantize(
     values = [backend.asarray(v) for v in values]
     B, H, T, dk, dv = check_kv(keys, values, xp=backend.xp, finite=False)
     check_controller(controller)
-    # 2. rotate: quantize in the rotated basis (undone by every decoder)
+    # 2. rotate: keys back before RoPE, then both into the rotated basis
+    # (undone by every decoder, in the opposite order)
+    if config.key_rope is not None:
+        config.key_rope.check(len(keys), dk)
+        if config.key_error == "query":
+            raise ConfigError(
+                "key_error 'query' weighs post-RoPE key channels; with key_rope "
+                "use key_error 'mse'"
+            )
+        for i in range(len(keys)):
+            with backend.lane(i):
+                keys[i] = backend.unrope(keys[i], config.key_rope.spec(i))
     if config.rotation != "none":
         check_rotation(config.rotation, dk, dv)
         for i in range(len(keys)):
@@ -281,6 +296,11 @@ def quantize(
             raise ConfigError(
                 f"inherited cache has rotation {inherited.config.rotation!r}, "
                 f"new tokens {config.rotation!r}: a card keeps one rotation"
+            )
+        if inherited.config.key_rope != config.key_rope:
+            raise ConfigError(
+                "inherited cache and new tokens differ in key_rope (pre-RoPE "
+                "keys): a card keeps one"
             )
         if start > T:
             raise CacheShapeError(f"inherited cache covers {start} tokens but T={T}")

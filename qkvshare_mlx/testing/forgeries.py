@@ -145,6 +145,54 @@ def forged_bad_types(data: bytes, rng) -> bytes:
     return forge(m, t)
 
 
+def with_key_rope(data: bytes, defect: str | None = None, rng=None) -> bytes:
+    """The card re-declared as holding pre-RoPE keys (``quant.config.key_rope``,
+    version 4, ``cache.held_from``; checksum recomputed): a valid card without
+    ``defect``, else one with that defect (see :data:`KEY_ROPE_DEFECTS`)."""
+    m, t = editable(data)
+    L, D = m["cache"]["n_layers"], m["cache"]["head_dim_k"]
+    freqs = [float(np.float32(10000.0 ** (-2 * i / D))) for i in range(D // 2)]
+    rope = {"specs": [{"pairing": "half", "freqs": freqs}], "layers": [0] * L}
+    if defect is not None:
+        KEY_ROPE_DEFECTS[defect](rope, rng or np.random.default_rng(0), D)
+    m["quant"]["config"]["key_rope"] = rope
+    m["cache"].setdefault("held_from", [0] * L)
+    m["version"] = 4
+    return forge(m, t)
+
+
+def _bad_freq(rope, rng, D):
+    freqs = rope["specs"][0]["freqs"]
+    bad = pick(rng, [4.0, -3.5, 1e300, 0.1, "0.5", None, True, [0.5]])
+    freqs[int(rng.integers(0, len(freqs)))] = bad  # 0.1 is no float32 value
+
+
+# Each makes a valid key_rope object invalid in one way.
+KEY_ROPE_DEFECTS = {
+    "unknown pairing": lambda r, rng, D: r["specs"][0].update(pairing="halves"),
+    "bad frequency": _bad_freq,
+    "too many channels": lambda r, rng, D: r["specs"][0]["freqs"].extend([0.5] * 2),
+    "no channels": lambda r, rng, D: r["specs"][0].update(freqs=[]),
+    "spec out of range": lambda r, rng, D: r["layers"].__setitem__(0, 1),
+    "negative spec": lambda r, rng, D: r["layers"].__setitem__(0, -1),
+    "too few layers": lambda r, rng, D: r["layers"].pop(),
+    "too many layers": lambda r, rng, D: r["layers"].append(0),
+    "extra key": lambda r, rng, D: r.update(offset=0),
+    "spec extra key": lambda r, rng, D: r["specs"][0].update(scale=1.0),
+    "no specs": lambda r, rng, D: r.update(specs=[]),
+    "specs not a list": lambda r, rng, D: r.update(specs={"pairing": "half"}),
+    "freqs not a list": lambda r, rng, D: r["specs"][0].update(freqs=0.5),
+}
+
+
+def forged_key_rope(data: bytes, rng) -> bytes:
+    """Pre-RoPE keys declared with a malformed ``key_rope`` (an unknown
+    pairing, a frequency that is no float32 in [-pi, pi], more channels than
+    the head, a spec index or layer count that does not fit), checksum
+    recomputed."""
+    return with_key_rope(data, pick(rng, sorted(KEY_ROPE_DEFECTS)), rng)
+
+
 def forged_bad_index(data: bytes, rng) -> bytes:
     """A layer's index that is not a permutation of 0..T-1 (a repeated, negative,
     past-the-end or huge position), checksum recomputed.

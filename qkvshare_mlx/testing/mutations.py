@@ -53,6 +53,7 @@ from .forgeries import (
     forged_bad_index,
     forged_bad_types,
     forged_future_version,
+    forged_key_rope,
     forged_nan_scales,
     forged_nested_metadata,
     forged_other_model,
@@ -361,6 +362,7 @@ MUTATIONS: dict[str, Callable[[bytes, np.random.Generator], bytes]] = {
     "forged_bad_index": forged_bad_index,
     "forged_nested_metadata": forged_nested_metadata,
     "forged_weights_digest": forged_weights_digest,
+    "forged_key_rope": forged_key_rope,
 }
 
 
