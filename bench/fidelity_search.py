@@ -122,8 +122,10 @@ CANDIDATES = [
         )
         for b in (3.0, 4.5)
     ),
-    # keys quantized before RoPE (KVQuant; simulated: RoPE undone on the
-    # sender's keys, quantized, decoded and RoPE'd again; no card format yet)
+    # keys quantized before RoPE (KVQuant), simulated: RoPE undone on the
+    # sender's keys through the model's own RoPE matrices, quantized, decoded
+    # and RoPE'd again (measured before the card format had it; kept to
+    # compare with the format's rows below)
     *(
         Candidate(
             f"saliency+hadamard+split, pre-RoPE keys @{b}",
@@ -138,6 +140,21 @@ CANDIDATES = [
         "pre-rope",
         budget=4.5,
         config={"split_kv": True},
+    ),
+    # the same as a card: QuantConfig.key_rope (format version 4), read from
+    # the model, decoded by the receiver's own fast path
+    *(
+        Candidate(
+            f"saliency+hadamard+split, pre-RoPE card @{b}",
+            budget=b,
+            config={**SPLIT, "pre_rope": True},
+        )
+        for b in (3.0, 4.5)
+    ),
+    Candidate(
+        "saliency+split, pre-RoPE card @4.5",
+        budget=4.5,
+        config={"split_kv": True, "pre_rope": True},
     ),
     # ... and unrotated, where the keys' outlier channels are left in place
     Candidate("saliency+split @4.5", budget=4.5, config={"split_kv": True}),
@@ -190,6 +207,7 @@ def candidate_cache(model, cand: Candidate, keys, values, stats):
     from qkvshare_mlx.formats import QuantConfig
     from qkvshare_mlx.inject import inject
     from qkvshare_mlx.quant.mlx_backend import dequantize_cache, quantize_cache
+    from qkvshare_mlx.rope import from_mlx_model
 
     B, Hk, T, Dk = keys[0].shape
     n_el = len(keys) * B * Hk * T * (Dk + values[0].shape[3])
@@ -232,12 +250,15 @@ def candidate_cache(model, cand: Candidate, keys, values, stats):
     if cand.kind == "pre-rope":  # quantize the keys before RoPE (KVQuant)
         ropes = [rope_matrices(layer.self_attn, T, Dk) for layer in model.layers]
         keys = [rope_keys(m, k, inverse=True) for m, k in zip(ropes, keys)]
+    config = dict(cand.config)
+    if config.pop("pre_rope", False):
+        config["key_rope"] = from_mlx_model(model)
     qkv = quantize_cache(
         keys,
         values,
         controller=cand.controller,
         budget_bits=cand.budget,
-        config=QuantConfig(**cand.config),
+        config=QuantConfig(**config),
         stats=stats,
     )
     if cand.kind == "pre-rope":

@@ -33,7 +33,7 @@ and writes files only where ``save_cards`` asks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -76,11 +76,14 @@ class Handoff:
         mode: ``"reprefill"``, ``"exact"`` or a controller name.
         budget_bits: bit budget of the cards (controllers only).
         config: quantizer settings of the cards.
+        pre_rope: quantize the keys before RoPE (``QuantConfig.key_rope``,
+            read from the sending model when a card is made).
     """
 
     mode: str
     budget_bits: float | None = None
     config: QuantConfig | None = None
+    pre_rope: bool = False
 
     def __post_init__(self):
         if self.mode not in TEXT_MODES and self.mode not in CONTROLLERS:
@@ -94,21 +97,30 @@ class Handoff:
     @classmethod
     def named(cls, name: str, budget_bits: float | None = None) -> Handoff:
         """A handoff from its :attr:`name`: a mode, optionally with a
-        rotation suffix and ``+split`` (keys may take more bits than values):
-        ``"saliency+hadamard"``, ``"saliency+hadamard+split"``."""
+        rotation suffix, ``+split`` (keys may take more bits than values)
+        and ``+prerope`` (keys quantized before RoPE):
+        ``"saliency+hadamard"``, ``"saliency+hadamard+split+prerope"``."""
         mode, *extras = name.split("+")
-        split = "split" in extras
-        rotations = [e for e in extras if e != "split"]
-        if len(rotations) > 1 or extras.count("split") > 1:
+        flags = ("split", "prerope")
+        rotations = [e for e in extras if e not in flags]
+        if len(rotations) > 1 or any(extras.count(f) > 1 for f in flags):
             raise ConfigError(
-                f"handoff name {name!r}: expected mode[+rotation][+split]"
+                f"handoff name {name!r}: expected mode[+rotation][+split][+prerope]"
             )
         if not extras:
             return cls(mode, budget_bits)
         config = QuantConfig(
-            rotation=rotations[0] if rotations else "none", split_kv=split
+            rotation=rotations[0] if rotations else "none", split_kv="split" in extras
         )
-        return cls(mode, budget_bits, config)
+        return cls(mode, budget_bits, config, pre_rope="prerope" in extras)
+
+    def card_config(self, model) -> QuantConfig | None:
+        """:attr:`config` for cards of ``model`` (its RoPE with :attr:`pre_rope`)."""
+        if not self.pre_rope:
+            return self.config
+        from .rope import from_mlx_model  # ~1 ms a layer: no need to keep it
+
+        return replace(self.config or QuantConfig(), key_rope=from_mlx_model(model))
 
     @property
     def name(self) -> str:
@@ -120,6 +132,8 @@ class Handoff:
             out += f"+{c.rotation}"
         if c is not None and c.split_kv:
             out += "+split"
+        if self.pre_rope:
+            out += "+prerope"
         return out
 
     @property
@@ -195,7 +209,7 @@ def hop_card(
             [v[..., :n, :] for v in pre.values],
             controller=handoff.mode,
             budget_bits=handoff.budget_bits,
-            config=handoff.config,
+            config=handoff.card_config(model),
             stats=pre.stats,
             plan=plan,
             windows=layer_windows(fp),  # as make_card trims
@@ -208,7 +222,7 @@ def hop_card(
         tokens,
         controller=handoff.mode,
         budget_bits=handoff.budget_bits,
-        config=handoff.config,
+        config=handoff.card_config(model),
         plan=plan,
         inherited=inherited,
         user=user,

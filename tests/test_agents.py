@@ -71,6 +71,23 @@ def test_handoff_names_carry_the_rotation():
             A.Handoff.named(bad, 3.0)
 
 
+def test_pre_rope_chain_keeps_hop1_codes(tiny):
+    """Keys before RoPE along a chain: version-4 cards, one key_rope, the
+    hop-1 codes identical in the last card, the name round-trips."""
+    from qkvshare_mlx.rope import from_mlx_model
+
+    h = A.Handoff.named("saliency+hadamard+split+prerope", 4.5)
+    assert h.pre_rope and h.name == "saliency+hadamard+split+prerope"
+    assert A.Handoff.named(h.name, 4.5) == h
+    with pytest.raises(ConfigError, match="prerope"):
+        A.Handoff.named("saliency+prerope+prerope", 4.5)
+    assert A.Handoff.named("uniform+prerope", 4.5).card_config(tiny).key_rope
+    run = tiny_chain(tiny, h, hops=3)
+    want = from_mlx_model(tiny)
+    assert all(c.version == 4 and c.qkv.config.key_rope == want for c in run.cards)
+    assert A.inherited_bits_identical(run.cards[0], run.cards[-1])
+
+
 def test_rotated_chain_keeps_hop1_codes(tiny):
     """A rotated handoff runs a whole chain; inherited codes stay identical."""
     run = tiny_chain(tiny, A.Handoff.named("saliency+hadamard", 4.0), hops=3)
