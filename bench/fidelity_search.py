@@ -149,7 +149,13 @@ CANDIDATES = [
             budget=b,
             config={**SPLIT, "pre_rope": True},
         )
-        for b in (3.0, 4.5)
+        for b in (3.0, 4.5, 5.0, 5.5)
+    ),
+    # above 5.5 bits the split no longer helps (the 6.0 rows): unsplit
+    Candidate(
+        "saliency+hadamard, pre-RoPE card @6.0",
+        budget=6.0,
+        config={**H, "pre_rope": True},
     ),
     Candidate(
         "saliency+split, pre-RoPE card @4.5",
