@@ -48,6 +48,7 @@ from qkvshare_mlx.formats import QuantConfig  # noqa: E402
 from qkvshare_mlx.models import load_model, model_dtype  # noqa: E402
 from qkvshare_mlx.quant.controllers import TokenStats  # noqa: E402
 from qkvshare_mlx.quant.mlx_backend import quantize_cache  # noqa: E402
+from qkvshare_mlx.rope import from_mlx_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CACHE_DIR = Path.home() / ".cache" / "qkvshare-mlx" / "bench-sender"
@@ -58,6 +59,8 @@ CARD_MODES = {
     "card_adaptive": ("saliency", 3.0, {}),
     "card_adaptive_rot": ("saliency", 3.0, {"rotation": "hadamard"}),
     "card_recommended": ("saliency", 6.0, {"rotation": "hadamard"}),
+    # keys rotated back before RoPE (the model's RoPE probed once, not timed)
+    "card_adaptive_prerope": ("saliency", 3.0, {"pre_rope": True}),
 }
 MLX_MODES = {"mlx_q4": 4, "mlx_q8": 8}
 
@@ -119,9 +122,14 @@ class _NamedBytes(io.BytesIO):
     name = "prompt_cache.safetensors"  # save_prompt_cache needs a .name
 
 
-def run_card(keys, values, stats, ids, fp, dtype, mode, save) -> tuple[float, int]:
+def run_card(
+    keys, values, stats, ids, fp, dtype, mode, save, key_rope=None
+) -> tuple[float, int]:
     """ms and bytes of one card: quantize + from_quantized (+ to_bytes)."""
     controller, budget, config = CARD_MODES[mode]
+    config = dict(config)
+    if config.pop("pre_rope", False):
+        config["key_rope"] = key_rope
     t0 = time.perf_counter()
     qkv = quantize_cache(
         keys,
@@ -139,17 +147,18 @@ def run_card(keys, values, stats, ids, fp, dtype, mode, save) -> tuple[float, in
 def sweep(model, tokenizer, fp, n, args, tag) -> list[dict]:
     keys, values, stats, ids = sender_cache(model, tokenizer, n, args.cache_dir, tag)
     dtype = str(keys[0].dtype).split(".")[-1]
+    key_rope = from_mlx_model(model)
     jobs = [(m, s) for m in list(MLX_MODES) + list(CARD_MODES) for s in (False, True)]
     times = {j: [] for j in jobs}
     sizes = {}
     for j in jobs:  # warm-up (compilation, first-touch pages), not timed
-        _one(j, keys, values, stats, ids, fp, dtype)
+        _one(j, keys, values, stats, ids, fp, dtype, key_rope)
     rng = random.Random(n)
     for rep in range(args.reps):
         order = jobs[:]
         rng.shuffle(order)
         for j in order:
-            t, size = _one(j, keys, values, stats, ids, fp, dtype)
+            t, size = _one(j, keys, values, stats, ids, fp, dtype, key_rope)
             times[j].append(t)
             if size:
                 sizes[j[0]] = size
@@ -170,11 +179,11 @@ def sweep(model, tokenizer, fp, n, args, tag) -> list[dict]:
     return rows
 
 
-def _one(job, keys, values, stats, ids, fp, dtype):
+def _one(job, keys, values, stats, ids, fp, dtype, key_rope):
     mode, save = job
     if mode in MLX_MODES:
         return run_mlx(keys, values, MLX_MODES[mode], save)
-    return run_card(keys, values, stats, ids, fp, dtype, mode, save)
+    return run_card(keys, values, stats, ids, fp, dtype, mode, save, key_rope)
 
 
 def acceptance(rows) -> list[dict]:

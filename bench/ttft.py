@@ -87,6 +87,7 @@ from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.inject import align, inject
 from qkvshare_mlx.models import load_model, model_dtype
 from qkvshare_mlx.quant.mlx_backend import quantize_cache
+from qkvshare_mlx.rope import from_mlx_model
 
 RESULTS = Path(__file__).parent / "results"
 LINKS_GBIT = (1, 10, 40)
@@ -95,15 +96,20 @@ ROLE = (
     "and checker agents, find any arithmetic mistakes, and state the final "
     "answer of the last problem as a single number.\nReviewer:"
 )
-CARD_MODES = {  # name: (controller, budget_bits, rotation)
+CARD_MODES = {  # name: (controller, budget_bits, rotation[, keys before RoPE])
     "card_exact": ("uniform", 16.0, "none"),
     "card_uniform4": ("uniform", 4.5, "none"),
     "card_adaptive": ("saliency", 3.0, "none"),
     "card_adaptive_rot": ("saliency", 3.0, "hadamard"),
+    "card_adaptive_prerope": ("saliency", 3.0, "none", True),
 }
 # (injection modes, transports) where not all are run (time budget): the
-# rotated card only shows what undoing the rotation costs
-CARD_ONLY = {"card_adaptive_rot": (("dequantize",), ("memory",))}
+# rotated and pre-RoPE cards only show what undoing the rotation or
+# re-applying RoPE costs
+CARD_ONLY = {
+    "card_adaptive_rot": (("dequantize",), ("memory",)),
+    "card_adaptive_prerope": (("dequantize", "stream_reuse"), ("memory",)),
+}
 # injection modes per card mode (default: dequantize and compressed)
 # "reuse": dequantize into the caches this receiver got from its previous
 # handoff of the same mode (inject(..., reuse=...)), as an agent receiving
@@ -455,15 +461,16 @@ def sweep_context(model, tokenizer, fp, n_ctx, args, link, skip_reprefill):
             "card_bytes": len(buf.getvalue()),
         }
     cards = {}
-    for name, (controller, budget, rotation) in CARD_MODES.items():
+    for name, (controller, budget, rotation, *pre_rope) in CARD_MODES.items():
         t0 = time.perf_counter()
+        key_rope = from_mlx_model(model) if pre_rope and pre_rope[0] else None
         qkv = quantize_cache(
             keys,
             values,
             controller=controller,
             budget_bits=budget,
             stats=pre.stats,
-            config=QuantConfig(rotation=rotation),
+            config=QuantConfig(rotation=rotation, key_rope=key_rope),
         )
         cards[name] = CacheCard.from_quantized(qkv, ids, fp, dtype="float32")
         info[name] = {

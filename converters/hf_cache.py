@@ -28,6 +28,7 @@ from qkvshare_mlx.chat import prompt_ids
 from qkvshare_mlx.dtypes import FLOAT_NAMES, to_torch
 from qkvshare_mlx.errors import (
     CacheShapeError,
+    ConfigError,
 )
 from qkvshare_mlx.fingerprint import (
     fingerprint,
@@ -234,6 +235,56 @@ def dynamic_cache_to_card(
         runtime="transformers",
         user=user,
     )
+
+
+def key_rope_of(model):
+    """Per layer, the RoPE a transformers model applies to its keys, as a
+    :class:`qkvshare_mlx.rope.KeyRope` for ``QuantConfig(key_rope=...)``
+    (pre-RoPE cards from this runtime).
+
+    Probed through the model's own ``model.model.rotary_emb`` (per layer
+    type where it takes one, Gemma 3) and its module's
+    ``apply_rotary_pos_emb``, as :func:`qkvshare_mlx.rope.from_mlx_model`
+    probes mlx-lm's.
+
+    Raises:
+        ConfigError: no rotary embedding, or one that is not a RoPE of
+            channel pairs.
+    """
+    torch = _torch()
+    from qkvshare_mlx.rope import KeyRope, probe
+
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    attns = _attention_modules(model) or [
+        getattr(layer, "self_attn", None) for layer in getattr(inner, "layers", [])
+    ]
+    head_dim = fingerprint(model).get("head_dim")
+    if rotary is None or not attns or None in attns or not head_dim:
+        raise ConfigError(
+            "pre-RoPE keys need model.model.rotary_emb and attention layers"
+        )
+    types = getattr(model.config, "layer_types", None)
+    typed = "layer_type" in inspect.signature(rotary.forward).parameters
+    specs, index = [], []
+    for li, attn in enumerate(attns):
+
+        def rope_at(x, p, li=li, attn=attn):
+            pos = torch.tensor([[p]])
+            extra = (types[li],) if typed and types else ()
+            cos, sin = rotary(torch.zeros(1, 1, head_dim), pos, *extra)
+            q = torch.from_numpy(np.ascontiguousarray(x))[None, :, None, :]
+            with torch.no_grad():
+                return _apply_rope(attn, q, cos, sin)[0, :, 0, :].float().numpy()
+
+        try:
+            spec = probe(rope_at, head_dim)
+        except ConfigError as e:
+            raise ConfigError(f"layer {li}: {e}") from None
+        if spec not in specs:
+            specs.append(spec)
+        index.append(specs.index(spec))
+    return KeyRope(tuple(specs), tuple(index))
 
 
 # ----------------------------------------------------------------------------

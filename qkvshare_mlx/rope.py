@@ -184,17 +184,26 @@ def rope_rows(
     temporaries stay cache-sized."""
     n = x.shape[-2]
     c_all, s_all = tables(spec, first + n)
+    if inverse:
+        s_all = -s_all
+    lead = x.shape[:-2]
+    h = len(spec.freqs)
+    t1 = np.empty((*lead, min(chunk, n), h), np.float32)
+    t2 = np.empty_like(t1)
     for a in range(0, n, chunk):
         rows = x[..., a : a + chunk, :]
-        c = c_all[first + a : first + a + rows.shape[-2]]
-        s = s_all[first + a : first + a + rows.shape[-2]]
-        if inverse:
-            s = -s
+        m = rows.shape[-2]
+        c, s = c_all[first + a : first + a + m], s_all[first + a : first + a + m]
         x1, x2 = _halves(rows, spec)
-        y1 = x1 * c - x2 * s
-        y2 = x1 * s + x2 * c
+        y1, y2 = t1[..., :m, :], t2[..., :m, :]
+        # y1 = x1*c - x2*s and y2 = x1*s + x2*c, each product rounded, no temporaries
+        np.multiply(x1, c, out=y1)
+        np.multiply(x2, s, out=y2)
+        np.subtract(y1, y2, out=y1)
+        np.multiply(x1, s, out=y2)
+        np.multiply(x2, c, out=x2)
+        np.add(y2, x2, out=x2)
         x1[...] = y1
-        x2[...] = y2
 
 
 def rope_np(x: np.ndarray, spec: RopeSpec, *, inverse: bool = False) -> np.ndarray:

@@ -180,14 +180,19 @@ def test_pre_rope_flag_writes_a_version_4_card_the_receiver_decodes(
     assert card.version == 4 and card.qkv.config.key_rope == from_mlx_model(model)
     caches = inject(card, model, mode="dequantize")
     assert len(caches) == len(model.layers) and caches[0].offset == card.n_tokens
-    # where the model's RoPE is never read, the flag is refused, not ignored
-    for extra, words in (
-        (["--runtime", "hf"], "--pre-rope needs --runtime mlx"),
-        (["--key-error", "query"], "key_error 'query'"),
-    ):
-        capsys.readouterr()
-        assert (
-            main(args + ["--pre-rope", "--out", str(tmp_path / "x.qkv"), *extra]) == 2
-        )
-        assert words in capsys.readouterr().err
+    # the transformers sender reads the same RoPE from its own modules
+    hf_out = tmp_path / "hf.qkv"
+    hf_args = ["--budget-bits", "4.5", "--pre-rope", "--runtime", "hf"]
+    assert main(args + hf_args + ["--out", str(hf_out)]) == 0
+    hf_card = CacheCard.load(hf_out)
+    assert hf_card.version == 4
+    pairs = zip(hf_card.qkv.config.key_rope.specs, card.qkv.config.key_rope.specs)
+    for a, b in pairs:
+        assert a.pairing == b.pairing
+        assert np.allclose(a.freqs, b.freqs, rtol=1e-6, atol=1e-9)
+    # a combination that cannot apply is refused, not ignored
+    capsys.readouterr()
+    bad = ["--pre-rope", "--key-error", "query", "--out", str(tmp_path / "x.qkv")]
+    assert main(args + bad) == 2
+    assert "key_error 'query'" in capsys.readouterr().err
     assert not (tmp_path / "x.qkv").exists()

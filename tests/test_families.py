@@ -127,6 +127,47 @@ def test_lossless_transformers_card_continues_in_mlx(family):
     assert got == greedy_tokens(mlx, prompt, max_tokens=16)
 
 
+def _same_rope(a, b):
+    """Two KeyRopes alike up to float32 rounding of the probed angles."""
+    assert a.layers == b.layers and len(a.specs) == len(b.specs)
+    for x, y in zip(a.specs, b.specs):
+        assert (x.pairing, x.dims) == (y.pairing, y.dims)
+        assert np.allclose(x.freqs, y.freqs, rtol=1e-6, atol=1e-9)
+
+
+def _pre_rope_ways(mlx, hf, ids, prompt):
+    """Lossless pre-RoPE cards both ways continue as each runtime's own."""
+    from dataclasses import replace
+
+    from qkvshare_converters.hf_cache import key_rope_of
+    from qkvshare_mlx.rope import from_mlx_model
+
+    kr_mlx, kr_hf = from_mlx_model(mlx), key_rope_of(hf)
+    _same_rope(kr_mlx, kr_hf)
+    kw = {"controller": "uniform", "budget_bits": 32}
+    card = make_card(mlx, None, ids, config=replace(LOSSLESS, key_rope=kr_mlx), **kw)
+    card = CacheCard.from_bytes(card.to_bytes())
+    assert card.version == 4
+    got = continue_hf(card, hf, None, prompt, max_tokens=12).tokens
+    assert got == hf_greedy_tokens(hf, prompt, max_tokens=12)
+    cache, _, _ = hf_prefill(hf, ids)
+    config = replace(LOSSLESS, key_rope=kr_hf)
+    card = CacheCard.from_bytes(
+        dynamic_cache_to_card(cache, ids, hf, config=config, **kw).to_bytes()
+    )
+    got = continue_from_card(card, mlx, None, prompt, max_tokens=12).tokens
+    assert got == greedy_tokens(mlx, prompt, max_tokens=12)
+    return kr_mlx
+
+
+def test_pre_rope_cards_go_both_ways(family):
+    # each family's RoPE (partial for Phi-3, scaled, per head size) is read
+    # alike in both runtimes, and keys stored before it come back exactly
+    _, mlx, hf = family
+    ids = _ids(40, 3)
+    _pre_rope_ways(mlx, hf, ids, ids + [9, 10])
+
+
 def test_cards_are_refused_across_families(family, tmp_path):
     name, mlx, _ = family
     other = "qwen3" if name != "qwen3" else "llama"
@@ -367,3 +408,11 @@ def test_quantized_cards_degrade_with_fewer_bits_in_every_family(family):
     # head_dim 80 too: per-token rows padded to 96 (format version 3)
     k6, k45, k3 = kl(6.0), kl(4.5), kl(3.0)
     assert k6 < k45 < k3, (k6, k45, k3)
+
+
+@pytest.mark.parametrize("n", [12, 40], ids=["within", "past"])
+def test_gemma3_pre_rope_cards_have_a_rope_per_layer_type(gemma3, n):
+    mlx, hf = gemma3
+    ids = _ids(n, 6)  # past the window (16): local layers held from it
+    kr = _pre_rope_ways(mlx, hf, ids, ids + [3])
+    assert len(kr.specs) == 2 and kr.layers == (0,) * 5 + (1,)

@@ -52,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--generate must be >= 0 but got {args.generate}")
     if args.generate and args.runtime == "hf":
         raise ConfigError("--generate needs --runtime mlx")
-    if args.pre_rope and args.runtime == "hf":
-        raise ConfigError("--pre-rope needs --runtime mlx")
     config, plan = options.quant_config(args), options.plan(args)
     sampling = options.sampling(args)
     key = options.card_key(args)
@@ -112,7 +110,7 @@ def _hf_card(args, prompt, chat, config, plan):
     from ..conversation import start
 
     model, tokenizer = load_hf_model(args.model)
-    config = options.quant_config(args, head_dims=options.head_dims(model))
+    config = options.quant_config(args, head_dims=options.head_dims(model), model=model)
     conv = start(tokenizer, prompt, system_prompt=args.system_prompt, chat=chat)
     cache, stats, _ = hf_prefill(model, conv.tokens)
     return dynamic_cache_to_card(

@@ -138,7 +138,7 @@ def add_card(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="quantize the keys before RoPE (each rotated back by its position; "
         "the receiver rotates it forward): lower error at the same bits, a "
-        "version-4 card, received in mode dequantize or stream (mlx runtime)",
+        "version-4 card, received in mode dequantize or stream",
     )
     g.add_argument(
         "--hops-remaining",
@@ -222,17 +222,15 @@ def quant_config(args, inherited=None, head_dims=None, model=None) -> QuantConfi
     """The card settings of the flags; unset ones take the recommended
     setting (:func:`recommended_config`). A card handed on keeps
     ``inherited``'s rotation and pre-RoPE keys (a card has one of each).
-    ``--pre-rope`` reads the RoPE of ``model`` (an mlx-lm model; without
-    one, e.g. before loading it, the setting is left out)."""
+    ``--pre-rope`` reads the RoPE of ``model`` (an mlx-lm or transformers
+    model; without one, e.g. before loading it, the setting is left out)."""
     rotation = args.rotation
     if rotation is None and inherited is not None:
         rotation = inherited.qkv.config.rotation
     key_rope = None if inherited is None else inherited.qkv.config.key_rope
     if key_rope is None and getattr(args, "pre_rope", False) and model is not None:
-        from ..rope import from_mlx_model
-
         try:
-            key_rope = from_mlx_model(model)
+            key_rope = _key_rope(model)
         except ConfigError as e:
             raise ConfigError(f"--pre-rope: {e}") from None
     auto = recommended_config(args.budget_bits, head_dims)
@@ -247,6 +245,18 @@ def quant_config(args, inherited=None, head_dims=None, model=None) -> QuantConfi
         key_error=getattr(args, "key_error", "mse"),
         key_rope=key_rope,
     )
+
+
+def _key_rope(model):
+    import mlx.nn as nn
+
+    if isinstance(model, nn.Module):
+        from ..rope import from_mlx_model
+
+        return from_mlx_model(model)
+    from qkvshare_converters.hf_cache import key_rope_of  # a transformers model
+
+    return key_rope_of(model)
 
 
 def recommended_config(budget_bits: float, head_dims=None) -> QuantConfig:
