@@ -247,7 +247,8 @@ def inject(
         # q . R_t k does not fold into the query: no attention on the codes
         raise ConfigError(
             "mode 'compressed': a card with pre-RoPE keys (quant.config.key_rope) "
-            "is received in mode 'dequantize' or 'stream'"
+            "is received in mode 'dequantize' or 'stream' (make cards for "
+            "compressed receivers with --no-pre-rope)"
         )
     if mode == "compressed":
         uniform = _uniform_token_format(qkv)

@@ -196,3 +196,47 @@ def test_pre_rope_flag_writes_a_version_4_card_the_receiver_decodes(
     assert main(args + bad) == 2
     assert "key_error 'query'" in capsys.readouterr().err
     assert not (tmp_path / "x.qkv").exists()
+
+
+def test_pre_rope_is_the_recommended_setting_below_6_bits(
+    tiny_chat_model_dir, tmp_path, capsys
+):
+    # on by default where the fidelity search measured it to help (3-5.5
+    # bits), off at 6 bits and for lossless cards, and a card handed on
+    # keeps the way its inherited keys are stored
+    prompt = " ".join(f"step {i}: add {i % 7}." for i in range(16))
+    args = ["make-card", "--model", str(tiny_chat_model_dir), "-p", prompt]
+    cards = {}
+    for name, extra in {
+        "3": ["--budget-bits", "3"],
+        "3 off": ["--budget-bits", "3", "--no-pre-rope"],
+        "6": ["--budget-bits", "6"],
+        "16": ["--budget-bits", "16"],
+    }.items():
+        out = tmp_path / f"{name.replace(' ', '_')}.qkv"
+        assert main(args + extra + ["--out", str(out)]) == 0
+        cards[name] = CacheCard.load(out)
+    assert cards["3"].version == 4 and cards["3"].qkv.config.key_rope is not None
+    for name in ("3 off", "6", "16"):
+        assert cards[name].qkv.config.key_rope is None, name
+    gen = ["generate", "--model", str(tiny_chat_model_dir), "-p", "next", "-m", "2"]
+    for src, extra, ok in (
+        ("3", [], True),  # keeps key_rope
+        ("6", ["--budget-bits", "3"], True),  # keeps none
+        ("3", ["--no-pre-rope"], False),
+        ("16", ["--pre-rope"], False),
+    ):
+        out = tmp_path / f"next_{src}.qkv"
+        out.unlink(missing_ok=True)
+        card = tmp_path / f"{src}.qkv"
+        capsys.readouterr()
+        code = main(gen + ["--card", str(card), "--out", str(out), *extra])
+        if ok:
+            assert code == 0
+            kept = CacheCard.load(out).qkv.config.key_rope
+            assert kept == cards[src].qkv.config.key_rope
+        else:
+            assert (
+                code == 2 and "inherited card holds its keys" in capsys.readouterr().err
+            )
+            assert not out.exists()

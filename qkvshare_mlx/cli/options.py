@@ -60,6 +60,7 @@ def add_prompt(p: argparse.ArgumentParser, *, sender: bool) -> None:
 RECOMMENDED_BUDGET = 6.0
 RECOMMENDED_ROTATION = "hadamard"
 SPLIT_KV_BELOW = 6.0
+PRE_ROPE_BELOW = 6.0  # keys before RoPE: less error at 3-5.5 bits, none at 6
 
 
 def add_card(p: argparse.ArgumentParser) -> None:
@@ -135,10 +136,14 @@ def add_card(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--pre-rope",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="quantize the keys before RoPE (each rotated back by its position; "
         "the receiver rotates it forward): lower error at the same bits, a "
-        "version-4 card, received in mode dequantize or stream",
+        "version-4 card, received in mode dequantize or stream, not compressed. "
+        f"Default: on below {PRE_ROPE_BELOW:g} bits where the model's RoPE can "
+        "be read (not with --key-error query), and a card handed on keeps the "
+        "choice of the card it inherits",
     )
     g.add_argument(
         "--hops-remaining",
@@ -228,7 +233,20 @@ def quant_config(args, inherited=None, head_dims=None, model=None) -> QuantConfi
     if rotation is None and inherited is not None:
         rotation = inherited.qkv.config.rotation
     key_rope = None if inherited is None else inherited.qkv.config.key_rope
-    if key_rope is None and getattr(args, "pre_rope", False) and model is not None:
+    asked = getattr(args, "pre_rope", None)
+    if inherited is not None and asked is not None and asked != (key_rope is not None):
+        held = "before RoPE" if key_rope is not None else "as cached"
+        raise ConfigError(
+            f"--{'' if asked else 'no-'}pre-rope: the inherited card holds its "
+            f"keys {held}, and a card keeps one way"
+        )
+    if asked is None:  # recommended, where it can apply
+        asked = recommended_pre_rope(args.budget_bits) and (
+            getattr(args, "key_error", "mse") != "query"
+        )
+        if asked and model is not None and inherited is None:
+            key_rope = recommended_key_rope(model)
+    elif asked and model is not None and inherited is None:
         try:
             key_rope = _key_rope(model)
         except ConfigError as e:
@@ -245,6 +263,22 @@ def quant_config(args, inherited=None, head_dims=None, model=None) -> QuantConfi
         key_error=getattr(args, "key_error", "mse"),
         key_rope=key_rope,
     )
+
+
+def recommended_pre_rope(budget_bits: float) -> bool:
+    """Whether the recommended settings quantize keys before RoPE at this
+    budget (below ``PRE_ROPE_BELOW`` bits; see the README's fidelity search)."""
+    return budget_bits < PRE_ROPE_BELOW
+
+
+def recommended_key_rope(model):
+    """``model``'s KeyRope, or None where it cannot be read (the recommended
+    setting falls back to keys as cached, as the rotation does for head
+    sizes it does not fit)."""
+    try:
+        return _key_rope(model)
+    except ConfigError:
+        return None
 
 
 def _key_rope(model):
