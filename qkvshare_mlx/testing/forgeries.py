@@ -134,6 +134,8 @@ def forged_bad_types(data: bytes, rng) -> bytes:
         candidates += ["4", 2**40]
     elif isinstance(old, list | dict):
         candidates += ["4", 7]
+    if path == ("model", "rope_scaling") and old is None:
+        candidates.remove({})  # no scaling, spelled as an object: the same model
     candidates = [c for c in candidates if not (c == old and type(c) is type(old))]
     if isinstance(old, bool | dict):  # another bool or object is still well-typed
         candidates = [c for c in candidates if type(c) is not type(old)]
