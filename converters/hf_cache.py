@@ -15,6 +15,7 @@ cheap.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import time
@@ -252,7 +253,7 @@ def key_rope_of(model):
             channel pairs.
     """
     torch = _torch()
-    from qkvshare_mlx.rope import KeyRope, probe
+    from qkvshare_mlx.rope import probe_layers
 
     inner = getattr(model, "model", None)
     rotary = getattr(inner, "rotary_emb", None)
@@ -266,25 +267,17 @@ def key_rope_of(model):
         )
     types = getattr(model.config, "layer_types", None)
     typed = "layer_type" in inspect.signature(rotary.forward).parameters
-    specs, index = [], []
-    for li, attn in enumerate(attns):
 
-        def rope_at(x, p, li=li, attn=attn):
-            pos = torch.tensor([[p]])
-            extra = (types[li],) if typed and types else ()
-            cos, sin = rotary(torch.zeros(1, 1, head_dim), pos, *extra)
-            q = torch.from_numpy(np.ascontiguousarray(x))[None, :, None, :]
-            with torch.no_grad():
-                return _apply_rope(attn, q, cos, sin)[0, :, 0, :].float().numpy()
+    def rope_at(x, p, li, attn):
+        pos = torch.tensor([[p]])
+        extra = (types[li],) if typed and types else ()
+        cos, sin = rotary(torch.zeros(1, 1, head_dim), pos, *extra)
+        q = torch.from_numpy(np.ascontiguousarray(x))[None, :, None, :]
+        with torch.no_grad():
+            return _apply_rope(attn, q, cos, sin)[0, :, 0, :].float().numpy()
 
-        try:
-            spec = probe(rope_at, head_dim)
-        except ConfigError as e:
-            raise ConfigError(f"layer {li}: {e}") from None
-        if spec not in specs:
-            specs.append(spec)
-        index.append(specs.index(spec))
-    return KeyRope(tuple(specs), tuple(index))
+    ropes = [functools.partial(rope_at, li=li, attn=a) for li, a in enumerate(attns)]
+    return probe_layers(ropes, head_dim)
 
 
 # ----------------------------------------------------------------------------

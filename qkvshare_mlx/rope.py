@@ -316,8 +316,7 @@ def from_mlx_model(model, head_dim: int | None = None) -> KeyRope:
         raise ConfigError(
             "pre-RoPE keys need a model with layers and a known head size"
         )
-    specs: list[RopeSpec] = []
-    index = []
+    ropes = []
     for li, layer in enumerate(layers):
         rope = getattr(getattr(layer, "self_attn", None), "rope", None)
         if rope is None:
@@ -329,6 +328,19 @@ def from_mlx_model(model, head_dim: int | None = None) -> KeyRope:
             out = rope(mx.array(x)[None, :, None, :], offset=p)
             return np.array(out.astype(mx.float32))[0, :, 0, :]
 
+        ropes.append(rope_at)
+    return probe_layers(ropes, head_dim)
+
+
+def probe_layers(ropes, head_dim: int) -> KeyRope:
+    """:func:`probe` of each layer's ``rope_at`` function, equal specs shared.
+
+    Raises:
+        ConfigError: naming the first layer whose function is not a RoPE.
+    """
+    specs: list[RopeSpec] = []
+    index = []
+    for li, rope_at in enumerate(ropes):
         try:
             spec = probe(rope_at, head_dim)
         except ConfigError as e:
