@@ -86,10 +86,9 @@ def test_three_agent_chain_matches_the_python_api(tiny_chat_model_dir, tmp_path)
     model, tok = load_model(tiny_chat_model_dir)
     agents = chain_agents(SPEC)
     # the CLI's cards: the recommended settings of the chain's cheapest budget
-    config = options.recommended_config(
-        min(a.budget_bits for a in agents), options.head_dims(model)
-    )
+    config = options.recommended_model_config(min(a.budget_bits for a in agents), model)
     assert all(c.qkv.config.rotation == config.rotation for c in cards)
+    assert all(c.qkv.config.key_rope == config.key_rope for c in cards)
     api_hops, api_cards = run_chat_chain(
         model, tok, agents, system_prompt=SPEC["system_prompt"], config=config
     )
@@ -101,3 +100,17 @@ def test_three_agent_chain_matches_the_python_api(tiny_chat_model_dir, tmp_path)
         for k, h in enumerate(hops)
     )
     assert "TTFT ms" in result.stdout and "answerer" in result.stdout
+
+
+def test_recommended_cards_for_a_model(tiny_mlx):
+    from qkvshare_mlx.cli import options
+    from qkvshare_mlx.rope import from_mlx_model
+
+    assert options.recommended_model_config(3.0, tiny_mlx).key_rope == (
+        from_mlx_model(tiny_mlx)
+    )
+    assert (
+        options.recommended_model_config(3.0, tiny_mlx, compressed=True).key_rope
+        is None
+    )
+    assert options.recommended_model_config(6.0, tiny_mlx).key_rope is None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -149,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model or spec.get("model"))
     # one rotation per chain (a card keeps its inherited one): the
     # recommended settings of its cheapest budget
-    cheapest = min(a.budget_bits for a in agents)
-    config = options.recommended_config(cheapest, options.head_dims(model))
-    if args.mode != "compressed" and options.recommended_pre_rope(cheapest):
-        # keys before RoPE, except for receivers that attend on the codes
-        config = replace(config, key_rope=options.recommended_key_rope(model))
+    config = options.recommended_model_config(
+        min(a.budget_bits for a in agents), model, compressed=args.mode == "compressed"
+    )
     hops, cards = run_chat_chain(
         model,
         tokenizer,

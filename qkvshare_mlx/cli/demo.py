@@ -12,7 +12,6 @@ the card against re-reading the text (re-prefill).
 import argparse
 import statistics
 import time
-from dataclasses import replace
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
@@ -102,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     middle, answerer = gsm8k_agents(
         2, middle_tokens=args.max_tokens, answer_tokens=args.max_tokens
     )
-    config = options.recommended_config(args.budget_bits, options.head_dims(model))
-    if options.recommended_pre_rope(args.budget_bits):
-        config = replace(config, key_rope=options.recommended_key_rope(model))
+    config = options.recommended_model_config(args.budget_bits, model)
     handoff = A.Handoff(args.controller, args.budget_bits, config)
 
     # 1. the chain: solver -> checker -> answerer, cards handed on in memory

@@ -8,6 +8,7 @@ ConfigError (one line, exit 2) on what it can tell from the arguments alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -269,6 +270,18 @@ def recommended_pre_rope(budget_bits: float) -> bool:
     """Whether the recommended settings quantize keys before RoPE at this
     budget (below ``PRE_ROPE_BELOW`` bits; see the README's fidelity search)."""
     return budget_bits < PRE_ROPE_BELOW
+
+
+def recommended_model_config(
+    budget_bits: float, model, *, compressed: bool = False
+) -> QuantConfig:
+    """:func:`recommended_config` for ``model``'s head sizes, with its keys
+    before RoPE below ``PRE_ROPE_BELOW`` bits (not for ``compressed``
+    receivers, which attend on the codes)."""
+    config = recommended_config(budget_bits, head_dims(model))
+    if compressed or not recommended_pre_rope(budget_bits):
+        return config
+    return dataclasses.replace(config, key_rope=recommended_key_rope(model))
 
 
 def recommended_key_rope(model):
