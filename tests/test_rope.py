@@ -317,3 +317,38 @@ def test_lossless_pre_rope_card_gives_the_senders_greedy_tokens(tiny_mlx, ids, m
 
     exact = greedy(pre.cache, int(ids[120]))
     assert greedy(caches, int(ids[120])) == exact
+
+
+def test_pre_rope_card_with_padded_rows_decodes_alike():
+    # head size 80: per-token rows padded to 96 (version 3 features) under
+    # keys before RoPE (version 4): the forward rotation sees the 80 real
+    # channels only, in every decoder
+    spec = RopeSpec(
+        "half", tuple(float(np.float32(1e4 ** (-i / 40))) for i in range(40))
+    )
+    kr = KeyRope((spec,), (0, 0))
+    rng = np.random.default_rng(4)
+    ks, vs = [], []
+    for _ in range(2):
+        k = rng.standard_normal((1, 2, 200, 80)).astype(np.float32)
+        k[..., 1] += 6.0
+        ks.append(rope.rope_mx(mx.array(k), spec))
+        vs.append(mx.array(rng.standard_normal((1, 2, 200, 80)).astype(np.float32)))
+    config = QuantConfig(key_rope=kr, key_layout="token")
+    qkv = quantize_cache(ks, vs, controller="uniform", budget_bits=6.0, config=config)
+    back = CacheCard.from_bytes(
+        CacheCard.from_quantized(
+            qkv, np.arange(200), {"model_type": "llama"}
+        ).to_bytes()
+    ).to_quantized()
+    assert any(s.keys.dim == 80 for layer in back.layers for s in layer)  # padded
+    k_np, _ = dequantize_cache_np(back)
+    k_mx, _ = dequantize_cache(back)
+    fast = dequantize_layers(back.layers, 200, key_rope=kr)
+    for li in range(2):
+        assert np.array_equal(k_np[li], np.array(k_mx[li]))
+        assert np.array_equal(k_np[li], np.array(fast[li][0])[:, :, :200])
+        # the real keys: far closer than the rows before RoPE are to them
+        err = np.abs(k_np[li] - np.array(ks[li])).mean()
+        unrotated = rope.rope_np(k_np[li], spec, inverse=True)
+        assert err < 0.25 * np.abs(unrotated - np.array(ks[li])).mean()
