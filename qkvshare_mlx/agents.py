@@ -132,7 +132,7 @@ class Handoff:
             out += f"+{c.rotation}"
         if c is not None and c.split_kv:
             out += "+split"
-        if self.pre_rope:
+        if self.pre_rope or (c is not None and c.key_rope is not None):
             out += "+prerope"
         return out
 

@@ -153,7 +153,7 @@ class KeyRope:
 # The rotation
 
 
-@lru_cache(maxsize=8)  # a few MB each: per distinct RoPE and card length
+@lru_cache(maxsize=4)  # T * R/2 * 8 bytes each (2 MB at 8000 tokens, R 64)
 def tables(spec: RopeSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(n, R/2) float32 ``cos(t * f)`` and ``sin(t * f)`` for rows t < n
     (computed in float64). Read-only."""

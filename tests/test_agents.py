@@ -82,6 +82,9 @@ def test_pre_rope_chain_keeps_hop1_codes(tiny):
     with pytest.raises(ConfigError, match="prerope"):
         A.Handoff.named("saliency+prerope+prerope", 4.5)
     assert A.Handoff.named("uniform+prerope", 4.5).card_config(tiny).key_rope
+    # a config that already holds a KeyRope names it too
+    held = A.Handoff("uniform", 4.5, QuantConfig(key_rope=from_mlx_model(tiny)))
+    assert held.name == "uniform+prerope"
     run = tiny_chain(tiny, h, hops=3)
     want = from_mlx_model(tiny)
     assert all(c.version == 4 and c.qkv.config.key_rope == want for c in run.cards)

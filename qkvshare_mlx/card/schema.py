@@ -319,10 +319,12 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     check_quant(m["quant"])
     if version_for(m["quant"], c) != version:
         raise CardFormatError(
-            f"version {version}: quant.config.rotation "
-            f"{m['quant']['config'].get('rotation', 'none')!r} is written as "
-            f"version {version_for(m['quant'], c)} (rotated cards are version 2, "
-            "cards with cache.held_from or split_kv version 3, with key_rope 4)"
+            f"version {version}: a card with quant.config.rotation "
+            f"{m['quant']['config'].get('rotation', 'none')!r}"
+            f"{', key_rope' if 'key_rope' in m['quant']['config'] else ''} and this "
+            f"cache is written as version {version_for(m['quant'], c)} (rotated "
+            "cards are version 2, cards with cache.held_from or split_kv version "
+            "3, with key_rope 4)"
         )
     starts = held_from(c, m["model"])
     padded_rows, splits = [], []

@@ -290,8 +290,8 @@ def recommended_key_rope(model):
     sizes it does not fit)."""
     try:
         return _key_rope(model)
-    except ConfigError:
-        return None
+    except (ConfigError, TypeError, ValueError, AttributeError, RuntimeError):
+        return None  # a RoPE module of another shape: keys as cached
 
 
 def _key_rope(model):
