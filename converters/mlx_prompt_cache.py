@@ -44,8 +44,7 @@ def quantized_layout(card: CacheCard) -> tuple[int, int] | None:
     and the codes in the model's own basis (no rotation, no pre-RoPE keys:
     mlx-lm's quantized attention reads them as they are).
     """
-    config = card.qkv.config
-    if config.rotation != "none" or config.key_rope is not None:
+    if not card.qkv.config.model_basis:
         return None
     found = set()
     for layer in card.layers:

@@ -236,6 +236,13 @@ class QuantConfig:
             )
 
     @property
+    def model_basis(self) -> bool:
+        """Whether the codes are in the model's own basis (no rotation, keys
+        as cached), so attention on them needs no transform (mlx-lm's
+        ``QuantizedKVCache`` reads them as they are)."""
+        return self.rotation == "none" and self.key_rope is None
+
+    @property
     def float_bits(self) -> int:
         return FLOAT_DTYPES[self.float_dtype]
 

@@ -51,6 +51,7 @@ from .formats import FLOAT_BITS, QuantizedKV
 from .models import model_dtype
 from .quant.fastpath import dequantize_layers, stream_layers
 from .quant.mlx_backend import dequantize_layer
+from .rope import layer_spec
 
 MODES = ("dequantize", "stream", "compressed")
 LAYOUTS = ("receiver", "sender")
@@ -252,8 +253,8 @@ def inject(
         )
     if mode == "compressed":
         uniform = _uniform_token_format(qkv)
-        # mlx-lm's quantized attention reads the codes as they are: no rotation
-        if uniform is not None and offset == 0 and rotation == "none":
+        # mlx-lm's quantized attention reads the codes as they are
+        if uniform is not None and offset == 0 and qkv.config.model_basis:
             return [
                 _quantized_kv_cache(layer, T, *uniform, dtype) for layer in qkv.layers
             ]
@@ -284,7 +285,7 @@ def inject(
                 capacity=capacity,
                 rotation=rotation,
                 start=start,
-                rope=None if key_rope is None else key_rope.spec(li),
+                rope=layer_spec(key_rope, li),
             )
             for li, (layer, start) in enumerate(zip(qkv.layers, qkv.starts))
         ]

@@ -149,6 +149,11 @@ class KeyRope:
         return cls(tuple(out), tuple(layers))
 
 
+def layer_spec(key_rope: KeyRope | None, layer: int) -> RopeSpec | None:
+    """Layer ``layer``'s spec of ``key_rope``, None for keys as cached."""
+    return None if key_rope is None else key_rope.spec(layer)
+
+
 # ----------------------------------------------------------------------------
 # The rotation
 

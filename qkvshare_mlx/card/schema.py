@@ -206,8 +206,9 @@ def check_fingerprint(model: dict) -> None:
             )
 
 
-def check_quant(quant: dict) -> None:
-    """The quantization summary can rebuild a QuantConfig (see :func:`quant_config`)."""
+def check_quant(quant: dict) -> QuantConfig:
+    """The quantization summary can rebuild a QuantConfig (see
+    :func:`quant_config`); returns it."""
     exact_keys(quant, QUANT_KEYS, "quant")
     req(quant, "controller", str, "quant")
     for key in ("budget_bits", "effective_bits", "nominal_bits"):
@@ -235,7 +236,7 @@ def check_quant(quant: dict) -> None:
     widths = cfg["widths"]
     if not all(type(b) is int for b in widths):
         raise CardFormatError(f"quant.config.widths: expected ints, got {widths!r:.60}")
-    quant_config(quant)
+    return quant_config(quant)
 
 
 def quant_config(quant: dict) -> QuantConfig:
@@ -316,7 +317,7 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         req(m, k, dict, "card")
     check_fingerprint(m["model"])
     _check_cache(c, version)
-    check_quant(m["quant"])
+    config = check_quant(m["quant"])
     if version_for(m["quant"], c) != version:
         raise CardFormatError(
             f"version {version}: a card with quant.config.rotation "
@@ -334,10 +335,9 @@ def expected_tensors(m, version: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         check_rotation(m["quant"]["config"].get("rotation", "none"), dk, dv)
     except ConfigError as e:
         raise CardFormatError(f"quant.config.rotation: {e}") from None
-    key_rope = quant_config(m["quant"]).key_rope
-    if key_rope is not None:
+    if config.key_rope is not None:
         try:
-            key_rope.check(L, dk)
+            config.key_rope.check(L, dk)
         except ConfigError as e:
             raise CardFormatError(f"quant.config.{e}") from None
     table = req(m, "layers", list, "card")

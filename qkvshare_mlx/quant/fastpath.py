@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..formats import Encoded, Segment, check_cover, layer_index
-from ..rope import rope_rows
+from ..rope import layer_spec, rope_rows
 from ..rotation import check_rotation
 from . import numpy_backend
 
@@ -192,7 +192,7 @@ def dequantize_layers(
                         _clear_outside(views[kv][j], starts[li], T)
             # 2. numpy writes every token's row into them, through views
             lchunk = [layers[li] for li in chunk]
-            ropes = [_layer_rope(key_rope, li) for li in chunk]
+            ropes = [layer_spec(key_rope, li) for li in chunk]
             jobs = [
                 pool.submit(fill, lchunk, kv, views[kv], ropes)
                 for kv in ("keys", "values")
@@ -207,10 +207,6 @@ def dequantize_layers(
             mx.eval(pair)
             out += list(zip(*pair))
     return out
-
-
-def _layer_rope(key_rope, li: int):
-    return None if key_rope is None else key_rope.spec(li)
 
 
 def _fill_rows(
@@ -336,7 +332,7 @@ def stream_layers(
             dst = views[li][kv]
             if reuse[li]:
                 _clear_outside(dst[0], starts[li], T)
-            ropes = [_layer_rope(key_rope, li)]
+            ropes = [layer_spec(key_rope, li)]
             scratch = _fill_rows([layers[li]], kv, dst, T, rotation, scratch, ropes)
         return bufs[li]["keys"][0], bufs[li]["values"][0]
 

@@ -32,7 +32,7 @@ from ..formats import (
     pad_rows,
     padded,
 )
-from ..rope import rope_mx
+from ..rope import layer_spec, rope_mx
 from ..rotation import rotation_matrix, rotation_signs
 from . import pipeline
 from .controllers import HandoffPlan, TokenStats
@@ -313,7 +313,7 @@ def dequantize_cache(qkv: QuantizedKV, dtype=mx.float32):
             dtype,
             rotation=rot,
             start=start,
-            rope=None if key_rope is None else key_rope.spec(li),
+            rope=layer_spec(key_rope, li),
         )
         for li, (layer, start) in enumerate(zip(qkv.layers, qkv.starts))
     ]
