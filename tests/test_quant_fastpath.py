@@ -176,3 +176,23 @@ def test_stream_layers_refuse_incomplete_layers_up_front():
     broken[2] = broken[2][1:]
     with pytest.raises(CacheShapeError):
         stream_layers(broken, T)
+
+
+def test_scatter_rows_equals_fancy_assignment():
+    from qkvshare_mlx.quant.fastpath import _scatter_rows
+
+    rng = np.random.default_rng(3)
+    index = np.sort(rng.choice(50, 17, replace=False))
+    rows = rng.standard_normal((2, 3, 17, 8), dtype=np.float32)
+    want = rng.standard_normal((2, 3, 64, 8), dtype=np.float32)
+    got = want.copy()
+    want[:, :, index] = rows
+    _scatter_rows(got, index, rows)
+    assert np.array_equal(got, want)
+
+
+def test_mixed_cache_has_scattered_segments():
+    # the fused path's scatter (tokens of one format spread over the layer)
+    qkv = mixed_qkv()
+    index = [np.asarray(s.index) for layer in qkv.layers for s in layer]
+    assert any(len(i) > 1 and np.any(np.diff(i) != 1) for i in index)

@@ -65,34 +65,40 @@ def _write_bucket(
 
     ``scratch``: a float32 buffer as large as the largest bucket, reused.
     """
-    if key[0] == "float":  # converted by the copy into place
-        src = _cat([e for *_, e in items]).data
-        decoded = items
-    else:
-        bits = key[1]
-        scattered = []
-        for li, s, e in items:
-            index = np.asarray(s.index)
-            if _contiguous(index):  # straight into place
-                rows = dst[li][:, :, index[0] : index[0] + len(index)]
-                numpy_backend.dequantize_rows(e, bits, out=rows, scratch=scratch)
-            else:
-                scattered.append((li, s, e))
-        if not scattered:
-            return
-        src = numpy_backend.dequantize_rows(
-            _cat([e for *_, e in scattered]), bits, scratch=scratch
-        )
-        decoded = scattered
-    t = 0
-    for li, s, _ in decoded:
+    pieces = []  # (layer, index, consecutive, Encoded): decoded in one call
+    for li, s, e in items:
         index = np.asarray(s.index)
+        run = _contiguous(index)
+        if key[0] != "float" and run:  # straight into place
+            rows = dst[li][:, :, index[0] : index[0] + index.shape[0]]
+            numpy_backend.dequantize_rows(e, key[1], out=rows, scratch=scratch)
+        else:
+            pieces.append((li, index, run, e))
+    if not pieces:
+        return
+    joined = _cat([e for *_, e in pieces])
+    if key[0] == "float":  # converted by the copy into place
+        src = joined.data
+    else:
+        src = numpy_backend.dequantize_rows(joined, key[1], scratch=scratch)
+    t = 0
+    for li, index, run, _ in pieces:
         n = index.shape[0]
-        if _contiguous(index):
+        if run:
             dst[li][:, :, index[0] : index[0] + n] = src[:, :, t : t + n]
         else:
-            dst[li][:, :, index] = src[:, :, t : t + n]
+            _scatter_rows(dst[li], index, src[:, :, t : t + n])
         t += n
+
+
+def _scatter_rows(dst: np.ndarray, index: np.ndarray, rows: np.ndarray) -> None:
+    """``dst[:, :, index] = rows``, one (B, H) pair at a time: a 1-D index
+    on the leading axis of a (n, D) array is numpy's fast path, ~5x faster
+    here than the same assignment through the 4-D fancy index."""
+    B, H = dst.shape[:2]
+    for b in range(B):
+        for h in range(H):
+            dst[b, h][index] = rows[b, h]
 
 
 def _row_shape(enc: Encoded, bits: int) -> tuple[int, int, int]:
