@@ -1,4 +1,5 @@
-"""Codebooks against the card's affine groups, at equal effective bits (issue 22).
+"""Codebooks, residuals and outliers against the card's affine groups, at equal
+effective bits (issue 22).
 
 The question: would a per-vector norm plus a Lloyd-Max codebook on
 Hadamard-rotated coordinates (TurboQuant, PolarQuant) move the fidelity
@@ -19,7 +20,14 @@ rotated as the cards rotate them (``QuantConfig(rotation="hadamard")``):
   codebook of a standard normal (data-oblivious, as TurboQuant):
   ``b + 16/D`` bits;
 - ``norm+fitted``: the same with a Lloyd-Max codebook fitted per layer
-  and K/V on this cache (its 2**b float16 levels counted too).
+  and K/V on this cache (its 2**b float16 levels counted too);
+- ``affine/token+rank{r}``: the affine rows plus a rank-``r`` float16
+  factorisation of each head's (T, D) residual (GEAR's low-rank residual:
+  ``16 r (T + D) / (T D)`` bits more);
+- ``unrotated+sparse1%``: KVQuant's dense-and-sparse split on the
+  *unrotated* cache: the 1% largest magnitudes of each layer kept exactly
+  (float16 value and a 16-bit position each: 0.32 bits more), the rest
+  clipped to their range and quantized affine per token.
 
 Reported: relative squared error ``sum |x - x'|^2 / sum |x|^2`` over the
 whole cache, K and V, and for each codebook row the affine bits that
@@ -99,6 +107,28 @@ def affine_roundtrip(x: np.ndarray, bits: int, layout: str) -> np.ndarray:
     return np.array(decode(enc, bits, mx.float32))
 
 
+def low_rank_fix(x: np.ndarray, xq: np.ndarray, rank: int) -> np.ndarray:
+    """``xq`` plus the float16 rank-``rank`` SVD of each head's residual."""
+    out = xq.copy()
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            u, s, vt = np.linalg.svd(x[b, h] - xq[b, h], full_matrices=False)
+            left = (u[:, :rank] * s[:rank]).astype(np.float16).astype(np.float32)
+            right = vt[:rank].astype(np.float16).astype(np.float32)
+            out[b, h] += left @ right
+    return out
+
+
+def sparse_roundtrip(x: np.ndarray, bits: int, frac: float = 0.01) -> np.ndarray:
+    """Dense-and-sparse: the ``frac`` largest magnitudes exact (float16), the
+    rest clipped to the remaining range and quantized affine per token."""
+    limit = np.quantile(np.abs(x), 1.0 - frac)
+    outlier = np.abs(x) > limit
+    dense = affine_roundtrip(np.clip(x, -limit, limit), bits, "token")
+    exact = x.astype(np.float16).astype(np.float32)
+    return np.where(outlier, exact, dense)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -116,6 +146,10 @@ def main():
     data = {
         "K": [np.asarray(k, np.float32) @ r for k in keys],
         "V": [np.asarray(v, np.float32) @ r for v in values],
+    }
+    data_raw = {
+        "K": [np.asarray(k, np.float32) for k in keys],
+        "V": [np.asarray(v, np.float32) for v in values],
     }
     n_el = sum(x.size for x in data["K"])
     gauss = {b: gauss_codebook(b) for b in BITS}
@@ -152,6 +186,24 @@ def main():
                 b + 16 / D + book_bits / n_el,
                 err / energy,
             )
+        for b in BITS:
+            for rank in (2, 4):
+                err, extra = 0.0, 0
+                for x in xs:
+                    xq = affine_roundtrip(x, b, "token")
+                    err += float(np.sum((low_rank_fix(x, xq, rank) - x) ** 2))
+                    B, H, T, _ = x.shape
+                    extra += B * H * 16 * rank * (T + D)
+                add(
+                    f"affine/token+rank{rank}",
+                    kv,
+                    b,
+                    b + 0.5 + extra / n_el,
+                    err / energy,
+                )
+            raw = data_raw[kv]
+            err = sum(float(np.sum((sparse_roundtrip(x, b) - x) ** 2)) for x in raw)
+            add("unrotated+sparse1%", kv, b, b + 0.5 + 0.01 * 32, err / energy)
     for row in rows:
         row["affine_bits_same_error"] = _equivalent(rows, row)
     result = {
