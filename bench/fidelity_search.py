@@ -71,6 +71,7 @@ class Candidate:
 
 H = {"rotation": "hadamard"}
 SPLIT = {"rotation": "hadamard", "split_kv": True}
+W3 = (3, 4, 5, 6, 8, 16)  # the code widths without 2 bits
 CANDIDATES = [
     Candidate("mlx-lm kv-bits 4", kind="mlx-lm", bits=4),
     Candidate("mlx-lm kv-bits 8", kind="mlx-lm", bits=8),
@@ -161,6 +162,31 @@ CANDIDATES = [
         "saliency+split, pre-RoPE card @4.5",
         budget=4.5,
         config={"split_kv": True, "pre_rope": True},
+    ),
+    # no token below 3 (or 4) bits at the best setting: where the error
+    # model and top-1 disagree about the least-attended tokens (the group
+    # sizes need no rows: adaptive_groups already picks 32, 64 or 128 per
+    # token)
+    *(
+        Candidate(
+            f"saliency+hadamard+split, pre-RoPE card, widths {what} @4.5",
+            budget=4.5,
+            config={**SPLIT, "pre_rope": True, "widths": widths},
+        )
+        for what, widths in (("3-8", W3), ("4-8", (4, 5, 6, 8, 16)))
+    ),
+    *(
+        Candidate(
+            f"saliency+hadamard+split, pre-RoPE card, widths 3-8 @{b}",
+            budget=b,
+            config={**SPLIT, "pre_rope": True, "widths": W3},
+        )
+        for b in (5.0, 5.5)
+    ),
+    Candidate(
+        "saliency+hadamard, pre-RoPE card, widths 3-8 @6.0",
+        budget=6.0,
+        config={**H, "pre_rope": True, "widths": W3},
     ),
     # ... and unrotated, where the keys' outlier channels are left in place
     Candidate("saliency+split @4.5", budget=4.5, config={"split_kv": True}),

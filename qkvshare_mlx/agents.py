@@ -32,6 +32,7 @@ and writes files only where ``save_cards`` asks.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,7 +48,7 @@ from .chat import ChatFormat
 from .dtypes import mx_name
 from .errors import ConfigError
 from .fingerprint import fingerprint, layer_windows
-from .formats import QuantConfig
+from .formats import ALL_BITS, CODE_BITS, QuantConfig, widths_from
 from .handoff import make_card
 from .inject import inject
 from .models import model_dtype
@@ -97,20 +98,29 @@ class Handoff:
     @classmethod
     def named(cls, name: str, budget_bits: float | None = None) -> Handoff:
         """A handoff from its :attr:`name`: a mode, optionally with a
-        rotation suffix, ``+split`` (keys may take more bits than values)
-        and ``+prerope`` (keys quantized before RoPE):
-        ``"saliency+hadamard"``, ``"saliency+hadamard+split+prerope"``."""
+        rotation suffix, ``+split`` (keys may take more bits than values),
+        ``+prerope`` (keys quantized before RoPE) and ``+min<b>`` (no token
+        below ``b`` code bits): ``"saliency+hadamard"``,
+        ``"saliency+hadamard+split+prerope+min3"``."""
         mode, *extras = name.split("+")
+        mins = [e for e in extras if re.fullmatch(r"min\d", e)]
         flags = ("split", "prerope")
-        rotations = [e for e in extras if e not in flags]
-        if len(rotations) > 1 or any(extras.count(f) > 1 for f in flags):
+        rotations = [e for e in extras if e not in flags and e not in mins]
+        if (
+            len(rotations) > 1
+            or len(mins) > 1
+            or any(extras.count(f) > 1 for f in flags)
+        ):
             raise ConfigError(
-                f"handoff name {name!r}: expected mode[+rotation][+split][+prerope]"
+                f"handoff name {name!r}: expected "
+                "mode[+rotation][+split][+prerope][+min<bits>]"
             )
         if not extras:
             return cls(mode, budget_bits)
         config = QuantConfig(
-            rotation=rotations[0] if rotations else "none", split_kv="split" in extras
+            rotation=rotations[0] if rotations else "none",
+            split_kv="split" in extras,
+            widths=widths_from(int(mins[0][3:])) if mins else ALL_BITS,
         )
         return cls(mode, budget_bits, config, pre_rope="prerope" in extras)
 
@@ -124,8 +134,10 @@ class Handoff:
 
     @property
     def name(self) -> str:
-        """The mode, plus ``+<rotation>`` when the cards are rotated and
-        ``+split`` when keys and values may differ in width."""
+        """The mode, plus ``+<rotation>`` when the cards are rotated,
+        ``+split`` when keys and values may differ in width, ``+prerope``
+        for keys before RoPE and ``+min<b>`` when no token gets fewer than
+        ``b`` code bits (the inverse of :meth:`named`)."""
         c = self.config
         out = self.mode
         if c is not None and c.rotation != "none":
@@ -134,6 +146,10 @@ class Handoff:
             out += "+split"
         if self.pre_rope or (c is not None and c.key_rope is not None):
             out += "+prerope"
+        low = None if c is None else min(c.widths)
+        if low is not None and low in CODE_BITS and low > min(CODE_BITS):
+            if tuple(c.widths) == widths_from(low):
+                out += f"+min{low}"
         return out
 
     @property

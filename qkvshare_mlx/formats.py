@@ -133,6 +133,16 @@ def validate_bits(bits: int) -> int:
     return bits
 
 
+def widths_from(min_bits: int) -> tuple[int, ...]:
+    """The widths a controller may choose when no token gets fewer than
+    ``min_bits`` code bits (a value of :data:`CODE_BITS`), float included."""
+    if isinstance(min_bits, bool) or min_bits not in CODE_BITS:
+        raise ConfigError(
+            f"min bits must be one of {list(CODE_BITS)} but got {min_bits!r}"
+        )
+    return tuple(b for b in ALL_BITS if b >= min_bits)
+
+
 def validate_group(group: int, what: str = "group_size") -> int:
     if group not in GROUP_SIZES:
         raise ConfigError(

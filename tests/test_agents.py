@@ -66,7 +66,18 @@ def test_handoff_names_carry_the_rotation():
     assert s.config.split_kv and s.config.rotation == "hadamard"
     assert s.name == "saliency+hadamard+split"
     assert A.Handoff.named("uniform+split", 4.5).name == "uniform+split"
-    for bad in ("saliency+spin", "bogus+hadamard", "saliency+hadamard+none"):
+    m = A.Handoff.named("saliency+hadamard+split+prerope+min3", 4.5)
+    assert m.config.widths == (3, 4, 5, 6, 8, 16)
+    assert m.name == "saliency+hadamard+split+prerope+min3"
+    assert A.Handoff.named(m.name, 4.5) == m
+    assert A.Handoff.named("uniform+min2", 4.5).name == "uniform"  # the default
+    for bad in (
+        "saliency+spin",
+        "bogus+hadamard",
+        "saliency+hadamard+none",
+        "saliency+min3+min4",
+        "saliency+min7",
+    ):
         with pytest.raises(ConfigError):
             A.Handoff.named(bad, 3.0)
 

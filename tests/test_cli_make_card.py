@@ -240,3 +240,32 @@ def test_pre_rope_is_the_recommended_setting_below_6_bits(
                 code == 2 and "inherited card holds its keys" in capsys.readouterr().err
             )
             assert not out.exists()
+
+
+def test_min_bits_recommended_from_4_5_bits_and_settable(
+    tiny_chat_model_dir, tmp_path, capsys
+):
+    # no 2-bit token from 4.5 bits up (measured: less KL at 4.5 bits), 2-bit
+    # tokens allowed below it; --min-bits sets the narrowest width itself
+    prompt = " ".join(f"step {i}: add {i % 7}." for i in range(16))
+    args = ["make-card", "--model", str(tiny_chat_model_dir), "-p", prompt]
+    widths = {}
+    for name, extra in {
+        "3.0": ["--budget-bits", "3"],
+        "4.5": ["--budget-bits", "4.5"],
+        "4.5 min2": ["--budget-bits", "4.5", "--min-bits", "2"],
+        "6 min4": ["--budget-bits", "6", "--min-bits", "4"],
+    }.items():
+        out = tmp_path / f"{name.replace(' ', '_')}.qkv"
+        assert main(args + extra + ["--out", str(out)]) == 0
+        card = CacheCard.load(out)
+        used = {s.bits for layer in card.qkv.layers for s in layer}
+        used |= {s.vbits for layer in card.qkv.layers for s in layer}
+        widths[name] = (min(card.qkv.config.widths), min(used))
+    assert widths["3.0"][0] == 2 and widths["4.5 min2"][0] == 2
+    assert widths["4.5"][0] == 3 and widths["4.5"][1] >= 3
+    assert widths["6 min4"][0] == 4 and widths["6 min4"][1] >= 4
+    bad = ["--budget-bits", "3", "--min-bits", "4", "--out", str(tmp_path / "x.qkv")]
+    assert main(args + bad) == 2
+    assert "--budget-bits" in capsys.readouterr().err
+    assert not (tmp_path / "x.qkv").exists()

@@ -53,3 +53,14 @@ def test_split_menu_gives_keys_at_least_the_values_width():
     assert f.nominal_cost() == ((6 + 0.5) + (3 + 0.5)) / 2
     assert planned_bits({f: 64}, 64, 64, 16) == 64 * 64 * (6.5 + 3.5)
     assert Format(4).vbits == 4 and Format(4).label() == "4b/kt64/v64"
+
+
+def test_widths_from_keeps_the_wider_codes_and_float():
+    from qkvshare_mlx.formats import ALL_BITS, widths_from
+
+    assert widths_from(2) == ALL_BITS
+    assert widths_from(3) == (3, 4, 5, 6, 8, 16)
+    assert widths_from(8) == (8, 16)
+    for bad in (1, 7, 16, True, "3"):
+        with pytest.raises(ConfigError, match="min bits"):
+            widths_from(bad)

@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..formats import ALL_BITS, GROUP_SIZES, KEY_ERRORS, KEY_LAYOUTS, QuantConfig
+from ..formats import (
+    ALL_BITS,
+    CODE_BITS,
+    GROUP_SIZES,
+    KEY_ERRORS,
+    KEY_LAYOUTS,
+    QuantConfig,
+    widths_from,
+)
 from ..generation import SamplingOptions
 from ..quant.allocator import validate_budget
 from ..quant.controllers import CONTROLLERS, HandoffPlan
@@ -62,6 +70,9 @@ RECOMMENDED_BUDGET = 6.0
 RECOMMENDED_ROTATION = "hadamard"
 SPLIT_KV_BELOW = 6.0
 PRE_ROPE_BELOW = 6.0  # keys before RoPE: less error at 3-5.5 bits, none at 6
+# From 4.5 bits up no token gets 2-bit codes: the error model spends them on
+# the least-attended tokens, and top-1 disagrees (KL -18% at 4.5 bits)
+MIN_BITS_3_FROM = 4.5
 
 
 def add_card(p: argparse.ArgumentParser) -> None:
@@ -110,6 +121,14 @@ def add_card(p: argparse.ArgumentParser) -> None:
         help="let tokens give their keys more bits than their values (keys "
         f"carry most of the error; format version 3). Default: on below "
         f"{SPLIT_KV_BELOW:g} bits",
+    )
+    g.add_argument(
+        "--min-bits",
+        type=int,
+        choices=CODE_BITS,
+        default=None,
+        help="the narrowest code width a token may get. Default: 3 from "
+        f"{MIN_BITS_3_FROM:g} bits up (to just below 16), else 2",
     )
     g.add_argument(
         "--pin-sinks",
@@ -253,12 +272,14 @@ def quant_config(args, inherited=None, head_dims=None, model=None) -> QuantConfi
         except ConfigError as e:
             raise ConfigError(f"--pre-rope: {e}") from None
     auto = recommended_config(args.budget_bits, head_dims)
+    min_bits = getattr(args, "min_bits", None)
     return QuantConfig(
         group_size=args.group_size,
         key_layout=args.key_layout,
         key_group=args.group_size,
         rotation=auto.rotation if rotation is None else rotation,
         split_kv=auto.split_kv if args.split_kv is None else args.split_kv,
+        widths=auto.widths if min_bits is None else widths_from(min_bits),
         pin_sinks=getattr(args, "pin_sinks", 0),
         pin_recent=getattr(args, "pin_recent", 0),
         key_error=getattr(args, "key_error", "mse"),
@@ -308,15 +329,22 @@ def _key_rope(model):
 
 def recommended_config(budget_bits: float, head_dims=None) -> QuantConfig:
     """The recommended settings for a budget: Hadamard rotation (where the
-    head dims are powers of two), and keys wider than values below
-    ``SPLIT_KV_BELOW`` bits; a lossless card (16 bits or more) is stored
-    unrotated, so it is exact."""
+    head dims are powers of two), keys wider than values below
+    ``SPLIT_KV_BELOW`` bits, and no 2-bit tokens from ``MIN_BITS_3_FROM``
+    bits up; a lossless card (16 bits or more) is stored unrotated, so it
+    is exact."""
     lossless = budget_bits >= 16
     fit = all(fits(RECOMMENDED_ROTATION, d) for d in head_dims or ())
     return QuantConfig(
         rotation=RECOMMENDED_ROTATION if fit and not lossless else "none",
         split_kv=budget_bits < SPLIT_KV_BELOW,
+        widths=widths_from(recommended_min_bits(budget_bits)),
     )
+
+
+def recommended_min_bits(budget_bits: float) -> int:
+    """The narrowest code width of the recommended settings at a budget."""
+    return 3 if MIN_BITS_3_FROM <= budget_bits < 16 else min(CODE_BITS)
 
 
 def head_dims(model) -> tuple[int, int]:
