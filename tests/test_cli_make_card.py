@@ -204,18 +204,17 @@ def test_pre_rope_is_the_recommended_setting_below_6_bits(
     # on by default where the fidelity search measured it to help (3-5.5
     # bits), off at 6 bits and for lossless cards, and a card handed on
     # keeps the way its inherited keys are stored
-    prompt = " ".join(f"step {i}: add {i % 7}." for i in range(16))
-    args = ["make-card", "--model", str(tiny_chat_model_dir), "-p", prompt]
-    cards = {}
-    for name, extra in {
-        "3": ["--budget-bits", "3"],
-        "3 off": ["--budget-bits", "3", "--no-pre-rope"],
-        "6": ["--budget-bits", "6"],
-        "16": ["--budget-bits", "16"],
-    }.items():
-        out = tmp_path / f"{name.replace(' ', '_')}.qkv"
-        assert main(args + extra + ["--out", str(out)]) == 0
-        cards[name] = CacheCard.load(out)
+    args = _make_card_args(tiny_chat_model_dir)
+    cards = _cards_of(
+        args,
+        tmp_path,
+        {
+            "3": ["--budget-bits", "3"],
+            "3 off": ["--budget-bits", "3", "--no-pre-rope"],
+            "6": ["--budget-bits", "6"],
+            "16": ["--budget-bits", "16"],
+        },
+    )
     assert cards["3"].version == 4 and cards["3"].qkv.config.key_rope is not None
     for name in ("3 off", "6", "16"):
         assert cards[name].qkv.config.key_rope is None, name
@@ -247,18 +246,19 @@ def test_min_bits_recommended_from_4_5_bits_and_settable(
 ):
     # no 2-bit token from 4.5 bits up (measured: less KL at 4.5 bits), 2-bit
     # tokens allowed below it; --min-bits sets the narrowest width itself
-    prompt = " ".join(f"step {i}: add {i % 7}." for i in range(16))
-    args = ["make-card", "--model", str(tiny_chat_model_dir), "-p", prompt]
+    args = _make_card_args(tiny_chat_model_dir)
+    cards = _cards_of(
+        args,
+        tmp_path,
+        {
+            "3.0": ["--budget-bits", "3"],
+            "4.5": ["--budget-bits", "4.5"],
+            "4.5 min2": ["--budget-bits", "4.5", "--min-bits", "2"],
+            "6 min4": ["--budget-bits", "6", "--min-bits", "4"],
+        },
+    )
     widths = {}
-    for name, extra in {
-        "3.0": ["--budget-bits", "3"],
-        "4.5": ["--budget-bits", "4.5"],
-        "4.5 min2": ["--budget-bits", "4.5", "--min-bits", "2"],
-        "6 min4": ["--budget-bits", "6", "--min-bits", "4"],
-    }.items():
-        out = tmp_path / f"{name.replace(' ', '_')}.qkv"
-        assert main(args + extra + ["--out", str(out)]) == 0
-        card = CacheCard.load(out)
+    for name, card in cards.items():
         used = {s.bits for layer in card.qkv.layers for s in layer}
         used |= {s.vbits for layer in card.qkv.layers for s in layer}
         widths[name] = (min(card.qkv.config.widths), min(used))
@@ -269,3 +269,18 @@ def test_min_bits_recommended_from_4_5_bits_and_settable(
     assert main(args + bad) == 2
     assert "--budget-bits" in capsys.readouterr().err
     assert not (tmp_path / "x.qkv").exists()
+
+
+def _make_card_args(model_dir) -> list[str]:
+    prompt = " ".join(f"step {i}: add {i % 7}." for i in range(16))
+    return ["make-card", "--model", str(model_dir), "-p", prompt]
+
+
+def _cards_of(args, folder, runs: dict) -> dict:
+    """One card per named set of extra flags, made and loaded back."""
+    cards = {}
+    for name, extra in runs.items():
+        out = folder / f"{name.replace(' ', '_')}.qkv"
+        assert main(args + extra + ["--out", str(out)]) == 0
+        cards[name] = CacheCard.load(out)
+    return cards
