@@ -143,14 +143,11 @@ def main():
     )
     D = keys[0].shape[-1]
     r = rotation_matrix("hadamard", D)
-    data = {
-        "K": [np.asarray(k, np.float32) @ r for k in keys],
-        "V": [np.asarray(v, np.float32) @ r for v in values],
-    }
     data_raw = {
         "K": [np.asarray(k, np.float32) for k in keys],
         "V": [np.asarray(v, np.float32) for v in values],
     }
+    data = {kv: [x @ r for x in xs] for kv, xs in data_raw.items()}
     n_el = sum(x.size for x in data["K"])
     gauss = {b: gauss_codebook(b) for b in BITS}
     rows = []

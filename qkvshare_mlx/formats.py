@@ -26,6 +26,15 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, SegmentCoverageError
+from .groups import (  # noqa: F401  (re-exported: the formats' row geometry)
+    GROUP_SIZES,
+    PAD_GROUP,
+    fixed_group,
+    pad_rows,
+    padded,
+    padded_dim,
+    token_groups,
+)
 from .rope import KeyRope
 from .rotation import check_rotation
 
@@ -33,52 +42,9 @@ CODE_BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_BITS = 16
 KEY_ERRORS = ("mse", "query")  # QuantConfig.key_error
 ALL_BITS = CODE_BITS + (FLOAT_BITS,)
-GROUP_SIZES = (32, 64, 128)
 KEY_LAYOUTS = ("token", "channel")
 FLOAT_DTYPES = {"float16": 16, "float32": 32}
 SCALE_BITS = 16  # scales and biases are stored as float16
-PAD_GROUP = 32  # per-token group of head sizes no group size divides
-
-
-def padded_dim(dim: int, group: int) -> int:
-    """The stored width of a per-token row of ``dim`` elements in groups of
-    ``group``: ``dim`` rounded up to a multiple of ``group`` (``dim`` itself
-    when the group divides it)."""
-    return -(-dim // group) * group
-
-
-def pad_rows(x, group: int, xp=np):
-    """(..., D) rows padded to ``padded_dim(D, group)`` by repeating each
-    row's last element (so no group's range grows); ``x`` itself when the
-    group divides D. ``xp``: the array namespace (numpy or mlx.core)."""
-    D = x.shape[-1]
-    pad = padded_dim(D, group) - D
-    if not pad:
-        return x
-    tail = xp.broadcast_to(x[..., -1:], (*x.shape[:-1], pad))
-    return xp.concatenate([x, tail], axis=-1)
-
-
-def padded(layout: str, dim: int, group: int) -> bool:
-    """Whether rows of ``dim`` elements in ``layout`` with ``group`` are
-    stored padded (:func:`padded_dim`): per-token rows the group does not
-    divide."""
-    return layout == "token" and dim % group != 0
-
-
-def _fixed_group(dim: int, group: int) -> list[int]:
-    """[group] if it divides ``dim``; the padded group if none does; else []."""
-    if dim % group == 0:
-        return [group]
-    if any(dim % g == 0 for g in GROUP_SIZES):
-        return []
-    return [PAD_GROUP]
-
-
-def token_groups(dim: int) -> list[int]:
-    """Per-token group sizes a head size may use: those that divide it, else
-    ``PAD_GROUP`` over the row padded to a multiple of it (80 -> 96)."""
-    return [g for g in GROUP_SIZES if dim % g == 0] or [PAD_GROUP]
 
 
 @dataclass(frozen=True)
@@ -289,10 +255,10 @@ class QuantConfig:
                 list(GROUP_SIZES) if self.key_layout == "channel" else key_token_groups
             )
         else:
-            vgroups = _fixed_group(dv, self.group_size)
+            vgroups = fixed_group(dv, self.group_size)
             kgroups = [self._key_group()]
             if self.key_layout == "token":
-                kgroups = _fixed_group(head_dim, self.group_size)
+                kgroups = fixed_group(head_dim, self.group_size)
         if needs_codes and (not vgroups or not kgroups):
             if FLOAT_BITS not in self.widths:
                 value_side = kgroups and dv != head_dim
