@@ -32,6 +32,7 @@ against effective bits for every method.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shlex
@@ -50,6 +51,7 @@ import numpy as np  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 STUDY_STATE = RESULTS / "eval_gsm8k.state.jsonl.gz"
 KIVI_WINDOW = 128
+SENSITIVITY = []  # the --sensitivity profile, loaded by main()
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,26 @@ CANDIDATES = [
         budget=6.0,
         config={**H, "pre_rope": True, "widths": W3},
     ),
+    # each layer's key and value errors weighed by the model's measured
+    # sensitivity (bench/sensitivity.py, on train problems; KVTuner)
+    *(
+        Candidate(
+            f"saliency+hadamard+split, pre-RoPE card, widths 3-8, layer-weighted @{b}",
+            budget=b,
+            config={**SPLIT, "pre_rope": True, "widths": W3, "layer_weights": True},
+        )
+        for b in (4.5, 5.0, 5.5)
+    ),
+    Candidate(
+        "saliency+hadamard+split, pre-RoPE card, layer-weighted @3.0",
+        budget=3.0,
+        config={**SPLIT, "pre_rope": True, "layer_weights": True},
+    ),
+    Candidate(
+        "saliency+hadamard, layer-weighted @6.0",
+        budget=6.0,
+        config={**H, "layer_weights": True},
+    ),
     # ... and unrotated, where the keys' outlier channels are left in place
     Candidate("saliency+split @4.5", budget=4.5, config={"split_kv": True}),
     Candidate(
@@ -285,6 +307,9 @@ def candidate_cache(model, cand: Candidate, keys, values, stats):
     config = dict(cand.config)
     if config.pop("pre_rope", False):
         config["key_rope"] = from_mlx_model(model)
+    if config.pop("layer_weights", False):
+        weights = SENSITIVITY[0].layer_weights(len(keys))
+        stats = dataclasses.replace(stats, layer_weights=weights)
     qkv = quantize_cache(
         keys,
         values,
@@ -518,9 +543,17 @@ def main(argv=None) -> int:
     p.add_argument(
         "--report", action="store_true", help="only rebuild the reports from the state"
     )
+    p.add_argument(
+        "--sensitivity",
+        type=Path,
+        default=RESULTS / "sensitivity.json",
+        help="layer sensitivity profile of the model (bench/sensitivity.py), "
+        "for the layer-weighted candidates",
+    )
     args = p.parse_args(argv)
 
     from qkvshare_mlx.models import load_model
+    from qkvshare_mlx.sensitivity import LayerSensitivity
 
     cands = CANDIDATES
     if args.only:
@@ -533,6 +566,8 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--only: unknown candidates {unknown}")
         cands = [c for c in CANDIDATES if c.name in wanted]
+    if any(c.config.get("layer_weights") for c in cands) and not args.report:
+        SENSITIVITY.append(LayerSensitivity.load(args.sensitivity))
     state = RowState(args.state or args.out.with_suffix(".state.jsonl"))
     tic = time.perf_counter()
     contexts = [int(c) for c in args.contexts.split(",") if c]

@@ -55,6 +55,7 @@ from .models import model_dtype
 from .quant.controllers import CONTROLLERS, HandoffPlan
 from .quant.mlx_backend import quantize_cache
 from .quant.numpy_backend import decode_layer
+from .sensitivity import LayerSensitivity, with_sensitivity
 
 TEXT_MODES = ("reprefill", "exact")
 _NO_PROBE = ("uniform", "sink-recent")
@@ -79,12 +80,16 @@ class Handoff:
         config: quantizer settings of the cards.
         pre_rope: quantize the keys before RoPE (``QuantConfig.key_rope``,
             read from the sending model when a card is made).
+        sensitivity: the model's layer sensitivity (a
+            :class:`~qkvshare_mlx.sensitivity.LayerSensitivity`), weighing
+            each layer's errors; None: every layer alike.
     """
 
     mode: str
     budget_bits: float | None = None
     config: QuantConfig | None = None
     pre_rope: bool = False
+    sensitivity: LayerSensitivity | None = None
 
     def __post_init__(self):
         if self.mode not in TEXT_MODES and self.mode not in CONTROLLERS:
@@ -226,7 +231,9 @@ def hop_card(
             controller=handoff.mode,
             budget_bits=handoff.budget_bits,
             config=handoff.card_config(model),
-            stats=pre.stats,
+            stats=with_sensitivity(
+                pre.stats, handoff.sensitivity, n_layers=len(pre.keys)
+            ),
             plan=plan,
             windows=layer_windows(fp),  # as make_card trims
         )
@@ -244,6 +251,7 @@ def hop_card(
         user=user,
         # controllers that ignore attention skip the probe
         probe_queries=0 if handoff.mode in _NO_PROBE else 32,
+        sensitivity=handoff.sensitivity,
     )
 
 

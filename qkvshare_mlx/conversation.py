@@ -213,6 +213,7 @@ class CardOptions:
     config: object = None
     plan: object = None
     extra: dict = field(default_factory=dict)  # further user metadata
+    sensitivity: object = None  # a LayerSensitivity of the model, or None
 
 
 def _card(
@@ -234,6 +235,7 @@ def _card(
         plan=opts.plan,
         inherited=inherited,
         user={**opts.extra, **conv.metadata()},
+        sensitivity=opts.sensitivity,
         progress=progress,
         allow_other_weights=allow_other_weights,
     )
@@ -355,11 +357,13 @@ def run_chat_chain(
     mode: str = "dequantize",
     config=None,
     chat: bool | None = None,
+    sensitivity=None,
 ) -> tuple[list[dict], list[CacheCard]]:
     """Agent 0 answers its prompt and hands on a card; each next agent adds
     its turn, answers and hands on a card inheriting the last one's segments
     (the final agent's card holds the whole conversation, for whoever comes
-    next).
+    next). ``config`` and ``sensitivity`` (a LayerSensitivity) are every
+    card's (see :func:`~qkvshare_mlx.handoff.make_card`).
 
     Returns:
         ``(hops, cards)``: per agent a dict (role, reply, TTFT, reused
@@ -369,7 +373,13 @@ def run_chat_chain(
         raise ConfigError(f"a chain needs at least 2 agents, got {len(agents)}")
 
     def opts(a: ChainAgent) -> CardOptions:
-        return CardOptions(a.controller, a.budget_bits, config, extra={"role": a.role})
+        return CardOptions(
+            a.controller,
+            a.budget_bits,
+            config,
+            extra={"role": a.role},
+            sensitivity=sensitivity,
+        )
 
     first = agents[0]
     card, gen = send(

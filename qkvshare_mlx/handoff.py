@@ -29,6 +29,7 @@ from .inject import align, inject
 from .models import model_dtype
 from .quant.controllers import HandoffPlan
 from .quant.mlx_backend import quantize_cache
+from .sensitivity import LayerSensitivity, with_sensitivity
 from .weights import model_digest
 
 
@@ -48,6 +49,7 @@ def make_card(
     progress=None,
     allow_other_weights: bool = False,
     trim_windows: bool = True,
+    sensitivity: LayerSensitivity | None = None,
 ) -> CacheCard:
     """Prefill a prompt and pack its KV cache into a card.
 
@@ -71,6 +73,9 @@ def make_card(
         trim_windows: a sliding-window layer's rows hold only the last
             ``sliding_window`` tokens (all its later queries see); False:
             every layer holds every token.
+        sensitivity: the model's measured layer sensitivity
+            (:mod:`~qkvshare_mlx.sensitivity`): the allocator weighs each
+            layer's key and value errors by it; None: every layer alike.
 
     Returns:
         A :class:`~qkvshare_mlx.card.CacheCard` at RoPE offset 0.
@@ -111,7 +116,7 @@ def make_card(
         controller=controller,
         budget_bits=budget_bits,
         config=config or (inherited_qkv.config if inherited_qkv else None),
-        stats=pre.stats,
+        stats=with_sensitivity(pre.stats, sensitivity, len(pre.keys)),
         plan=plan,
         inherited=inherited_qkv,
         windows=layer_windows(fp) if trim_windows else None,

@@ -31,6 +31,8 @@ def no_model(monkeypatch):
         (["--out", "{tmp}/a.qkv", "--budget-bits", "40"], "--budget-bits"),
         (["--out", "{tmp}/a.qkv", "--generate", "-1"], "--generate"),
         (["--out", "{tmp}/a.qkv", "--generate", "4", "--runtime", "hf"], "--runtime"),
+        (["--out", "{tmp}/a.qkv", "--layer-weights", "{tmp}/none"], "cannot read"),
+        (["--out", "{tmp}/a.qkv", "--layer-weights", "{tmp}"], "cannot read"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_before_the_model_loads(

@@ -21,6 +21,7 @@ VERBS = {
     "make-card": "the sender: prefill a prompt (and answer it) into a card",
     "generate": "the receiver: continue from a card, stream, hand on a card",
     "chain": "run a chain of agents from a JSON/TOML spec, one card per hop",
+    "calibrate": "measure a model's layer sensitivity (for --layer-weights)",
     "convert": "a card <-> an mlx-lm prompt-cache file",
     "inspect": "print a CacheCard's header, sizes and checksum",
     "eval": "evaluate handoffs on GSM8K",

@@ -46,6 +46,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="dequantize")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature")
+    p.add_argument(
+        "--layer-weights",
+        metavar="PROFILE",
+        help="a layer sensitivity profile of the model (qkvshare calibrate) "
+        "for every card",
+    )
     options.add_security(p, receiver=False)
     return p
 
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     key = options.card_key(args)
+    sens = options.sensitivity(args)
     # 2. the chain
     from ..conversation import run_chat_chain
     from ..models import load_model
@@ -159,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling=sampling,
         mode=args.mode,
         config=config,
+        sensitivity=sens,
     )
     from ..conversation import card_size
 

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = options.plan(args)
     sampling = options.sampling(args)
     key = options.card_key(args)
+    sens = options.sensitivity(args)
     prompt = options.prompt_text(args.prompt)
 
     from ..card import CacheCard
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = _hf(args, card, model_arg, prompt, sampling)
         handed = None
     else:
-        gen, handed = _mlx(args, card, model_arg, prompt, sampling, out, plan)
+        gen, handed = _mlx(args, card, model_arg, prompt, sampling, out, plan, sens)
     options.end_stream(gen, args)
     if handed is not None:
         options.check_card_meets_budget(handed, args.budget_bits, inherited=card)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _mlx(args, card, model_arg, prompt, sampling, out, plan):
+def _mlx(args, card, model_arg, prompt, sampling, out, plan, sens):
     from ..conversation import CardOptions, receive
     from ..models import load_model
 
@@ -110,6 +111,7 @@ def _mlx(args, card, model_arg, prompt, sampling, out, plan):
             ),
             plan,
             options.recorded_model(model_arg),
+            sensitivity=sens,
         )
     return receive(
         card,

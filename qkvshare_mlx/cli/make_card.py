@@ -55,14 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     config, plan = options.quant_config(args), options.plan(args)
     sampling = options.sampling(args)
     key = options.card_key(args)
+    sens = options.sensitivity(args)
     prompt = options.prompt_text(args.prompt)
     chat = False if args.no_chat_template else None
     # 2. the model, the card
     tic = time.perf_counter()
     if args.runtime == "hf":
-        card = _hf_card(args, prompt, chat, config, plan)
+        card = _hf_card(args, prompt, chat, config, plan, sens)
     else:
-        card = _mlx_card(args, prompt, chat, config, plan, sampling)
+        card = _mlx_card(args, prompt, chat, config, plan, sampling, sens)
     options.check_card_meets_budget(card, args.budget_bits)
     card.save(out, key=key)
     print(
@@ -78,14 +79,21 @@ def _extra(args) -> dict:
     return options.recorded_model(args.model)
 
 
-def _mlx_card(args, prompt, chat, config, plan, sampling):
+def _mlx_card(args, prompt, chat, config, plan, sampling, sens):
     from ..conversation import CardOptions, send
     from ..models import load_model
 
     options.seed_now(args)
     model, tokenizer = load_model(args.model)
     config = options.quant_config(args, head_dims=options.head_dims(model), model=model)
-    opts = CardOptions(args.controller, args.budget_bits, config, plan, _extra(args))
+    opts = CardOptions(
+        args.controller,
+        args.budget_bits,
+        config,
+        plan,
+        _extra(args),
+        sensitivity=sens,
+    )
     card, gen = send(
         model,
         tokenizer,
@@ -103,11 +111,12 @@ def _mlx_card(args, prompt, chat, config, plan, sampling):
     return card
 
 
-def _hf_card(args, prompt, chat, config, plan):
+def _hf_card(args, prompt, chat, config, plan, sens):
     from qkvshare_converters.hf_cache import dynamic_cache_to_card, hf_prefill
     from qkvshare_converters.hf_model import load_hf_model
 
     from ..conversation import start
+    from ..sensitivity import with_sensitivity
 
     model, tokenizer = load_hf_model(args.model)
     config = options.quant_config(args, head_dims=options.head_dims(model), model=model)
@@ -121,7 +130,7 @@ def _hf_card(args, prompt, chat, config, plan):
         controller=args.controller,
         budget_bits=args.budget_bits,
         config=config,
-        stats=stats,
+        stats=with_sensitivity(stats, sens, len(cache.layers)),
         plan=plan,
         user={**_extra(args), **conv.metadata()},
     )

@@ -41,11 +41,16 @@ class TokenStats:
         query_moments: (L, H_kv, D, D) mean of ``q q^T`` over the probe
             queries of each KV head's query heads (post-RoPE): what
             ``QuantConfig(key_error="query")`` weighs key errors by.
+        layer_weights: (L, 2) multipliers of each layer's key and value
+            error weights: how much a unit of error in that layer moves the
+            model's output (:mod:`qkvshare_mlx.sensitivity`); None: every
+            layer alike.
     """
 
     attention: np.ndarray | None = None
     key_norms: np.ndarray | None = None
     query_moments: np.ndarray | None = None
+    layer_weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,45 @@ CONTROLLERS = {
 }
 
 
+def token_importance(
+    name: str,
+    stats: TokenStats | None,
+    n_layers: int,
+    n_tokens: int,
+    plan: HandoffPlan | None = None,
+) -> np.ndarray:
+    """(L, 2, T) key and value error weights of an adaptive controller over a
+    whole cache (before any ``layer_weights``): what the allocator weighs
+    each token's errors by."""
+    check_controller(name)
+    if CONTROLLERS[name] is None:
+        raise ConfigError(f"controller {name!r} weighs no tokens (no allocation)")
+    problem = _Shape(np.empty((n_layers, 2, n_tokens, 0)), n_tokens, 0)
+    return CONTROLLERS[name](problem, stats, plan)
+
+
+@dataclass(frozen=True)
+class _Shape:  # what the importance functions read of a problem
+    errors: np.ndarray
+    n_tokens: int
+    start: int
+
+
+def _weigh_layers(imp: np.ndarray, stats: TokenStats | None) -> np.ndarray:
+    w = None if stats is None else stats.layer_weights
+    if w is None:
+        return imp
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (imp.shape[0], 2):
+        raise ConfigError(
+            f"layer_weights has shape {w.shape}, expected {(imp.shape[0], 2)} "
+            "(a key and a value weight per layer)"
+        )
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise ConfigError("layer_weights must be finite and positive")
+    return imp * w[:, :, None]
+
+
 def check_controller(name: str) -> str:
     if name not in CONTROLLERS:
         raise ConfigError(
@@ -209,7 +253,7 @@ def run_controller(
         return problem.pin(np.full((L, Tn), f, dtype=np.int64)), {
             "format": problem.formats[f].label()
         }
-    imp = CONTROLLERS[name](problem, stats, plan)
+    imp = _weigh_layers(CONTROLLERS[name](problem, stats, plan), stats)
     costs = problem.costs
     free = problem.free()
     # Pinned float tokens take their share of the budget first.
