@@ -55,7 +55,7 @@ from .models import model_dtype
 from .quant.controllers import CONTROLLERS, HandoffPlan
 from .quant.mlx_backend import quantize_cache
 from .quant.numpy_backend import decode_layer
-from .sensitivity import LayerSensitivity, with_sensitivity
+from .sensitivity import LayerSensitivity, shipped_profile, with_sensitivity
 
 TEXT_MODES = ("reprefill", "exact")
 _NO_PROBE = ("uniform", "sink-recent")
@@ -83,6 +83,9 @@ class Handoff:
         sensitivity: the model's layer sensitivity (a
             :class:`~qkvshare_mlx.sensitivity.LayerSensitivity`), weighing
             each layer's errors; None: every layer alike.
+        layer_weighted: weigh them by the profile shipped for the sending
+            model's architecture (:func:`~qkvshare_mlx.sensitivity.shipped_profile`),
+            found when a card is made (``sensitivity`` wins when both are set).
     """
 
     mode: str
@@ -90,6 +93,7 @@ class Handoff:
     config: QuantConfig | None = None
     pre_rope: bool = False
     sensitivity: LayerSensitivity | None = None
+    layer_weighted: bool = False
 
     def __post_init__(self):
         if self.mode not in TEXT_MODES and self.mode not in CONTROLLERS:
@@ -104,12 +108,13 @@ class Handoff:
     def named(cls, name: str, budget_bits: float | None = None) -> Handoff:
         """A handoff from its :attr:`name`: a mode, optionally with a
         rotation suffix, ``+split`` (keys may take more bits than values),
-        ``+prerope`` (keys quantized before RoPE) and ``+min<b>`` (no token
-        below ``b`` code bits): ``"saliency+hadamard"``,
-        ``"saliency+hadamard+split+prerope+min3"``."""
+        ``+prerope`` (keys quantized before RoPE), ``+min<b>`` (no token
+        below ``b`` code bits) and ``+lw`` (layers weighted by the shipped
+        sensitivity profile): ``"saliency+hadamard"``,
+        ``"saliency+hadamard+split+prerope+min3+lw"``."""
         mode, *extras = name.split("+")
         mins = [e for e in extras if re.fullmatch(r"min\d", e)]
-        flags = ("split", "prerope")
+        flags = ("split", "prerope", "lw")
         rotations = [e for e in extras if e not in flags and e not in mins]
         if (
             len(rotations) > 1
@@ -118,7 +123,7 @@ class Handoff:
         ):
             raise ConfigError(
                 f"handoff name {name!r}: expected "
-                "mode[+rotation][+split][+prerope][+min<bits>]"
+                "mode[+rotation][+split][+prerope][+min<bits>][+lw]"
             )
         if not extras:
             return cls(mode, budget_bits)
@@ -127,7 +132,26 @@ class Handoff:
             split_kv="split" in extras,
             widths=widths_from(int(mins[0][3:])) if mins else ALL_BITS,
         )
-        return cls(mode, budget_bits, config, pre_rope="prerope" in extras)
+        return cls(
+            mode,
+            budget_bits,
+            config,
+            pre_rope="prerope" in extras,
+            layer_weighted="lw" in extras,
+        )
+
+    def card_sensitivity(self, model) -> LayerSensitivity | None:
+        """:attr:`sensitivity`, or with :attr:`layer_weighted` the profile
+        shipped for ``model``'s architecture."""
+        if self.sensitivity is not None or not self.layer_weighted:
+            return self.sensitivity
+        prof = shipped_profile(model)
+        if prof is None:
+            raise ConfigError(
+                "handoff +lw: no layer sensitivity profile ships for this "
+                "model's architecture (make one with qkvshare calibrate)"
+            )
+        return prof
 
     def card_config(self, model) -> QuantConfig | None:
         """:attr:`config` for cards of ``model`` (its RoPE with :attr:`pre_rope`)."""
@@ -141,8 +165,9 @@ class Handoff:
     def name(self) -> str:
         """The mode, plus ``+<rotation>`` when the cards are rotated,
         ``+split`` when keys and values may differ in width, ``+prerope``
-        for keys before RoPE and ``+min<b>`` when no token gets fewer than
-        ``b`` code bits (the inverse of :meth:`named`)."""
+        for keys before RoPE, ``+min<b>`` when no token gets fewer than
+        ``b`` code bits and ``+lw`` for layer-weighted errors (the inverse of
+        :meth:`named`)."""
         c = self.config
         out = self.mode
         if c is not None and c.rotation != "none":
@@ -155,6 +180,8 @@ class Handoff:
         if low is not None and low in CODE_BITS and low > min(CODE_BITS):
             if tuple(c.widths) == widths_from(low):
                 out += f"+min{low}"
+        if self.layer_weighted or self.sensitivity is not None:
+            out += "+lw"
         return out
 
     @property
@@ -232,7 +259,7 @@ def hop_card(
             budget_bits=handoff.budget_bits,
             config=handoff.card_config(model),
             stats=with_sensitivity(
-                pre.stats, handoff.sensitivity, n_layers=len(pre.keys)
+                pre.stats, handoff.card_sensitivity(model), n_layers=len(pre.keys)
             ),
             plan=plan,
             windows=layer_windows(fp),  # as make_card trims
@@ -251,7 +278,7 @@ def hop_card(
         user=user,
         # controllers that ignore attention skip the probe
         probe_queries=0 if handoff.mode in _NO_PROBE else 32,
-        sensitivity=handoff.sensitivity,
+        sensitivity=handoff.card_sensitivity(model),
     )
 
 

@@ -16,6 +16,11 @@ the allocator's weighted error of that layer-half, is the multiplier (summed
 over samples; ``2 L`` short forwards a sample). KL is quadratic in small
 errors like the weighted MSE, so the ratio is a property of the layer.
 
+Profiles for the models this package names ship with it
+(``qkvshare_mlx/profiles/``, measured by ``bench/sensitivity.py`` on GSM8K
+train problems); :func:`shipped_profile` finds the one whose architecture a
+model has.
+
 This module knows mlx-lm models and cards' quantizer; it does not know
 where calibration text comes from (``text_samples`` cuts any token lists).
 """
@@ -42,6 +47,10 @@ from .quant.mlx_backend import dequantize_cache, quantize_cache
 FORMAT = "qkvshare-layer-sensitivity"
 VERSION = 1
 WEIGHT_RANGE = (1e-3, 1e3)  # multipliers are clipped into this range
+# the fingerprint fields a profile is matched on: a profile carries over to
+# other weights of the same architecture (a fine-tune) as an approximation,
+# and never to another architecture
+ARCH_KEYS = ("model_type", "n_layers", "n_kv_heads", "head_dim", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class LayerSensitivity:
         model: what was measured (the model's type, for messages).
         samples: how many calibration samples were used.
         budget_bits, controller: the card settings the errors came from.
+        architecture: the measured model's fingerprint fields
+            (:data:`ARCH_KEYS`), for :func:`shipped_profile`.
     """
 
     weights: tuple[tuple[float, float], ...]
@@ -61,6 +72,7 @@ class LayerSensitivity:
     samples: int = 0
     budget_bits: float = 0.0
     controller: str = "saliency"
+    architecture: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
         w = np.asarray(self.weights, dtype=np.float64)
@@ -93,6 +105,7 @@ class LayerSensitivity:
                 "samples": self.samples,
                 "budget_bits": self.budget_bits,
                 "controller": self.controller,
+                "architecture": dict(self.architecture),
                 "weights": [list(p) for p in self.weights],
             },
             indent=1,
@@ -125,6 +138,11 @@ class LayerSensitivity:
             raise ConfigError(
                 f"{source}: weights must be a list of [key, value] numbers"
             )
+        arch = d.get("architecture", {})
+        if not isinstance(arch, dict) or not all(
+            isinstance(v, (str, int, float, type(None))) for v in arch.values()
+        ):
+            raise ConfigError(f"{source}: architecture must be an object of scalars")
         try:
             return cls(
                 tuple((float(k), float(v)) for k, v in w),
@@ -132,6 +150,7 @@ class LayerSensitivity:
                 samples=int(d.get("samples", 0)),
                 budget_bits=float(d.get("budget_bits", 0.0)),
                 controller=str(d.get("controller", "saliency")),
+                architecture=tuple(sorted(arch.items())),
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: {e}") from None
@@ -155,6 +174,34 @@ class LayerSensitivity:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"layer sensitivity {path}: cannot read ({e})") from None
         return cls.from_json(text, source=f"layer sensitivity {path}")
+
+
+def architecture_of(model) -> tuple[tuple[str, object], ...]:
+    """The :data:`ARCH_KEYS` fields of ``model``'s fingerprint (an mlx-lm or
+    transformers model)."""
+    from .fingerprint import fingerprint
+
+    fp = fingerprint(model)
+    return tuple(sorted((k, fp.get(k)) for k in ARCH_KEYS))
+
+
+def shipped_profile(model) -> LayerSensitivity | None:
+    """The profile shipped with this package for ``model``'s architecture,
+    or None."""
+    from importlib import resources
+
+    arch = architecture_of(model)
+    folder = resources.files(__package__) / "profiles"
+    if not folder.is_dir():
+        return None
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            prof = LayerSensitivity.from_json(
+                entry.read_text(encoding="utf-8"), source=f"profile {entry.name}"
+            )
+            if prof.architecture == arch:
+                return prof
+    return None
 
 
 def with_sensitivity(stats, sensitivity: LayerSensitivity | None, n_layers: int):
@@ -288,4 +335,5 @@ def measure_sensitivity(
         samples=len(samples),
         budget_bits=float(budget_bits),
         controller=controller,
+        architecture=architecture_of(model),
     )

@@ -82,6 +82,27 @@ def test_handoff_names_carry_the_rotation():
             A.Handoff.named(bad, 3.0)
 
 
+def test_layer_weighted_handoff_names_and_profiles(tiny, monkeypatch):
+    from qkvshare_mlx.sensitivity import LayerSensitivity
+
+    h = A.Handoff.named("saliency+hadamard+split+prerope+min3+lw", 4.5)
+    assert h.layer_weighted and h.name.endswith("+min3+lw")
+    assert A.Handoff.named(h.name, 4.5) == h
+    with pytest.raises(ConfigError, match="lw"):
+        A.Handoff.named("saliency+lw+lw", 4.5)
+    # no profile ships for the tiny test model's architecture
+    with pytest.raises(ConfigError, match="no layer sensitivity profile ships"):
+        h.card_sensitivity(tiny)
+    prof = LayerSensitivity(((2.0, 1.0),) * len(tiny.layers))
+    monkeypatch.setattr(A, "shipped_profile", lambda model: prof)
+    assert h.card_sensitivity(tiny) is prof
+    given = A.Handoff("saliency", 4.5, sensitivity=prof)
+    assert given.name == "saliency+lw" and given.card_sensitivity(tiny) is prof
+    assert A.Handoff("saliency", 4.5).card_sensitivity(tiny) is None
+    run = tiny_chain(tiny, h, hops=2)  # the cards are made with the profile
+    assert run.cards[-1].n_tokens > run.cards[0].n_tokens
+
+
 def test_pre_rope_chain_keeps_hop1_codes(tiny):
     """Keys before RoPE along a chain: version-4 cards, one key_rope, the
     hop-1 codes identical in the last card, the name round-trips."""

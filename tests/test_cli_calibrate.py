@@ -83,3 +83,25 @@ def test_calibrate_then_make_card_with_the_profile(tiny_chat_model_dir, tmp_path
         assert main(args + ["--budget-bits", "3"] + extra) == 0
         outs.append(CacheCard.load(out))
     assert all(abs(c.effective_bits - 3.0) <= 0.02 for c in outs)
+
+
+@pytest.mark.slow
+def test_the_default_model_gets_its_shipped_profile_by_default(tmp_path):
+    words = "Natalia sold clips to 48 of her friends in April, and then half as many"
+    prompt = " ".join([words] * 12)
+    bits = {}
+    for setting in ("auto", "none"):
+        out = tmp_path / f"{setting}.qkv"
+        args = ["make-card", "-p", prompt, "--budget-bits", "3", "--out", str(out)]
+        assert main(args + ["--layer-weights", setting]) == 0
+        qkv = CacheCard.load(out).to_quantized()
+        bits[setting] = [
+            [
+                sum(getattr(s, half).payload_bits() for s in layer)
+                for layer in qkv.layers
+            ]
+            for half in ("keys", "values")
+        ]
+    ratio = np.array(bits["auto"]) / np.array(bits["none"])  # (2, L)
+    # the profile weighs layer 0's keys 0.11 and layer 18's 13.9
+    assert ratio[0, 0] < 0.9 and ratio[0, 18] > 1.2

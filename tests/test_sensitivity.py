@@ -261,3 +261,21 @@ def test_with_sensitivity_leaves_stats_without_a_profile():
     assert with_sensitivity(stats, None, 2) is stats
     got = with_sensitivity(stats, _profile(2), 2)
     assert got.attention is stats.attention and got.layer_weights.shape == (2, 2)
+
+
+def test_shipped_profiles_are_valid_and_matched_by_architecture(tiny_mlx, monkeypatch):
+    from importlib import resources
+
+    import qkvshare_mlx.sensitivity as S
+
+    folder = resources.files("qkvshare_mlx") / "profiles"
+    shipped = [e for e in folder.iterdir() if e.name.endswith(".json")]
+    assert shipped  # the default model's profile ships with the package
+    for entry in shipped:
+        prof = LayerSensitivity.from_json(entry.read_text())
+        arch = dict(prof.architecture)
+        assert set(arch) == set(S.ARCH_KEYS) and arch["n_layers"] == prof.n_layers
+    assert S.shipped_profile(tiny_mlx) is None  # no tiny architecture ships
+    prof = LayerSensitivity.from_json(shipped[0].read_text())
+    monkeypatch.setattr(S, "architecture_of", lambda model: prof.architecture)
+    assert S.shipped_profile(tiny_mlx) == prof

@@ -46,12 +46,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="dequantize")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature")
-    p.add_argument(
-        "--layer-weights",
-        metavar="PROFILE",
-        help="a layer sensitivity profile of the model (qkvshare calibrate) "
-        "for every card",
-    )
+    options.add_layer_weights(p)
     options.add_security(p, receiver=False)
     return p
 
@@ -166,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling=sampling,
         mode=args.mode,
         config=config,
-        sensitivity=sens,
+        sensitivity=options.model_sensitivity(sens, model),
     )
     from ..conversation import card_size
 

@@ -111,7 +111,7 @@ def _mlx(args, card, model_arg, prompt, sampling, out, plan, sens):
             ),
             plan,
             options.recorded_model(model_arg),
-            sensitivity=sens,
+            sensitivity=options.model_sensitivity(sens, model),
         )
     return receive(
         card,

@@ -92,7 +92,7 @@ def _mlx_card(args, prompt, chat, config, plan, sampling, sens):
         config,
         plan,
         _extra(args),
-        sensitivity=sens,
+        sensitivity=options.model_sensitivity(sens, model),
     )
     card, gen = send(
         model,
@@ -130,7 +130,9 @@ def _hf_card(args, prompt, chat, config, plan, sens):
         controller=args.controller,
         budget_bits=args.budget_bits,
         config=config,
-        stats=with_sensitivity(stats, sens, len(cache.layers)),
+        stats=with_sensitivity(
+            stats, options.model_sensitivity(sens, model), len(cache.layers)
+        ),
         plan=plan,
         user={**_extra(args), **conv.metadata()},
     )

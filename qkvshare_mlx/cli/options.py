@@ -62,11 +62,14 @@ def add_prompt(p: argparse.ArgumentParser, *, sender: bool) -> None:
 
 
 # The recommended card: the cheapest setting that reaches 0.99 teacher-forced
-# top-1 on the 150-problem evaluation set, saliency + Hadamard at 6 bits
-# (0.994; bench/results/fidelity_search.json, README "Fidelity search").
-# Below 6 bits keys wider than values win on KL and top-1; at 6 they did not
-# (top-1 0.985 against 0.994), so the split is recommended below 6 only.
-RECOMMENDED_BUDGET = 6.0
+# top-1 on the 150-problem evaluation set: saliency + Hadamard + split K/V +
+# pre-RoPE keys + no 2-bit token, layers weighted by the model's sensitivity
+# profile (--layer-weights auto), at 5.5 bits (0.994; without the profile
+# 0.986, and 6 bits were needed: bench/results/fidelity_search.json, README
+# "Fidelity search"). Below 6 bits keys wider than values win on KL and
+# top-1; at 6 they did not (top-1 0.985 against 0.994), so the split is
+# recommended below 6 only.
+RECOMMENDED_BUDGET = 5.5
 RECOMMENDED_ROTATION = "hadamard"
 SPLIT_KV_BELOW = 6.0
 PRE_ROPE_BELOW = 6.0  # keys before RoPE: less error at 3-5.5 bits, none at 6
@@ -165,15 +168,7 @@ def add_card(p: argparse.ArgumentParser) -> None:
         "be read (not with --key-error query), and a card handed on keeps the "
         "choice of the card it inherits",
     )
-    g.add_argument(
-        "--layer-weights",
-        metavar="PROFILE",
-        default=None,
-        help="a layer sensitivity profile of the model (made by qkvshare "
-        "calibrate): the allocator weighs each layer's key and value errors by "
-        "it (at 4.5 bits: 42%% less KL on GSM8K chains); default: every layer "
-        "alike",
-    )
+    add_layer_weights(g)
     g.add_argument(
         "--hops-remaining",
         type=int,
@@ -296,16 +291,44 @@ def quant_config(args, inherited=None, head_dims=None, model=None) -> QuantConfi
     )
 
 
+AUTO = "auto"
+
+
+def add_layer_weights(g) -> None:
+    g.add_argument(
+        "--layer-weights",
+        metavar="PROFILE",
+        default=AUTO,
+        help="a layer sensitivity profile of the model (made by qkvshare "
+        "calibrate): the allocator weighs each layer's key and value errors by "
+        "it (less KL at the same bits; README, fidelity search). 'none': every "
+        "layer alike. Default: auto, the profile shipped for the model's "
+        "architecture where there is one",
+    )
+
+
 def sensitivity(args):
-    """The ``--layer-weights`` profile, or None (read before the model loads,
-    so a bad file fails fast; its layer count is checked against the model
-    when the card is made)."""
-    path = getattr(args, "layer_weights", None)
-    if path is None:
+    """The ``--layer-weights`` setting before the model loads: a profile read
+    from its file (a bad file fails fast; its layer count is checked against
+    the model when the card is made), None for ``none``, or :data:`AUTO`."""
+    path = getattr(args, "layer_weights", AUTO)
+    if path in (None, "none"):
         return None
+    if path == AUTO:
+        return AUTO
     from ..sensitivity import LayerSensitivity
 
     return LayerSensitivity.load(path)
+
+
+def model_sensitivity(sens, model):
+    """:func:`sensitivity`'s setting for a loaded ``model``: :data:`AUTO`
+    becomes the profile shipped for its architecture, or None."""
+    if sens != AUTO:
+        return sens
+    from ..sensitivity import shipped_profile
+
+    return shipped_profile(model)
 
 
 def recommended_pre_rope(budget_bits: float) -> bool:
