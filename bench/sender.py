@@ -9,7 +9,8 @@ shuffled:
   (group 64), evaluated; ``+save`` adds ``save_prompt_cache`` to bytes;
 - ``card_exact`` (16-bit), ``card_uniform4`` (4.5 bits), ``card_adaptive``
   (saliency, 3 bits), ``card_adaptive_rot`` (the same, Hadamard-rotated)
-  and ``card_recommended`` (the CLI's default: 6 bits, Hadamard):
+  and ``card_recommended`` (6 bits, Hadamard: the CLI's default until
+  the layer-weighted 5.5-bit setting):
   ``quantize_cache`` + ``CacheCard.from_quantized`` (arrays on the host);
   ``+save`` adds ``CacheCard.to_bytes`` (metadata, SHA-256, safetensors).
 
