@@ -354,6 +354,16 @@ def tiny():
 # The CLI, in a subprocess (as a user runs it)
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if any verb loads a model."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("qkvshare_mlx.models.load_model", refuse)
+
+
 def run_cli(*args, input=None, env=None, timeout=300):
     """``python -m qkvshare_mlx ARGS``: the completed process (text)."""
     import os

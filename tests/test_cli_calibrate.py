@@ -10,14 +10,6 @@ from qkvshare_mlx.cli import main
 from qkvshare_mlx.sensitivity import LayerSensitivity
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("qkvshare_mlx.models.load_model", refuse)
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -11,14 +11,6 @@ DOC = "A robe takes 2 bolts of blue fiber and half that much white fiber."
 QUESTION = " How many bolts in total?"
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("qkvshare_mlx.models.load_model", refuse)
-
-
 @pytest.fixture(scope="module")
 def lossless_card(tiny_chat_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cards") / "doc.qkv"

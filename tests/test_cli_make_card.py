@@ -12,16 +12,6 @@ from qkvshare_mlx.card import CacheCard
 from qkvshare_mlx.cli import main
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if any verb loads a model."""
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr("qkvshare_mlx.models.load_model", refuse)
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
