@@ -15,6 +15,7 @@ cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -186,6 +187,7 @@ def dynamic_cache_to_card(
     plan: HandoffPlan | None = None,
     user: dict | None = None,
     trim_windows: bool = True,
+    sensitivity=None,
 ) -> CacheCard:
     """Quantize a transformers cache into a card (numpy quantizer, no MLX).
 
@@ -202,11 +204,15 @@ def dynamic_cache_to_card(
         user: free-form JSON metadata stored in the card.
         trim_windows: a sliding-window layer's rows hold only the last
             ``sliding_window`` tokens; False: every layer holds every token.
+        sensitivity: a ``qkvshare_mlx.sensitivity.LayerSensitivity`` of the
+            model: the allocator weighs each layer's key and value errors
+            by it (``TokenStats.layer_weights``); None: every layer alike.
 
     Raises:
         CacheShapeError: the cache does not cover ``tokens`` or has
             non-finite values.
-        ConfigError: bad controller, budget or statistics.
+        ConfigError: bad controller, budget, statistics, or a profile of
+            another layer count.
     """
     keys, values = cache_arrays(cache)
     ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -216,6 +222,9 @@ def dynamic_cache_to_card(
         )
     if stats is None:
         stats = key_norm_stats(keys)
+    if sensitivity is not None:  # as sensitivity.with_sensitivity (no MLX here)
+        weights = sensitivity.layer_weights(len(keys))
+        stats = dataclasses.replace(stats, layer_weights=weights)
     fp = fingerprint(model, tokenizer)
     qkv = quantize_cache_np(
         keys,

@@ -3,10 +3,11 @@
 The allocator weighs a token's quantization error by the attention it gets
 (:mod:`.quant.controllers`), and every layer alike. Layers are not alike: in
 SmolLM2-135M an error in layer 0's values moves the next-token distribution
-~30x more than the same weighted error elsewhere, and early layers' keys
-~20x less (KVTuner makes the same observation). A :class:`LayerSensitivity`
-measures that once per model, on calibration text, and hands the allocator
-one multiplier per (layer, key/value) (``TokenStats.layer_weights``).
+over 100x more than the same weighted error in a typical layer, and early
+layers' keys about 5x less (KVTuner makes the same observation). A
+:class:`LayerSensitivity` measures that once per model, on calibration
+text, and hands the allocator one multiplier per (layer, key/value)
+(``TokenStats.layer_weights``).
 
 The measurement (:func:`measure_sensitivity`): for each calibration sample,
 quantize its cache with the card's own settings, then, for each layer and
@@ -41,7 +42,7 @@ import numpy as np
 from .capture import prefill
 from .errors import ConfigError
 from .formats import QuantConfig
-from .quant.controllers import TokenStats, token_importance
+from .quant.controllers import CONTROLLERS, TokenStats, token_importance
 from .quant.mlx_backend import dequantize_cache, quantize_cache
 
 FORMAT = "qkvshare-layer-sensitivity"
@@ -51,6 +52,7 @@ WEIGHT_RANGE = (1e-3, 1e3)  # multipliers are clipped into this range
 # other weights of the same architecture (a fine-tune) as an approximation,
 # and never to another architecture
 ARCH_KEYS = ("model_type", "n_layers", "n_kv_heads", "head_dim", "vocab_size")
+MAX_PROFILE_BYTES = 1 << 20  # a profile of 1000 layers is ~60 KB
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class LayerSensitivity:
 
     weights: tuple[tuple[float, float], ...]
     model: str = ""
-    samples: int = 0
+    samples: int = 1
     budget_bits: float = 0.0
     controller: str = "saliency"
     architecture: tuple[tuple[str, object], ...] = ()
@@ -82,6 +84,23 @@ class LayerSensitivity:
             )
         if not (np.isfinite(w).all() and (w > 0).all()):
             raise ConfigError("layer sensitivity weights must be finite and positive")
+        lo, hi = WEIGHT_RANGE
+        if w.min() < lo or w.max() > hi:
+            raise ConfigError(
+                f"layer sensitivity weights must lie in [{lo:g}, {hi:g}] but "
+                f"range over [{w.min():g}, {w.max():g}]"
+            )
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ConfigError(
+                f"layer sensitivity samples must be a count >= 1, got {self.samples!r}"
+            )
+        if not isinstance(self.model, str):
+            raise ConfigError("layer sensitivity model must be a string")
+        if self.controller not in CONTROLLERS:
+            raise ConfigError(
+                f"layer sensitivity controller {self.controller!r} is not one of "
+                f"{sorted(CONTROLLERS)}"
+            )
 
     @property
     def n_layers(self) -> int:
@@ -95,6 +114,22 @@ class LayerSensitivity:
                 f"({self.model or 'another model'}) but the model has {n_layers}"
             )
         return np.asarray(self.weights, dtype=np.float64)
+
+    def check_model(self, model) -> None:
+        """Raise ConfigError unless ``model`` (mlx-lm or transformers) has the
+        architecture this profile was measured on (where it records one) and
+        its layer count."""
+        arch = architecture_of(model)
+        if self.architecture:
+            mine, theirs = dict(self.architecture), dict(arch)
+            diff = [k for k in ARCH_KEYS if k in mine and mine[k] != theirs.get(k)]
+            if diff:
+                what = ", ".join(f"{k} {mine[k]!r} vs {theirs.get(k)!r}" for k in diff)
+                raise ConfigError(
+                    f"layer sensitivity measured on another architecture "
+                    f"({self.model or 'unknown model'}): {what} (profile vs model)"
+                )
+        self.layer_weights(int(dict(arch).get("n_layers") or 0))
 
     def to_json(self) -> str:
         return json.dumps(
@@ -113,13 +148,21 @@ class LayerSensitivity:
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "layer sensitivity"):
+        if len(text) > MAX_PROFILE_BYTES:
+            raise ConfigError(
+                f"{source}: {len(text)} characters, over the {MAX_PROFILE_BYTES} "
+                "a profile may have"
+            )
         try:
             d = json.loads(text)
+        except RecursionError:
+            raise ConfigError(f"{source}: not JSON (nested too deeply)") from None
         except ValueError as e:
             raise ConfigError(f"{source}: not JSON ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ConfigError(f"{source}: expected format {FORMAT!r}")
-        if d.get("version") != VERSION:
+        version = d.get("version")
+        if isinstance(version, bool) or version != VERSION:
             raise ConfigError(
                 f"{source}: version must be {VERSION} but got {d.get('version')!r}"
             )
@@ -143,16 +186,28 @@ class LayerSensitivity:
             isinstance(v, (str, int, float, type(None))) for v in arch.values()
         ):
             raise ConfigError(f"{source}: architecture must be an object of scalars")
+        fields = {
+            "model": (str, "", "a string"),
+            "samples": (int, 1, "an integer"),
+            "budget_bits": ((int, float), 0.0, "a number"),
+            "controller": (str, "saliency", "a string"),
+        }
+        for name, (kind, default, what) in fields.items():
+            x = d.get(name, default)
+            if isinstance(x, bool) or not isinstance(x, kind):
+                raise ConfigError(f"{source}: {name} must be {what}, got {x!r}")
         try:
             return cls(
                 tuple((float(k), float(v)) for k, v in w),
-                model=str(d.get("model", "")),
-                samples=int(d.get("samples", 0)),
+                model=d.get("model", ""),
+                samples=d.get("samples", 1),
                 budget_bits=float(d.get("budget_bits", 0.0)),
-                controller=str(d.get("controller", "saliency")),
+                controller=d.get("controller", "saliency"),
                 architecture=tuple(sorted(arch.items())),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
     def save(self, path) -> None:
@@ -170,7 +225,14 @@ class LayerSensitivity:
     @classmethod
     def load(cls, path) -> LayerSensitivity:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_PROFILE_BYTES + 1)  # never more than the cap
+            if len(raw) > MAX_PROFILE_BYTES:
+                raise ConfigError(
+                    f"layer sensitivity {path}: over the {MAX_PROFILE_BYTES} "
+                    "bytes a profile may have"
+                )
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"layer sensitivity {path}: cannot read ({e})") from None
         return cls.from_json(text, source=f"layer sensitivity {path}")

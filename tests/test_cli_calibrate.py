@@ -97,3 +97,19 @@ def test_the_default_model_gets_its_shipped_profile_by_default(tmp_path):
     ratio = np.array(bits["auto"]) / np.array(bits["none"])  # (2, L)
     # the profile weighs layer 0's keys 0.11 and layer 18's 13.9
     assert ratio[0, 0] < 0.9 and ratio[0, 18] > 1.2
+
+
+@pytest.mark.slow
+def test_a_profile_of_another_architecture_is_refused_before_work(
+    tiny_chat_model_dir, tmp_path, capsys
+):
+    from importlib import resources
+
+    profiles = resources.files("qkvshare_mlx") / "profiles"
+    shipped = profiles / "smollm2-135m-instruct.json"
+    out = tmp_path / "a.qkv"
+    args = ["make-card", "--model", str(tiny_chat_model_dir), "-p", "hi there"]
+    assert main(args + ["--out", str(out), "--layer-weights", str(shipped)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another architecture" in err[0] and "n_layers" in err[0]
+    assert not out.exists()

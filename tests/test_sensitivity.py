@@ -1,6 +1,7 @@
 """Layer sensitivity (sensitivity, controllers' layer_weights): measuring it,
 its file, and what it does to the allocation."""
 
+import dataclasses
 import json
 import re
 
@@ -148,7 +149,17 @@ def test_profile_for_another_layer_count_is_refused():
         (lambda d: {**d, "weights": [[True, 1]]}, "list of \\[key, value\\]"),
         (lambda d: {**d, "weights": [[1, -1]]}, "finite and positive"),
         (lambda d: {**d, "weights": []}, "must be \\(layers, 2\\)"),
-        (lambda d: {**d, "samples": "many"}, "invalid literal"),
+        (lambda d: {**d, "samples": "many"}, "samples must be an integer"),
+        (lambda d: {**d, "samples": 0}, "samples must be a count >= 1"),
+        (lambda d: {**d, "version": True}, "version must be 1 but got True"),
+        (lambda d: {**d, "model": 7}, "model must be a string"),
+        (lambda d: {**d, "controller": "nope"}, "controller 'nope' is not one of"),
+        (lambda d: {**d, "budget_bits": "4"}, "budget_bits must be a number"),
+        (lambda d: {**d, "weights": [[1e300, 1]]}, "must lie in \\[0.001, 1000\\]"),
+        (lambda d: {**d, "weights": [[1e-9, 1]]}, "must lie in"),
+        (lambda d: {**d, "weights": [[10**400, 1]]}, "int too large|out of range"),
+        (lambda d: "[" * 100_000 + "]" * 100_000, "not JSON"),
+        (lambda d: json.dumps(d) + " " * (2 << 20), "over the 1048576"),
         (lambda d: [1, 2], "expected format"),
     ],
 )
@@ -279,3 +290,30 @@ def test_shipped_profiles_are_valid_and_matched_by_architecture(tiny_mlx, monkey
     prof = LayerSensitivity.from_json(shipped[0].read_text())
     monkeypatch.setattr(S, "architecture_of", lambda model: prof.architecture)
     assert S.shipped_profile(tiny_mlx) == prof
+
+
+def test_a_profile_of_another_architecture_is_refused(tiny_mlx):
+    import qkvshare_mlx.sensitivity as S
+
+    arch = dict(S.architecture_of(tiny_mlx))
+    n = arch["n_layers"]
+    mine = dataclasses.replace(_profile(n), architecture=tuple(sorted(arch.items())))
+    mine.check_model(tiny_mlx)  # its own architecture: accepted
+    other = {**arch, "head_dim": arch["head_dim"] * 2, "vocab_size": 7}
+    foreign = dataclasses.replace(mine, architecture=tuple(sorted(other.items())))
+    with pytest.raises(ConfigError, match="another architecture.*head_dim.*vocab_size"):
+        foreign.check_model(tiny_mlx)
+    with pytest.raises(ConfigError, match=f"measured on {n + 1} layers"):
+        _profile(n + 1).check_model(tiny_mlx)  # no architecture recorded
+    _profile(n).check_model(tiny_mlx)
+
+
+def test_the_shipped_profile_is_the_committed_measurement():
+    from importlib import resources
+    from pathlib import Path
+
+    bench = Path(__file__).parent.parent / "bench" / "results" / "sensitivity.json"
+    profiles = resources.files("qkvshare_mlx") / "profiles"
+    shipped = profiles / "smollm2-135m-instruct.json"
+    a = LayerSensitivity.from_json(bench.read_text())
+    assert LayerSensitivity.from_json(shipped.read_text()) == a

@@ -116,10 +116,10 @@ def _hf_card(args, prompt, chat, config, plan, sens):
     from qkvshare_converters.hf_model import load_hf_model
 
     from ..conversation import start
-    from ..sensitivity import with_sensitivity
 
     model, tokenizer = load_hf_model(args.model)
     config = options.quant_config(args, head_dims=options.head_dims(model), model=model)
+    sens = options.model_sensitivity(sens, model)  # a foreign profile fails here
     conv = start(tokenizer, prompt, system_prompt=args.system_prompt, chat=chat)
     cache, stats, _ = hf_prefill(model, conv.tokens)
     return dynamic_cache_to_card(
@@ -130,9 +130,8 @@ def _hf_card(args, prompt, chat, config, plan, sens):
         controller=args.controller,
         budget_bits=args.budget_bits,
         config=config,
-        stats=with_sensitivity(
-            stats, options.model_sensitivity(sens, model), len(cache.layers)
-        ),
+        stats=stats,
+        sensitivity=sens,
         plan=plan,
         user={**_extra(args), **conv.metadata()},
     )

@@ -323,12 +323,23 @@ def sensitivity(args):
 
 def model_sensitivity(sens, model):
     """:func:`sensitivity`'s setting for a loaded ``model``: :data:`AUTO`
-    becomes the profile shipped for its architecture, or None."""
+    becomes the profile shipped for its architecture, or None (with a note
+    on stderr); a profile from a file must fit the model's architecture
+    (ConfigError before any work is done)."""
     if sens != AUTO:
+        if sens is not None:
+            sens.check_model(model)
         return sens
     from ..sensitivity import shipped_profile
 
-    return shipped_profile(model)
+    prof = shipped_profile(model)
+    if prof is None:
+        print(
+            "note: no layer sensitivity profile ships for this model's "
+            "architecture; every layer weighs alike (qkvshare calibrate makes one)",
+            file=sys.stderr,
+        )
+    return prof
 
 
 def recommended_pre_rope(budget_bits: float) -> bool:
