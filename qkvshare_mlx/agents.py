@@ -166,8 +166,9 @@ class Handoff:
         """The mode, plus ``+<rotation>`` when the cards are rotated,
         ``+split`` when keys and values may differ in width, ``+prerope``
         for keys before RoPE, ``+min<b>`` when no token gets fewer than
-        ``b`` code bits and ``+lw`` for layer-weighted errors (the inverse of
-        :meth:`named`)."""
+        ``b`` code bits and ``+lw`` for layer-weighted errors (the shipped
+        profile or a given :attr:`sensitivity`; :meth:`named` reads ``+lw``
+        back as the shipped one)."""
         c = self.config
         out = self.mode
         if c is not None and c.rotation != "none":
