@@ -40,6 +40,7 @@ import mlx.core as mx
 import numpy as np
 
 from .capture import prefill
+from .divergence import kl_top1
 from .errors import ConfigError
 from .formats import QuantConfig
 from .quant.controllers import CONTROLLERS, TokenStats, token_importance
@@ -299,17 +300,6 @@ def _cache(model, keys, values) -> list:
     return cache
 
 
-def _kl(ref: np.ndarray, got: np.ndarray) -> float:
-    """Mean KL(ref || got) of (N, V) float64 logits."""
-
-    def log_softmax(x):
-        m = x.max(axis=-1, keepdims=True)
-        return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-    lp, lq = log_softmax(ref), log_softmax(got)
-    return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
-
-
 def _logits(model, cache, ids) -> np.ndarray:
     out = model(mx.array(ids)[None], cache=cache)[0].astype(mx.float32)
     return np.asarray(out, dtype=np.float64)
@@ -381,7 +371,7 @@ def measure_sensitivity(
                 swapped[li] = decoded[li]
                 ks, vs = (swapped, values) if half == 0 else (keys, swapped)
                 kl_sum[li, half] += max(
-                    _kl(ref, _logits(model, _cache(model, ks, vs), follow)), 0.0
+                    kl_top1(ref, _logits(model, _cache(model, ks, vs), follow))[0], 0.0
                 )
         if progress is not None:
             progress(n, len(samples))

@@ -11,22 +11,15 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from ..divergence import kl_top1
+
 
 def compare_logits(ref: mx.array, got: mx.array) -> dict:
     """Mean KL(ref || got) and top-1 agreement over positions."""
-    # numpy: MLX's CPU exp is several times slower than numpy's here
-    ref = np.asarray(ref.astype(mx.float32), dtype=np.float64)
-    got = np.asarray(got.astype(mx.float32), dtype=np.float64)
-    lp = ref - _logsumexp(ref)
-    lq = got - _logsumexp(got)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1).mean()
-    top1 = (ref.argmax(-1) == got.argmax(-1)).mean()
-    return {"kl": float(kl), "top1_agreement": float(top1)}
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    kl, top1 = kl_top1(
+        np.asarray(ref.astype(mx.float32)), np.asarray(got.astype(mx.float32))
+    )
+    return {"kl": kl, "top1_agreement": top1}
 
 
 def first_divergence(reference, candidate) -> int | None:

@@ -1,0 +1,28 @@
+"""How far one next-token distribution is from another.
+
+Teacher-forced scores of a candidate's logits against a reference's, on
+numpy float64 (MLX's CPU ``exp`` is several times slower than numpy's):
+the layer sensitivity measurement (:mod:`.sensitivity`) and the study's
+metrics (``evals.metrics``) both read them from here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """(..., V) log-probabilities of (..., V) logits."""
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def kl_top1(ref, got) -> tuple[float, float]:
+    """Mean KL(ref || got) and top-1 agreement of (N, V) logits over the N
+    positions (any array numpy reads; computed in float64)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    lp, lq = log_softmax(ref), log_softmax(got)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1).mean()
+    top1 = (ref.argmax(-1) == got.argmax(-1)).mean()
+    return float(kl), float(top1)
