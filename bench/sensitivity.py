@@ -81,19 +81,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "sensitivity.json")
     args = p.parse_args(argv)
 
-    from qkvshare_mlx.formats import QuantConfig, widths_from
+    from qkvshare_mlx.cli.options import recommended_model_config
     from qkvshare_mlx.models import load_model
-    from qkvshare_mlx.rope import from_mlx_model
     from qkvshare_mlx.sensitivity import measure_sensitivity
 
     model, tokenizer = load_model(args.model)
-    # the recommended 4.5-bit card (README, Recommended settings)
-    config = QuantConfig(
-        rotation="hadamard",
-        split_kv=True,
-        key_rope=from_mlx_model(model),
-        widths=widths_from(3),
-    )
+    # the recommended card at the budget (README, Recommended settings; at
+    # 4.5 bits: Hadamard, split K/V, pre-RoPE keys, widths 3-8)
+    config = recommended_model_config(args.budget_bits, model)
     samples = calibration_samples(tokenizer, args.samples, args.follow)
     tic = time.perf_counter()
 
@@ -117,7 +112,12 @@ def main(argv=None) -> int:
         "samples": args.samples,
         "context_tokens_mean": round(float(np.mean([len(c) for c, _ in samples])), 1),
         "follow_tokens": args.follow,
-        "card": "saliency + hadamard + split + pre-RoPE, widths 3-8",
+        "card": (
+            f"saliency + {config.rotation} rotation"
+            + (" + split" if config.split_kv else "")
+            + (" + pre-RoPE" if config.key_rope is not None else "")
+            + f", widths {min(config.widths)}-8"
+        ),
         "budget_bits": args.budget_bits,
         "spread_max_over_min": round(float(w.max() / w.min()), 1),
         "machine": platform.platform(),
