@@ -31,15 +31,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from .capture import prefill
+from .card.container import write_file
 from .divergence import kl_top1
 from .errors import ConfigError
 from .formats import QuantConfig
@@ -212,16 +210,9 @@ class LayerSensitivity:
             raise ConfigError(f"{source}: {e}") from None
 
     def save(self, path) -> None:
-        """Write the JSON atomically (a reader never sees half a file)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json() + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the JSON atomically (a reader never sees half a file), with
+        the permissions ``open()`` would give it (as a card's)."""
+        write_file(path, (self.to_json() + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, path) -> LayerSensitivity:

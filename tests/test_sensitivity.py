@@ -322,3 +322,14 @@ def test_shipped_profiles_are_committed_measurements():
     for entry in folder.iterdir():
         if entry.name.endswith(".json"):
             assert LayerSensitivity.from_json(entry.read_text()) in measured, entry.name
+
+
+def test_a_saved_profile_gets_the_permissions_open_would_give(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        _profile().save(tmp_path / "p.json")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "p.json").stat().st_mode & 0o777 == 0o644
