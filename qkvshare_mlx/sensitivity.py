@@ -41,12 +41,17 @@ from .card.container import write_file
 from .divergence import kl_top1
 from .errors import ConfigError
 from .formats import QuantConfig
-from .quant.controllers import CONTROLLERS, TokenStats, token_importance
+from .quant.controllers import (
+    CONTROLLERS,
+    WEIGHT_RANGE,
+    TokenStats,
+    check_layer_weights,
+    token_importance,
+)
 from .quant.mlx_backend import dequantize_cache, quantize_cache
 
 FORMAT = "qkvshare-layer-sensitivity"
 VERSION = 1
-WEIGHT_RANGE = (1e-3, 1e3)  # multipliers are clipped into this range
 # the fingerprint fields a profile is matched on: a profile carries over to
 # other weights of the same architecture (a fine-tune) as an approximation,
 # and never to another architecture
@@ -81,14 +86,7 @@ class LayerSensitivity:
             raise ConfigError(
                 f"layer sensitivity weights must be (layers, 2) but got {w.shape}"
             )
-        if not (np.isfinite(w).all() and (w > 0).all()):
-            raise ConfigError("layer sensitivity weights must be finite and positive")
-        lo, hi = WEIGHT_RANGE
-        if w.min() < lo or w.max() > hi:
-            raise ConfigError(
-                f"layer sensitivity weights must lie in [{lo:g}, {hi:g}] but "
-                f"range over [{w.min():g}, {w.max():g}]"
-            )
+        check_layer_weights(w, "layer sensitivity weights")
         if not isinstance(self.samples, int) or self.samples < 1:
             raise ConfigError(
                 f"layer sensitivity samples must be a count >= 1, got {self.samples!r}"

@@ -98,6 +98,7 @@ def test_both_runtimes_allocate_the_same_with_layer_weights(kv):
         (np.ones((L, 1)), "expected (4, 2)"),
         (np.zeros((L, 2)), "finite and positive"),
         (np.full((L, 2), np.nan), "finite and positive"),
+        (np.full((L, 2), 1e300), "must lie in [0.001, 1000]"),
     ],
 )
 def test_bad_layer_weights_are_a_config_error(kv, weights, message):

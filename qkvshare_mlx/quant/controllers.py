@@ -211,9 +211,25 @@ def _weigh_layers(imp: np.ndarray, stats: TokenStats | None) -> np.ndarray:
             f"layer_weights has shape {w.shape}, expected {(imp.shape[0], 2)} "
             "(a key and a value weight per layer)"
         )
-    if not (np.isfinite(w).all() and (w > 0).all()):
-        raise ConfigError("layer_weights must be finite and positive")
+    check_layer_weights(w, "layer_weights")
     return imp * w[:, :, None]
+
+
+# layer weights (measured multipliers are clipped into it): wider would let
+# float32 weighted errors overflow or vanish in the allocator
+WEIGHT_RANGE = (1e-3, 1e3)
+
+
+def check_layer_weights(w: np.ndarray, what: str) -> None:
+    """Raise ConfigError unless every weight is finite and in :data:`WEIGHT_RANGE`."""
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise ConfigError(f"{what} must be finite and positive")
+    lo, hi = WEIGHT_RANGE
+    if w.min() < lo or w.max() > hi:
+        raise ConfigError(
+            f"{what} must lie in [{lo:g}, {hi:g}] but range over "
+            f"[{w.min():g}, {w.max():g}]"
+        )
 
 
 def check_controller(name: str) -> str:
