@@ -99,8 +99,21 @@ def test_layer_weighted_handoff_names_and_profiles(tiny, monkeypatch):
     given = A.Handoff("saliency", 4.5, sensitivity=prof)
     assert given.name == "saliency+lw" and given.card_sensitivity(tiny) is prof
     assert A.Handoff("saliency", 4.5).card_sensitivity(tiny) is None
-    run = tiny_chain(tiny, h, hops=2)  # the cards are made with the profile
-    assert run.cards[-1].n_tokens > run.cards[0].n_tokens
+    # the cards are made with the profile: keys weighed 2x take bits from
+    # the values (split K/V lets them differ), against the same chain unweighted
+    plain = A.Handoff.named("saliency+hadamard+split+prerope+min3", 4.5)
+
+    def key_share(card):
+        qkv = card.to_quantized()
+        bits = [
+            sum(getattr(s, half).payload_bits() for layer in qkv.layers for s in layer)
+            for half in ("keys", "values")
+        ]
+        return bits[0] / sum(bits)
+
+    runs = [tiny_chain(tiny, x, hops=2) for x in (h, plain)]
+    assert all(r.cards[-1].n_tokens > r.cards[0].n_tokens for r in runs)
+    assert key_share(runs[0].cards[0]) > key_share(runs[1].cards[0])
 
 
 def test_pre_rope_chain_keeps_hop1_codes(tiny):
