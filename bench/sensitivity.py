@@ -31,27 +31,12 @@ RESULTS = Path(__file__).parent / "results"
 FIRST_TRAIN = 100  # the samples' first train problem (0 and 1 are the shots)
 
 
-def _chat_text(tokenizer):
-    """``messages -> context text`` in ``tokenizer``'s chat template; for a
-    tokenizer without one (Gemma 3's GGUF), the default model's chat markup
-    as plain text, as bench/fidelity_search.py's re-tokenized chains give
-    that model."""
-    template = tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-        from qkvshare_mlx.models import resolve_model
-
-        template = load_tokenizer(Path(resolve_model(None)))
-    return lambda messages: template.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
-
-
 def calibration_samples(tokenizer, n: int, follow: int):
+    from qkvshare_mlx.chat import prompt_ids, render
+    from qkvshare_mlx.conversation import has_chat_template
     from qkvshare_mlx.evals import gsm8k
 
-    chat_text = _chat_text(tokenizer)
+    chat = has_chat_template(tokenizer)
     train = gsm8k.load_problems("train", FIRST_TRAIN + n)
     shots, problems = train[:2], train[FIRST_TRAIN:]
     out = []
@@ -63,10 +48,13 @@ def calibration_samples(tokenizer, n: int, follow: int):
                 {"role": "assistant", "content": ex["answer"]},
             ]
         messages.append({"role": "user", "content": prob["question"]})
-        text = chat_text(messages)
-        bos = getattr(tokenizer, "bos_token", None)
-        special = bos is None or not text.startswith(bos)  # as chat.prompt_ids
-        ctx = [int(t) for t in tokenizer.encode(text, add_special_tokens=special)]
+        # without a chat template, plain-text turns (as conversation.start)
+        text = (
+            render(tokenizer, messages, True)
+            if chat
+            else "\n\n".join(m["content"] for m in messages)
+        )
+        ctx = [int(t) for t in prompt_ids(tokenizer, text)]
         ans = tokenizer.encode(prob["answer"], add_special_tokens=False)[:follow]
         out.append((ctx, [int(t) for t in ans]))
     return out
