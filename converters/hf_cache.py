@@ -15,7 +15,6 @@ cheap.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import sys
@@ -44,7 +43,7 @@ from qkvshare_mlx.generation import (
     SamplingOptions,
     check_max_tokens,
 )
-from qkvshare_mlx.quant.controllers import HandoffPlan, TokenStats
+from qkvshare_mlx.quant.controllers import HandoffPlan, TokenStats, with_sensitivity
 from qkvshare_mlx.quant.numpy_backend import dequantize_cache_np, quantize_cache_np
 
 
@@ -222,9 +221,7 @@ def dynamic_cache_to_card(
         )
     if stats is None:
         stats = key_norm_stats(keys)
-    if sensitivity is not None:  # as sensitivity.with_sensitivity (no MLX here)
-        weights = sensitivity.layer_weights(len(keys))
-        stats = dataclasses.replace(stats, layer_weights=weights)
+    stats = with_sensitivity(stats, sensitivity, len(keys))
     fp = fingerprint(model, tokenizer)
     qkv = quantize_cache_np(
         keys,

@@ -52,10 +52,10 @@ from .formats import ALL_BITS, CODE_BITS, QuantConfig, widths_from
 from .handoff import make_card
 from .inject import inject
 from .models import model_dtype
-from .quant.controllers import CONTROLLERS, HandoffPlan
+from .quant.controllers import CONTROLLERS, HandoffPlan, with_sensitivity
 from .quant.mlx_backend import quantize_cache
 from .quant.numpy_backend import decode_layer
-from .sensitivity import LayerSensitivity, shipped_profile, with_sensitivity
+from .sensitivity import LayerSensitivity, shipped_profile
 
 TEXT_MODES = ("reprefill", "exact")
 _NO_PROBE = ("uniform", "sink-recent")

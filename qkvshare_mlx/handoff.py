@@ -27,9 +27,9 @@ from .formats import QuantConfig, QuantizedKV
 from .generation import GREEDY, Generation, SamplingOptions, check_max_tokens, generate
 from .inject import align, inject
 from .models import model_dtype
-from .quant.controllers import HandoffPlan
+from .quant.controllers import HandoffPlan, with_sensitivity
 from .quant.mlx_backend import quantize_cache
-from .sensitivity import LayerSensitivity, with_sensitivity
+from .sensitivity import LayerSensitivity
 from .weights import model_digest
 
 

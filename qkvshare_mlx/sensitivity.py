@@ -28,7 +28,6 @@ where calibration text comes from (``text_samples`` cuts any token lists).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -44,7 +43,6 @@ from .formats import QuantConfig
 from .quant.controllers import (
     CONTROLLERS,
     WEIGHT_RANGE,
-    TokenStats,
     check_layer_weights,
     token_importance,
 )
@@ -254,15 +252,6 @@ def shipped_profile(model) -> LayerSensitivity | None:
             if prof.architecture == arch:
                 return prof
     return None
-
-
-def with_sensitivity(stats, sensitivity: LayerSensitivity | None, n_layers: int):
-    """``stats`` (a :class:`~.quant.controllers.TokenStats`) carrying
-    ``sensitivity``'s layer weights; unchanged for None."""
-    if sensitivity is None:
-        return stats
-    weights = sensitivity.layer_weights(n_layers)
-    return dataclasses.replace(stats or TokenStats(), layer_weights=weights)
 
 
 def text_samples(token_lists, *, follow: int = 64) -> list[tuple[list[int], list[int]]]:

@@ -13,14 +13,13 @@ from conftest import tiny_llama
 from qkvshare_mlx.errors import ConfigError
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.handoff import make_card
-from qkvshare_mlx.quant.controllers import TokenStats
+from qkvshare_mlx.quant.controllers import TokenStats, with_sensitivity
 from qkvshare_mlx.quant.mlx_backend import quantize_cache
 from qkvshare_mlx.quant.numpy_backend import quantize_cache_np
 from qkvshare_mlx.sensitivity import (
     LayerSensitivity,
     measure_sensitivity,
     text_samples,
-    with_sensitivity,
 )
 
 L, H, T, D = 4, 2, 256, 32

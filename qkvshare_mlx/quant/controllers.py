@@ -10,6 +10,7 @@ Everything here is numpy over plain arrays: no MLX, no model.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -213,6 +214,17 @@ def _weigh_layers(imp: np.ndarray, stats: TokenStats | None) -> np.ndarray:
         )
     check_layer_weights(w, "layer_weights")
     return imp * w[:, :, None]
+
+
+def with_sensitivity(stats: TokenStats | None, sensitivity, n_layers: int):
+    """``stats`` carrying ``sensitivity``'s layer weights (a
+    :class:`qkvshare_mlx.sensitivity.LayerSensitivity`, or anything with its
+    ``layer_weights(n_layers)``); unchanged for None. Numpy only, for both
+    runtimes' card makers."""
+    if sensitivity is None:
+        return stats
+    weights = sensitivity.layer_weights(n_layers)
+    return dataclasses.replace(stats or TokenStats(), layer_weights=weights)
 
 
 # layer weights (measured multipliers are clipped into it): wider would let
