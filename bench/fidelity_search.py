@@ -51,7 +51,6 @@ import numpy as np  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 STUDY_STATE = RESULTS / "eval_gsm8k.state.jsonl.gz"
 KIVI_WINDOW = 128
-SENSITIVITY = []  # the --sensitivity profile, loaded by main()
 
 
 @dataclass(frozen=True)
@@ -254,8 +253,9 @@ def rope_keys(rope: mx.array, k: mx.array, *, inverse: bool) -> mx.array:
     return mx.einsum(spec, rope.astype(mx.float32), k.astype(mx.float32))
 
 
-def candidate_cache(model, cand: Candidate, keys, values, stats):
-    """(mlx-lm cache list, effective bits, payload bytes) of one candidate."""
+def candidate_cache(model, cand: Candidate, keys, values, stats, sensitivity=None):
+    """(mlx-lm cache list, effective bits, payload bytes) of one candidate;
+    ``sensitivity``: the LayerSensitivity of the layer-weighted candidates."""
     from mlx_lm.models.cache import KVCache
 
     from qkvshare_mlx.formats import QuantConfig
@@ -308,7 +308,9 @@ def candidate_cache(model, cand: Candidate, keys, values, stats):
     if config.pop("pre_rope", False):
         config["key_rope"] = from_mlx_model(model)
     if config.pop("layer_weights", False):
-        weights = SENSITIVITY[0].layer_weights(len(keys))
+        if sensitivity is None:
+            raise SystemExit(f"{cand.name}: needs a --sensitivity profile")
+        weights = sensitivity.layer_weights(len(keys))
         stats = dataclasses.replace(stats, layer_weights=weights)
     qkv = quantize_cache(
         keys,
@@ -329,14 +331,25 @@ def candidate_cache(model, cand: Candidate, keys, values, stats):
     return inject(qkv, model), qkv.effective_bits, qkv.payload_bytes
 
 
-def score(model, cand, keys, values, stats, feed, ref_logits, first):
+def candidate_logits(model, cand, keys, values, stats, feed, first, sensitivity=None):
+    """(logits of ``feed`` from position ``first`` on through the
+    candidate's cache, effective bits, payload bytes)."""
+    cache, bits, payload = candidate_cache(
+        model, cand, keys, values, stats, sensitivity
+    )
+    got = model(mx.array(feed)[None], cache=cache)[0].astype(mx.float32)[first:]
+    return got, bits, payload
+
+
+def score(model, cand, keys, values, stats, feed, ref_logits, first, sensitivity=None):
     """Metrics of one candidate: feed ``feed`` through its cache; the
     logits from position ``first`` on are compared with ``ref_logits``."""
     from qkvshare_mlx.evals.metrics import compare_logits
 
     tic = time.perf_counter()
-    cache, bits, payload = candidate_cache(model, cand, keys, values, stats)
-    got = model(mx.array(feed)[None], cache=cache)[0].astype(mx.float32)[first:]
+    got, bits, payload = candidate_logits(
+        model, cand, keys, values, stats, feed, first, sensitivity
+    )
     return {
         **compare_logits(ref_logits, got),
         "effective_bits": round(float(bits), 4),
@@ -349,7 +362,24 @@ def score(model, cand, keys, values, stats, feed, ref_logits, first):
 # The two kinds of context
 
 
-def gsm8k_rows(model, tokenizer, state, n_problems, cands):
+@dataclass
+class Hop1:
+    """One GSM8K chain at hop 1: the planner's exact (B, H, T, D) K/V and
+    statistics, the answerer's tokens fed through a candidate's cache
+    (``feed``), and the exact logits from position ``first`` of it on."""
+
+    problem: int
+    keys: list
+    values: list
+    stats: object
+    feed: list
+    ref_logits: mx.array
+    first: int
+
+
+def gsm8k_contexts(model, tokenizer, n_problems, skip=lambda problem: False):
+    """Yield a :class:`Hop1` for each of the first ``n_problems`` reference
+    chains of the committed study (those ``skip`` does not skip)."""
     from qkvshare_mlx.evals.phases import row_to_ref
     from qkvshare_mlx.evals.replay import exact_prefill, reference_logits
     from qkvshare_mlx.evals.state import State
@@ -360,9 +390,7 @@ def gsm8k_rows(model, tokenizer, state, n_problems, cands):
         raise SystemExit(f"{STUDY_STATE} has {len(refs)} reference chains")
     retokenize = _study_retokenizer(tokenizer)
     for row in refs:
-        i = row["problem"]
-        todo = [c for c in cands if ("gsm8k", i, c.name) not in state]
-        if not todo:
+        if skip(row["problem"]):
             continue
         ref = retokenize(row_to_ref(row))
         end = ref.replies[0][1]
@@ -373,10 +401,32 @@ def gsm8k_rows(model, tokenizer, state, n_problems, cands):
         first = len(final["prompt"]) - end - 1
         keys = [k[..., :end, :] for k in pre.keys]
         values = [v[..., :end, :] for v in pre.values]
-        for c in todo:
-            m = score(model, c, keys, values, pre.stats, feed, ref_logits, first)
-            state.add({"set": "gsm8k", "item": i, "name": c.name, "tokens": end, **m})
-        log(f"gsm8k problem {i}: {len(todo)} candidates")
+        yield Hop1(row["problem"], keys, values, pre.stats, feed, ref_logits, first)
+
+
+def gsm8k_rows(model, tokenizer, state, n_problems, cands, sensitivity=None):
+    def todo(i):
+        return [c for c in cands if ("gsm8k", i, c.name) not in state]
+
+    for h in gsm8k_contexts(model, tokenizer, n_problems, lambda i: not todo(i)):
+        cs = todo(h.problem)
+        for c in cs:
+            m = score(
+                model,
+                c,
+                h.keys,
+                h.values,
+                h.stats,
+                h.feed,
+                h.ref_logits,
+                h.first,
+                sensitivity,
+            )
+            end = h.keys[0].shape[2]
+            state.add(
+                {"set": "gsm8k", "item": h.problem, "name": c.name, "tokens": end, **m}
+            )
+        log(f"gsm8k problem {h.problem}: {len(cs)} candidates")
 
 
 def _study_retokenizer(tokenizer):
@@ -414,7 +464,7 @@ def _study_retokenizer(tokenizer):
     return retokenize
 
 
-def transcript_rows(model, tokenizer, state, contexts, follow, cands):
+def transcript_rows(model, tokenizer, state, contexts, follow, cands, sensitivity=None):
     from transcript import transcript_tokens  # bench/transcript.py
 
     from qkvshare_mlx.capture import prefill
@@ -429,7 +479,17 @@ def transcript_rows(model, tokenizer, state, contexts, follow, cands):
         ref = model(mx.array(ids[n:])[None], cache=exact)[0].astype(mx.float32)
         mx.eval(ref)
         for c in todo:
-            m = score(model, c, pre.keys, pre.values, pre.stats, ids[n:], ref, 0)
+            m = score(
+                model,
+                c,
+                pre.keys,
+                pre.values,
+                pre.stats,
+                ids[n:],
+                ref,
+                0,
+                sensitivity,
+            )
             state.add({"set": "transcript", "item": n, "name": c.name, **m})
             log(
                 f"transcript {n}: {c.name} KL {m['kl']:.5f} "
@@ -566,8 +626,9 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--only: unknown candidates {unknown}")
         cands = [c for c in CANDIDATES if c.name in wanted]
+    sensitivity = None
     if any(c.config.get("layer_weights") for c in cands) and not args.report:
-        SENSITIVITY.append(LayerSensitivity.load(args.sensitivity))
+        sensitivity = LayerSensitivity.load(args.sensitivity)
     state = RowState(args.state or args.out.with_suffix(".state.jsonl"))
     tic = time.perf_counter()
     contexts = [int(c) for c in args.contexts.split(",") if c]
@@ -579,8 +640,10 @@ def main(argv=None) -> int:
         state.add({"set": "command", "item": n, "name": command})
         model, tokenizer = load_model(args.model)
         if args.problems:
-            gsm8k_rows(model, tokenizer, state, args.problems, cands)
-        transcript_rows(model, tokenizer, state, contexts, args.follow, cands)
+            gsm8k_rows(model, tokenizer, state, args.problems, cands, sensitivity)
+        transcript_rows(
+            model, tokenizer, state, contexts, args.follow, cands, sensitivity
+        )
     rows = aggregate(state, CANDIDATES)  # every row of the state, not only --only's
     table = markdown(rows)
     print(table)
