@@ -12,6 +12,7 @@ from qkvshare_mlx.quant.controllers import (
     N_RECENT,
     N_SINK,
     HandoffPlan,
+    TokenSpan,
     TokenStats,
     importance_topology,
     run_controller,
@@ -69,7 +70,7 @@ def test_topology_flattens_importance_with_more_hops():
     problem, stats = _problem(T=200)
 
     def spread(plan):
-        imp = importance_topology(problem, stats, plan)
+        imp = importance_topology(TokenSpan.of(problem), stats, plan)
         imp = imp.reshape(-1, imp.shape[-1])[:, N_SINK:]  # (L[, 2], T) rows
         return float((imp.std(axis=1) / imp.mean(axis=1)).mean())
 

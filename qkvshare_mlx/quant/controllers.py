@@ -72,6 +72,22 @@ class HandoffPlan:
 # Importance functions, one per adaptive controller.
 
 
+@dataclass(frozen=True)
+class TokenSpan:
+    """The tokens an importance function weighs: cache positions ``start``
+    to ``n_tokens - 1`` (earlier ones are inherited) in each of ``n_layers``
+    layers."""
+
+    n_layers: int
+    n_tokens: int
+    start: int = 0
+
+    @classmethod
+    def of(cls, problem) -> TokenSpan:
+        """The span of an :class:`~.allocator.AllocationProblem`."""
+        return cls(problem.errors.shape[0], problem.n_tokens, problem.start)
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     x = np.maximum(np.asarray(x, dtype=np.float64), 0.0)
     s = x.sum(axis=-1, keepdims=True)
@@ -96,8 +112,8 @@ def _protected(start: int, n_tokens: int, sink: int, recent: int) -> np.ndarray:
     return (pos < sink) | (pos >= n_tokens - recent)
 
 
-def _attention_mass(stats: TokenStats | None, source: str, problem) -> np.ndarray:
-    L, T = problem.errors.shape[0], problem.n_tokens
+def _attention_mass(stats: TokenStats | None, source: str, span) -> np.ndarray:
+    L, T = span.n_layers, span.n_tokens
     parts = []
     if (
         stats is not None
@@ -130,25 +146,25 @@ def _attention_mass(stats: TokenStats | None, source: str, problem) -> np.ndarra
         raise ConfigError(
             f"token statistics have shape {mass.shape}, expected {(L, T)}"
         )
-    return mass[:, problem.start :]
+    return mass[:, span.start :]
 
 
-def importance_sink_recent(problem, stats, plan, sink=N_SINK, recent=N_RECENT):
+def importance_sink_recent(span, stats, plan, sink=N_SINK, recent=N_RECENT):
     """Attention sinks and a recent window get the attention mass, others none."""
-    L, T = problem.errors.shape[0], problem.n_tokens
-    mask = _protected(problem.start, T, sink, recent)
+    L, T = span.n_layers, span.n_tokens
+    mask = _protected(span.start, T, sink, recent)
     mass = np.zeros((L, mask.size))
     if mask.any():
         mass[:, mask] = 1.0 / mask.sum()
     return kv_importance(mass, T)
 
 
-def importance_saliency(problem, stats, plan, source="attention"):
+def importance_saliency(span, stats, plan, source="attention"):
     """Measured attention mass (or key norms) from the sender's probe queries."""
-    return kv_importance(_attention_mass(stats, source, problem), problem.n_tokens)
+    return kv_importance(_attention_mass(stats, source, span), span.n_tokens)
 
 
-def importance_topology(problem, stats, plan, source="attention"):
+def importance_topology(span, stats, plan, source="attention"):
     """Saliency tempered by the handoff plan.
 
     The probe queries predict what the *next* agent attends to; agents further
@@ -158,14 +174,14 @@ def importance_topology(problem, stats, plan, source="attention"):
     query uses, keep their measured mass.
     """
     plan = plan or HandoffPlan()
-    mass = _attention_mass(stats, source, problem)
+    mass = _attention_mass(stats, source, span)
     gamma = 1.0 / (
         1.0 + 0.5 * max(plan.hops_remaining, 0) + 0.25 * (plan.receivers - 1)
     )
     tempered = _normalise(mass**gamma)
-    sinks = _protected(problem.start, problem.n_tokens, N_SINK, 0)
+    sinks = _protected(span.start, span.n_tokens, N_SINK, 0)
     tempered[:, sinks] = np.maximum(tempered[:, sinks], mass[:, sinks])
-    return kv_importance(_normalise(tempered), problem.n_tokens)
+    return kv_importance(_normalise(tempered), span.n_tokens)
 
 
 CONTROLLERS = {
@@ -191,15 +207,7 @@ def token_importance(
     check_controller(name)
     if CONTROLLERS[name] is None:
         raise ConfigError(f"controller {name!r} weighs no tokens (no allocation)")
-    problem = _Shape(np.empty((n_layers, 2, n_tokens, 0)), n_tokens, 0)
-    return CONTROLLERS[name](problem, stats, plan)
-
-
-@dataclass(frozen=True)
-class _Shape:  # what the importance functions read of a problem
-    errors: np.ndarray
-    n_tokens: int
-    start: int
+    return CONTROLLERS[name](TokenSpan(n_layers, n_tokens), stats, plan)
 
 
 def _weigh_layers(imp: np.ndarray, stats: TokenStats | None) -> np.ndarray:
@@ -281,7 +289,7 @@ def run_controller(
         return problem.pin(np.full((L, Tn), f, dtype=np.int64)), {
             "format": problem.formats[f].label()
         }
-    imp = _weigh_layers(CONTROLLERS[name](problem, stats, plan), stats)
+    imp = _weigh_layers(CONTROLLERS[name](TokenSpan.of(problem), stats, plan), stats)
     costs = problem.costs
     free = problem.free()
     # Pinned float tokens take their share of the budget first.
