@@ -23,7 +23,9 @@ token:
   decode overlaps the suffix forward);
   ``card_adaptive_rot``, the same
   with ``rotation="hadamard"``, in ``dequantize`` mode, in memory only (what
-  undoing the rotation costs).
+  undoing the rotation costs); ``card_recommended``, the CLI's default card
+  (5.5 bits, its recommended settings and the model's shipped layer
+  profile), in ``dequantize`` and ``stream_reuse`` mode.
 
 File-based modes cross every transport: ``memory`` (bytes in this process;
 mlx-lm's file goes through an in-memory file object), ``file`` (a local file:
@@ -82,12 +84,15 @@ from transcript import transcript_tokens  # bench/transcript.py
 
 from qkvshare_mlx.capture import prefill
 from qkvshare_mlx.card import DEFAULT_MAX_BYTES, CacheCard, container, schema
+from qkvshare_mlx.cli.options import recommended_model_config
 from qkvshare_mlx.fingerprint import fingerprint
 from qkvshare_mlx.formats import QuantConfig
 from qkvshare_mlx.inject import align, inject
 from qkvshare_mlx.models import load_model, model_dtype
+from qkvshare_mlx.quant.controllers import with_sensitivity
 from qkvshare_mlx.quant.mlx_backend import quantize_cache
 from qkvshare_mlx.rope import from_mlx_model
+from qkvshare_mlx.sensitivity import shipped_profile
 
 RESULTS = Path(__file__).parent / "results"
 LINKS_GBIT = (1, 10, 40)
@@ -102,6 +107,9 @@ CARD_MODES = {  # name: (controller, budget_bits, rotation[, keys before RoPE])
     "card_adaptive": ("saliency", 3.0, "none"),
     "card_adaptive_rot": ("saliency", 3.0, "hadamard"),
     "card_adaptive_prerope": ("saliency", 3.0, "none", True),
+    # rotation "recommended": the CLI's recommended settings at the budget
+    # (recommended_model_config) with the profile shipped for the model
+    "card_recommended": ("saliency", 5.5, "recommended"),
 }
 # (injection modes, transports) where not all are run (time budget): the
 # rotated and pre-RoPE cards only show what undoing the rotation or
@@ -109,6 +117,7 @@ CARD_MODES = {  # name: (controller, budget_bits, rotation[, keys before RoPE])
 CARD_ONLY = {
     "card_adaptive_rot": (("dequantize",), ("memory",)),
     "card_adaptive_prerope": (("dequantize", "stream_reuse"), ("memory",)),
+    "card_recommended": (("dequantize", "stream_reuse"), ("memory", "file")),
 }
 # injection modes per card mode (default: dequantize and compressed)
 # "reuse": dequantize into the caches this receiver got from its previous
@@ -463,14 +472,20 @@ def sweep_context(model, tokenizer, fp, n_ctx, args, link, skip_reprefill):
     cards = {}
     for name, (controller, budget, rotation, *pre_rope) in CARD_MODES.items():
         t0 = time.perf_counter()
-        key_rope = from_mlx_model(model) if pre_rope and pre_rope[0] else None
+        stats = pre.stats
+        if rotation == "recommended":
+            config = recommended_model_config(budget, model)
+            stats = with_sensitivity(stats, shipped_profile(model), len(keys))
+        else:
+            key_rope = from_mlx_model(model) if pre_rope and pre_rope[0] else None
+            config = QuantConfig(rotation=rotation, key_rope=key_rope)
         qkv = quantize_cache(
             keys,
             values,
             controller=controller,
             budget_bits=budget,
-            stats=pre.stats,
-            config=QuantConfig(rotation=rotation, key_rope=key_rope),
+            stats=stats,
+            config=config,
         )
         cards[name] = CacheCard.from_quantized(qkv, ids, fp, dtype="float32")
         info[name] = {
