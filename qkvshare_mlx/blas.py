@@ -17,12 +17,22 @@ scripts and the test suite call it first thing. A library that uses
 ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3``.
 This module knows nothing about models or caches. It never imports ``mlx``.
 Opt out with ``QKVSHARE_NO_OPENBLAS=1``. macOS is untouched (MLX uses Accelerate).
+
+numpy's own BLAS (the OpenBLAS bundled in its Linux wheels, another library
+than MLX's) is threaded too. :func:`numpy_blas_threads` narrows it for a
+while, as ``threadpoolctl`` would: the receiver's decode threads each
+multiply small row blocks, and a threaded BLAS under them, spinning between
+calls, takes the cores the other decode thread and the model's forward need.
 """
 
+import contextlib
 import ctypes
+import functools
+import glob
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
 
 OPT_OUT_ENV = "QKVSHARE_NO_OPENBLAS"
@@ -166,3 +176,64 @@ def fast_cpu_matmul() -> bool:
     about 30x slower). Decides whether a dense product beats a transform
     written as element-wise passes on the CPU."""
     return sys.platform == "darwin" or openblas_status()["effective"]
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_openblas():
+    """(get, set) of the thread count of numpy's bundled OpenBLAS, or None
+    (numpy built against another BLAS: Accelerate, MKL, a system library)."""
+    import numpy as np
+
+    libs = Path(np.__file__).parent.parent / "numpy.libs"
+    for path in sorted(glob.glob(str(libs / "libscipy_openblas*.so*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", "")):
+            try:
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+            except AttributeError:
+                continue
+            get.restype, get.argtypes = ctypes.c_int, []
+            put.restype, put.argtypes = None, [ctypes.c_int]
+            return get, put
+    return None
+
+
+_limit_lock = threading.Lock()
+_limits = {"depth": 0, "saved": None}
+
+
+def numpy_blas_threads_now() -> int | None:
+    """The thread count of numpy's bundled OpenBLAS, or None without one."""
+    api = _numpy_openblas()
+    return None if api is None else int(api[0]())
+
+
+@contextlib.contextmanager
+def numpy_blas_threads(n: int):
+    """numpy's bundled OpenBLAS on at most ``n`` threads inside the block.
+
+    The count is process-wide (OpenBLAS has no per-thread one): overlapping
+    blocks share it, the first to enter saves the count and the last to
+    leave restores it. Does nothing where numpy uses another BLAS.
+    """
+    api = _numpy_openblas()
+    if api is None:
+        yield
+        return
+    get, put = api
+    with _limit_lock:
+        if _limits["depth"] == 0:
+            _limits["saved"] = int(get())
+        _limits["depth"] += 1
+        put(max(1, min(int(n), _limits["saved"])))
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limits["depth"] -= 1
+            if _limits["depth"] == 0:
+                put(_limits["saved"])

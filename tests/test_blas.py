@@ -52,3 +52,34 @@ def test_not_enabled_is_reported():
     result = run_python(f"import qkvshare_mlx; {_STATUS}")
     assert "'preloaded': False" in result.stdout, result.stderr
     assert "enable_openblas() was never called" in result.stdout
+
+
+needs_numpy_openblas = pytest.mark.skipif(
+    blas.numpy_blas_threads_now() is None,
+    reason="numpy is not built on its bundled OpenBLAS",
+)
+
+
+@needs_numpy_openblas
+def test_numpy_blas_threads_narrows_and_restores():
+    before = blas.numpy_blas_threads_now()
+    with blas.numpy_blas_threads(1):
+        assert blas.numpy_blas_threads_now() == 1
+        with blas.numpy_blas_threads(1):  # nested: the outer block restores
+            assert blas.numpy_blas_threads_now() == 1
+        assert blas.numpy_blas_threads_now() == 1
+    assert blas.numpy_blas_threads_now() == before
+
+
+@needs_numpy_openblas
+def test_numpy_blas_threads_restores_after_an_error():
+    before = blas.numpy_blas_threads_now()
+    with pytest.raises(RuntimeError), blas.numpy_blas_threads(1):
+        raise RuntimeError("boom")
+    assert blas.numpy_blas_threads_now() == before
+
+
+def test_numpy_blas_threads_is_a_no_op_without_numpys_openblas(monkeypatch):
+    monkeypatch.setattr(blas, "_numpy_openblas", lambda: None)
+    with blas.numpy_blas_threads(1):
+        assert blas.numpy_blas_threads_now() is None

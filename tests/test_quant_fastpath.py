@@ -1,10 +1,13 @@
 """The fast receive path (quant/fastpath): fused dequantization into
 preallocated room, and the same rows decoded on a background thread."""
 
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from qkvshare_mlx import blas
 from qkvshare_mlx.errors import CacheShapeError
 from qkvshare_mlx.quant import numpy_backend as codec
 from qkvshare_mlx.quant.controllers import TokenStats
@@ -168,6 +171,28 @@ def test_stream_layers_equal_fused_bit_for_bit(capacity):
     for fut, (k, v) in zip(futures, fused):
         sk, sv = fut.result(timeout=60)
         assert mx.array_equal(sk, k).item() and mx.array_equal(sv, v).item()
+
+
+@pytest.mark.skipif(
+    blas.numpy_blas_threads_now() is None, reason="numpy without bundled OpenBLAS"
+)
+def test_decoders_keep_numpys_blas_narrow_only_while_they_run():
+    from qkvshare_mlx.formats import QuantConfig
+
+    qkv = mixed_qkv(seed=6, config=QuantConfig(rotation="hadamard"))
+    before = blas.numpy_blas_threads_now()
+    dequantize_layers(qkv.layers, T, rotation="hadamard")
+    assert blas.numpy_blas_threads_now() == before
+    futures = stream_layers(qkv.layers, T, rotation="hadamard")
+    for fut in futures:
+        fut.result(timeout=60)
+    # the last layer's callback restores it (it runs on the worker thread,
+    # just after its result is set)
+    for _ in range(200):
+        if blas.numpy_blas_threads_now() == before:
+            break
+        time.sleep(0.01)
+    assert blas.numpy_blas_threads_now() == before
 
 
 def test_stream_layers_refuse_incomplete_layers_up_front():

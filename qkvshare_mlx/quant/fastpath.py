@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 
+from ..blas import numpy_blas_threads
 from ..formats import Encoded, Segment, check_cover, layer_index
 from ..rope import layer_spec, rope_rows
 from ..rotation import check_rotation
@@ -182,7 +183,8 @@ def dequantize_layers(
         return bufs
 
     out: list[tuple[mx.array, mx.array]] = []
-    with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
+    # numpy's BLAS (the un-rotation's row blocks) on one thread per decoder
+    with numpy_blas_threads(1), ThreadPoolExecutor(_DECODE_THREADS) as pool:
         ahead = alloc(chunks[0]) if chunks else None
         for ci, chunk in enumerate(chunks):
             # 1. the final buffers, allocated and zeroed by MLX on its own
@@ -343,6 +345,14 @@ def stream_layers(
         return bufs[li]["keys"][0], bufs[li]["values"][0]
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvshare-decode")
+    # numpy's BLAS on one thread until the last layer is decoded: the
+    # receiver's forward runs on the other cores meanwhile
+    limit = numpy_blas_threads(1)
+    limit.__enter__()
     futures = [pool.submit(decode, li) for li in range(len(layers))]
     pool.shutdown(wait=False)  # the thread exits once the queue is drained
+    if futures:
+        futures[-1].add_done_callback(lambda _: limit.__exit__(None, None, None))
+    else:
+        limit.__exit__(None, None, None)
     return futures
