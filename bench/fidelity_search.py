@@ -589,16 +589,8 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--problems", type=int, default=150)
-    p.add_argument("--contexts", default="1024,4096", help="'' for none")
-    p.add_argument("--follow", type=int, default=64)
-    p.add_argument(
-        "--only", default=None, help="candidate names, separated by ',' (or ';')"
-    )
-    p.add_argument("--out", type=Path, default=RESULTS / "fidelity_search.json")
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--state``, ``--report`` and ``--sensitivity`` (also bench/near_ties.py's)."""
     p.add_argument("--state", type=Path, default=None)
     p.add_argument(
         "--report", action="store_true", help="only rebuild the reports from the state"
@@ -610,6 +602,19 @@ def main(argv=None) -> int:
         help="layer sensitivity profile of the model (bench/sensitivity.py), "
         "for the layer-weighted candidates",
     )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--problems", type=int, default=150)
+    p.add_argument("--contexts", default="1024,4096", help="'' for none")
+    p.add_argument("--follow", type=int, default=64)
+    p.add_argument(
+        "--only", default=None, help="candidate names, separated by ',' (or ';')"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS / "fidelity_search.json")
+    add_run_options(p)
     args = p.parse_args(argv)
 
     from qkvshare_mlx.models import load_model

@@ -201,16 +201,7 @@ def main(argv=None) -> int:
         "separated by ';'",
     )
     p.add_argument("--out", type=Path, default=RESULTS / "near_ties.json")
-    p.add_argument("--state", type=Path, default=None)
-    p.add_argument(
-        "--report", action="store_true", help="only rebuild the reports from the state"
-    )
-    p.add_argument(
-        "--sensitivity",
-        type=Path,
-        default=RESULTS / "sensitivity.json",
-        help="layer sensitivity profile, for the layer-weighted candidates",
-    )
+    fs.add_run_options(p)
     args = p.parse_args(argv)
 
     from qkvshare_mlx.models import load_model
