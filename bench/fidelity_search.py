@@ -48,6 +48,8 @@ qkvshare_mlx.enable_openblas()  # before mlx is imported
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from qkvshare_mlx.quant.controllers import TokenStats  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 STUDY_STATE = RESULTS / "eval_gsm8k.state.jsonl.gz"
 KIVI_WINDOW = 128
@@ -253,7 +255,7 @@ def rope_keys(rope: mx.array, k: mx.array, *, inverse: bool) -> mx.array:
     return mx.einsum(spec, rope.astype(mx.float32), k.astype(mx.float32))
 
 
-def candidate_cache(model, cand: Candidate, keys, values, stats, sensitivity=None):
+def candidate_cache(model, cand: Candidate, keys, values, stats, *, sensitivity=None):
     """(mlx-lm cache list, effective bits, payload bytes) of one candidate;
     ``sensitivity``: the LayerSensitivity of the layer-weighted candidates."""
     from mlx_lm.models.cache import KVCache
@@ -331,24 +333,28 @@ def candidate_cache(model, cand: Candidate, keys, values, stats, sensitivity=Non
     return inject(qkv, model), qkv.effective_bits, qkv.payload_bytes
 
 
-def candidate_logits(model, cand, keys, values, stats, feed, first, sensitivity=None):
+def candidate_logits(
+    model, cand, keys, values, stats, feed, first, *, sensitivity=None
+):
     """(logits of ``feed`` from position ``first`` on through the
     candidate's cache, effective bits, payload bytes)."""
     cache, bits, payload = candidate_cache(
-        model, cand, keys, values, stats, sensitivity
+        model, cand, keys, values, stats, sensitivity=sensitivity
     )
     got = model(mx.array(feed)[None], cache=cache)[0].astype(mx.float32)[first:]
     return got, bits, payload
 
 
-def score(model, cand, keys, values, stats, feed, ref_logits, first, sensitivity=None):
+def score(
+    model, cand, keys, values, stats, feed, ref_logits, first, *, sensitivity=None
+):
     """Metrics of one candidate: feed ``feed`` through its cache; the
     logits from position ``first`` on are compared with ``ref_logits``."""
     from qkvshare_mlx.evals.metrics import compare_logits
 
     tic = time.perf_counter()
     got, bits, payload = candidate_logits(
-        model, cand, keys, values, stats, feed, first, sensitivity
+        model, cand, keys, values, stats, feed, first, sensitivity=sensitivity
     )
     return {
         **compare_logits(ref_logits, got),
@@ -364,14 +370,16 @@ def score(model, cand, keys, values, stats, feed, ref_logits, first, sensitivity
 
 @dataclass
 class Hop1:
-    """One GSM8K chain at hop 1: the planner's exact (B, H, T, D) K/V and
-    statistics, the answerer's tokens fed through a candidate's cache
-    (``feed``), and the exact logits from position ``first`` of it on."""
+    """One GSM8K chain at hop 1: the planner's exact (B, H, T, D) K/V of its
+    ``end`` context tokens and their statistics, the answerer's tokens fed
+    through a candidate's cache (``feed``), and the exact logits from
+    position ``first`` of it on."""
 
     problem: int
+    end: int
     keys: list
     values: list
-    stats: object
+    stats: TokenStats
     feed: list
     ref_logits: mx.array
     first: int
@@ -401,31 +409,22 @@ def gsm8k_contexts(model, tokenizer, n_problems, skip=lambda problem: False):
         first = len(final["prompt"]) - end - 1
         keys = [k[..., :end, :] for k in pre.keys]
         values = [v[..., :end, :] for v in pre.values]
-        yield Hop1(row["problem"], keys, values, pre.stats, feed, ref_logits, first)
+        yield Hop1(
+            row["problem"], end, keys, values, pre.stats, feed, ref_logits, first
+        )
 
 
-def gsm8k_rows(model, tokenizer, state, n_problems, cands, sensitivity=None):
+def gsm8k_rows(model, tokenizer, state, n_problems, cands, *, sensitivity=None):
     def todo(i):
         return [c for c in cands if ("gsm8k", i, c.name) not in state]
 
     for h in gsm8k_contexts(model, tokenizer, n_problems, lambda i: not todo(i)):
         cs = todo(h.problem)
         for c in cs:
-            m = score(
-                model,
-                c,
-                h.keys,
-                h.values,
-                h.stats,
-                h.feed,
-                h.ref_logits,
-                h.first,
-                sensitivity,
-            )
-            end = h.keys[0].shape[2]
-            state.add(
-                {"set": "gsm8k", "item": h.problem, "name": c.name, "tokens": end, **m}
-            )
+            m = score(model, c, h.keys, h.values, h.stats, h.feed, h.ref_logits,
+                      h.first, sensitivity=sensitivity)  # fmt: skip
+            row = {"set": "gsm8k", "item": h.problem, "name": c.name, "tokens": h.end}
+            state.add({**row, **m})
         log(f"gsm8k problem {h.problem}: {len(cs)} candidates")
 
 
@@ -464,7 +463,9 @@ def _study_retokenizer(tokenizer):
     return retokenize
 
 
-def transcript_rows(model, tokenizer, state, contexts, follow, cands, sensitivity=None):
+def transcript_rows(
+    model, tokenizer, state, contexts, follow, cands, *, sensitivity=None
+):
     from transcript import transcript_tokens  # bench/transcript.py
 
     from qkvshare_mlx.capture import prefill
@@ -479,17 +480,8 @@ def transcript_rows(model, tokenizer, state, contexts, follow, cands, sensitivit
         ref = model(mx.array(ids[n:])[None], cache=exact)[0].astype(mx.float32)
         mx.eval(ref)
         for c in todo:
-            m = score(
-                model,
-                c,
-                pre.keys,
-                pre.values,
-                pre.stats,
-                ids[n:],
-                ref,
-                0,
-                sensitivity,
-            )
+            m = score(model, c, pre.keys, pre.values, pre.stats, ids[n:], ref, 0,
+                      sensitivity=sensitivity)  # fmt: skip
             state.add({"set": "transcript", "item": n, "name": c.name, **m})
             log(
                 f"transcript {n}: {c.name} KL {m['kl']:.5f} "
@@ -645,10 +637,13 @@ def main(argv=None) -> int:
         state.add({"set": "command", "item": n, "name": command})
         model, tokenizer = load_model(args.model)
         if args.problems:
-            gsm8k_rows(model, tokenizer, state, args.problems, cands, sensitivity)
+            gsm8k_rows(
+                model, tokenizer, state, args.problems, cands, sensitivity=sensitivity
+            )
         transcript_rows(
-            model, tokenizer, state, contexts, args.follow, cands, sensitivity
-        )
+            model, tokenizer, state, contexts, args.follow, cands,
+            sensitivity=sensitivity,
+        )  # fmt: skip
     rows = aggregate(state, CANDIDATES)  # every row of the state, not only --only's
     table = markdown(rows)
     print(table)

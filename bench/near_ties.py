@@ -74,7 +74,7 @@ def margins(ref: np.ndarray) -> list[float]:
     return (top2[:, 1] - top2[:, 0]).tolist()
 
 
-def run(model, tokenizer, state, n_problems, cands, sensitivity):
+def run(model, tokenizer, state, n_problems, cands, *, sensitivity=None):
     def todo(i):
         names = ["exact", *(c.name for c in cands)]
         return [n for n in names if ("near_ties", i, n) not in state]
@@ -91,8 +91,9 @@ def run(model, tokenizer, state, n_problems, cands, sensitivity):
             if c.name not in wanted:
                 continue
             got, bits, _ = fs.candidate_logits(
-                model, c, h.keys, h.values, h.stats, h.feed, h.first, sensitivity
-            )
+                model, c, h.keys, h.values, h.stats, h.feed, h.first,
+                sensitivity=sensitivity,
+            )  # fmt: skip
             row = per_position(ref, np.asarray(got))
             state.add(
                 {"set": "near_ties", "item": h.problem, "name": c.name,
@@ -145,7 +146,10 @@ def buckets(state, names) -> list[dict]:
                 # fidelity_search's top-1: the mean of each problem's
                 "top1_per_problem": float(np.mean([np.mean(r["match"]) for r in rows])),
                 "kl": float(kl.mean()),
-                "top1_decisive": float(match[decisive].mean()),
+                "kl_per_problem": float(np.mean([np.mean(r["kl"]) for r in rows])),
+                "top1_decisive": (
+                    float(match[decisive].mean()) if decisive.any() else None
+                ),
                 "mismatches": int((~match).sum()),
                 "mismatches_below_decisive": int((~match & ~decisive).sum()),
             }
@@ -153,21 +157,28 @@ def buckets(state, names) -> list[dict]:
     return out
 
 
+def _num(x, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def markdown(rows) -> str:
     summary = [r for r in rows if r["margin"] == "all"]
     lines = [
-        f"Summary (decisive: exact margin p1 - p2 >= {DECISIVE}):",
+        f"Summary (decisive: exact margin p1 - p2 >= {DECISIVE}; top-1 and KL "
+        "over all positions, and the mean of each problem's as in "
+        "bench/fidelity_search.py):",
         "",
         "| method | n | eff. bits | positions | top-1 | top-1, mean per problem "
-        "| KL | top-1, decisive | mismatches | of them near-ties |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| KL | KL, mean per problem | top-1, decisive | mismatches "
+        "| of them near-ties |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         lines.append(
             f"| {r['name']} | {r['problems']} | {r['effective_bits']:.3f} | "
             f"{r['positions']} | {r['top1']:.4f} | {r['top1_per_problem']:.4f} | "
-            f"{r['kl']:.5f} | "
-            f"{r['top1_decisive']:.4f} | {r['mismatches']} | "
+            f"{r['kl']:.5f} | {r['kl_per_problem']:.5f} | "
+            f"{_num(r['top1_decisive'], 4)} | {r['mismatches']} | "
             f"{r['mismatches_below_decisive']} |"
         )
     lines += [
@@ -181,8 +192,7 @@ def markdown(rows) -> str:
         if r["margin"] == "all":
             continue
         lo, hi = r["margin"]
-        top1 = "-" if r["top1"] is None else f"{r['top1']:.4f}"
-        kl = "-" if r["kl"] is None else f"{r['kl']:.5f}"
+        top1, kl = _num(r["top1"], 4), _num(r["kl"], 5)
         lines.append(
             f"| {r['name']} | {lo:g}-{hi:g} | {r['share_of_positions']:.4f} | "
             f"{top1} | {kl} | {r['share_of_mismatches']:.3f} |"
@@ -219,12 +229,13 @@ def main(argv=None) -> int:
     state = fs.RowState(args.state or args.out.with_suffix(".state.jsonl"))
     command = shlex.join(["python", "bench/near_ties.py", *(argv or sys.argv[1:])])
     tic = time.perf_counter()
+    old = {}
     if args.report:
         old = json.loads(args.out.read_text()) if args.out.exists() else {}
         command = old.get("command", command)
     else:
         model, tokenizer = load_model(args.model)
-        run(model, tokenizer, state, args.problems, cands, sensitivity)
+        run(model, tokenizer, state, args.problems, cands, sensitivity=sensitivity)
     rows = buckets(state, names)
     table = markdown(rows)
     print(table)
@@ -232,12 +243,14 @@ def main(argv=None) -> int:
         "bench": "near_ties",
         "command": command,
         "model": args.model or "default (SmolLM2-135M-Instruct)",
-        "problems": args.problems,
+        "problems": len({k[1] for k in state.rows if k[0] == "near_ties"}),
         "edges": list(EDGES),
         "decisive_margin": DECISIVE,
         "note": "hop 1, teacher-forced against the exact cache (float32 here)",
         "machine": platform.platform(),
         "mlx": mx.__version__,
+        "numpy": np.__version__,
+        "device": str(mx.default_device()),
         "elapsed_s": old.get("elapsed_s")
         if args.report
         else round(time.perf_counter() - tic, 1),

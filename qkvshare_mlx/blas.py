@@ -181,19 +181,29 @@ def fast_cpu_matmul() -> bool:
 @functools.lru_cache(maxsize=1)
 def _numpy_openblas():
     """(get, set) of the thread count of numpy's bundled OpenBLAS, or None
-    (numpy built against another BLAS: Accelerate, MKL, a system library)."""
+    (numpy built against another BLAS: Accelerate, MKL, a system library).
+
+    numpy 2's Linux wheels bundle ``libscipy_openblas64_`` (symbols
+    ``scipy_openblas_*64_``), numpy 1's ``libopenblas64_p`` (``openblas_*64_``).
+    """
     import numpy as np
 
     libs = Path(np.__file__).parent.parent / "numpy.libs"
-    for path in sorted(glob.glob(str(libs / "libscipy_openblas*.so*"))):
+    names = (
+        "scipy_openblas_{}_num_threads64_",
+        "scipy_openblas_{}_num_threads",
+        "openblas_{}_num_threads64_",
+        "openblas_{}_num_threads",
+    )
+    for path in sorted(glob.glob(str(libs / "lib*openblas*.so*"))):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", "")):
+        for name in names:
             try:
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}")
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                get = getattr(lib, name.format("get"))
+                put = getattr(lib, name.format("set"))
             except AttributeError:
                 continue
             get.restype, get.argtypes = ctypes.c_int, []
@@ -203,7 +213,9 @@ def _numpy_openblas():
 
 
 _limit_lock = threading.Lock()
-_limits = {"depth": 0, "saved": None}
+# the blocks inside numpy_blas_threads now (their n), the count found by the
+# first of them, and the count they applied
+_limits: dict = {"active": [], "saved": None, "applied": None}
 
 
 def numpy_blas_threads_now() -> int | None:
@@ -216,24 +228,38 @@ def numpy_blas_threads_now() -> int | None:
 def numpy_blas_threads(n: int):
     """numpy's bundled OpenBLAS on at most ``n`` threads inside the block.
 
-    The count is process-wide (OpenBLAS has no per-thread one): overlapping
-    blocks share it, the first to enter saves the count and the last to
-    leave restores it. Does nothing where numpy uses another BLAS.
+    The count is process-wide (OpenBLAS has no per-thread one), so this is
+    a side effect on every thread of the process while the block runs.
+    Overlapping blocks (nested or on other threads) share it: the smallest
+    ``n`` of those inside applies, the first to enter saves the count, and
+    the last to leave restores it, unless something else has changed the
+    count meanwhile (then it is left alone). Does nothing where numpy uses
+    another BLAS.
     """
     api = _numpy_openblas()
     if api is None:
         yield
         return
     get, put = api
+    n = max(1, int(n))
     with _limit_lock:
-        if _limits["depth"] == 0:
-            _limits["saved"] = int(get())
-        _limits["depth"] += 1
-        put(max(1, min(int(n), _limits["saved"])))
+        if not _limits["active"]:
+            _limits["saved"] = _limits["applied"] = int(get())
+        _limits["active"].append(n)
+        _apply(put)
     try:
         yield
     finally:
         with _limit_lock:
-            _limits["depth"] -= 1
-            if _limits["depth"] == 0:
+            _limits["active"].remove(n)
+            if _limits["active"]:
+                _apply(put)
+            elif int(get()) == _limits["applied"]:
                 put(_limits["saved"])
+
+
+def _apply(put) -> None:
+    want = min(min(_limits["active"]), _limits["saved"])
+    if want != _limits["applied"]:
+        put(want)
+        _limits["applied"] = want

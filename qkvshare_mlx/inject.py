@@ -187,7 +187,9 @@ def inject(
             rotation undone by ``mx.hadamard_transform``; lazy, so a
             ``"stream"`` receiver's forward pulls each layer in) or
             ``"auto"``: ``"mlx"`` where the default device is a GPU. Both
-            give the same caches, bit for bit without a rotation.
+            give the same caches, bit for bit without a rotation. While
+            numpy decodes, numpy's bundled BLAS runs on one thread for the
+            whole process (see :mod:`qkvshare_mlx.quant.fastpath`).
         reuse: caches this receiver is done with (an earlier handoff's
             ``KVCache`` list): for ``"dequantize"`` and ``"stream"`` decoded
             by numpy, each layer whose float32 buffers fit is decoded into

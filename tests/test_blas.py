@@ -60,23 +60,53 @@ needs_numpy_openblas = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def two_threads():
+    """numpy's BLAS on 2 threads for the test (so narrowing it shows),
+    restored after."""
+    get, put = blas._numpy_openblas()
+    before = get()
+    put(2)
+    yield
+    put(before)
+
+
 @needs_numpy_openblas
-def test_numpy_blas_threads_narrows_and_restores():
-    before = blas.numpy_blas_threads_now()
+def test_numpy_blas_threads_narrows_and_restores(two_threads):
     with blas.numpy_blas_threads(1):
         assert blas.numpy_blas_threads_now() == 1
         with blas.numpy_blas_threads(1):  # nested: the outer block restores
             assert blas.numpy_blas_threads_now() == 1
         assert blas.numpy_blas_threads_now() == 1
-    assert blas.numpy_blas_threads_now() == before
+    assert blas.numpy_blas_threads_now() == 2
 
 
 @needs_numpy_openblas
-def test_numpy_blas_threads_restores_after_an_error():
-    before = blas.numpy_blas_threads_now()
+def test_numpy_blas_threads_restores_after_an_error(two_threads):
     with pytest.raises(RuntimeError), blas.numpy_blas_threads(1):
         raise RuntimeError("boom")
-    assert blas.numpy_blas_threads_now() == before
+    assert blas.numpy_blas_threads_now() == 2
+
+
+@needs_numpy_openblas
+def test_overlapping_blocks_keep_the_smallest_limit(two_threads):
+    outer = blas.numpy_blas_threads(1)
+    inner = blas.numpy_blas_threads(2)
+    outer.__enter__()
+    inner.__enter__()  # a wider block inside does not widen the narrow one
+    assert blas.numpy_blas_threads_now() == 1
+    outer.__exit__(None, None, None)  # not nested: the outer leaves first
+    assert blas.numpy_blas_threads_now() == 2
+    inner.__exit__(None, None, None)
+    assert blas.numpy_blas_threads_now() == 2
+
+
+@needs_numpy_openblas
+def test_a_count_changed_inside_the_block_is_left_alone(two_threads):
+    get, put = blas._numpy_openblas()
+    with blas.numpy_blas_threads(1):
+        put(3)  # the user (or threadpoolctl) changed it meanwhile
+    assert blas.numpy_blas_threads_now() == 3
 
 
 def test_numpy_blas_threads_is_a_no_op_without_numpys_openblas(monkeypatch):

@@ -176,23 +176,39 @@ def test_stream_layers_equal_fused_bit_for_bit(capacity):
 @pytest.mark.skipif(
     blas.numpy_blas_threads_now() is None, reason="numpy without bundled OpenBLAS"
 )
-def test_decoders_keep_numpys_blas_narrow_only_while_they_run():
+def test_decoders_keep_numpys_blas_narrow_only_while_they_run(monkeypatch):
     from qkvshare_mlx.formats import QuantConfig
+    from qkvshare_mlx.quant import fastpath
 
     qkv = mixed_qkv(seed=6, config=QuantConfig(rotation="hadamard"))
-    before = blas.numpy_blas_threads_now()
-    dequantize_layers(qkv.layers, T, rotation="hadamard")
-    assert blas.numpy_blas_threads_now() == before
-    futures = stream_layers(qkv.layers, T, rotation="hadamard")
-    for fut in futures:
-        fut.result(timeout=60)
-    # the last layer's callback restores it (it runs on the worker thread,
-    # just after its result is set)
-    for _ in range(200):
-        if blas.numpy_blas_threads_now() == before:
-            break
-        time.sleep(0.01)
-    assert blas.numpy_blas_threads_now() == before
+    seen = []
+    fill = fastpath._fill_rows
+
+    def spy(*args, **kwargs):  # the count the decode threads run under
+        seen.append(blas.numpy_blas_threads_now())
+        return fill(*args, **kwargs)
+
+    monkeypatch.setattr(fastpath, "_fill_rows", spy)
+    get, put = blas._numpy_openblas()
+    before = get()
+    put(2)
+    try:
+        dequantize_layers(qkv.layers, T, rotation="hadamard")
+        assert seen and set(seen) == {1}
+        assert blas.numpy_blas_threads_now() == 2
+        seen.clear()
+        for fut in stream_layers(qkv.layers, T, rotation="hadamard"):
+            fut.result(timeout=60)
+        assert seen and set(seen) == {1}
+        # the last layer's callback restores it, on the worker thread, just
+        # after that layer's result is set
+        for _ in range(200):
+            if blas.numpy_blas_threads_now() == 2:
+                break
+            time.sleep(0.01)
+        assert blas.numpy_blas_threads_now() == 2
+    finally:
+        put(before)
 
 
 def test_stream_layers_refuse_incomplete_layers_up_front():

@@ -8,10 +8,18 @@ threads; :func:`stream_layers` does the same layer by layer on a background
 thread while the receiver's forward runs. Results equal
 :func:`.mlx_backend.dequantize_layer`'s bit for bit. Tuned for MLX's CPU
 backend, where MLX's own element-wise decode was slower.
+
+While a card decodes, numpy's bundled OpenBLAS runs on one thread, for the
+whole process (:func:`qkvshare_mlx.blas.numpy_blas_threads`; for
+:func:`stream_layers` until its last layer is decoded): the un-rotation's
+small products, under a threaded BLAS spinning between calls, took the
+cores the other decode thread and the receiver's forward need. MLX's own
+BLAS is not touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -345,14 +353,14 @@ def stream_layers(
         return bufs[li]["keys"][0], bufs[li]["values"][0]
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvshare-decode")
-    # numpy's BLAS on one thread until the last layer is decoded: the
-    # receiver's forward runs on the other cores meanwhile
-    limit = numpy_blas_threads(1)
-    limit.__enter__()
-    futures = [pool.submit(decode, li) for li in range(len(layers))]
-    pool.shutdown(wait=False)  # the thread exits once the queue is drained
-    if futures:
-        futures[-1].add_done_callback(lambda _: limit.__exit__(None, None, None))
-    else:
-        limit.__exit__(None, None, None)
+    # numpy's BLAS on one thread until the last layer is decoded (the
+    # receiver's forward runs on the other cores meanwhile); released at
+    # once if submitting fails
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(numpy_blas_threads(1))
+        futures = [pool.submit(decode, li) for li in range(len(layers))]
+        pool.shutdown(wait=False)  # the thread exits once the queue is drained
+        if futures:
+            release = stack.pop_all()
+            futures[-1].add_done_callback(lambda _: release.close())
     return futures
