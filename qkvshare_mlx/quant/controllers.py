@@ -112,7 +112,9 @@ def _protected(start: int, n_tokens: int, sink: int, recent: int) -> np.ndarray:
     return (pos < sink) | (pos >= n_tokens - recent)
 
 
-def _attention_mass(stats: TokenStats | None, source: str, span) -> np.ndarray:
+def _attention_mass(
+    stats: TokenStats | None, source: str, span: TokenSpan
+) -> np.ndarray:
     L, T = span.n_layers, span.n_tokens
     parts = []
     if (
@@ -149,7 +151,7 @@ def _attention_mass(stats: TokenStats | None, source: str, span) -> np.ndarray:
     return mass[:, span.start :]
 
 
-def importance_sink_recent(span, stats, plan, sink=N_SINK, recent=N_RECENT):
+def importance_sink_recent(span: TokenSpan, stats, plan, sink=N_SINK, recent=N_RECENT):
     """Attention sinks and a recent window get the attention mass, others none."""
     L, T = span.n_layers, span.n_tokens
     mask = _protected(span.start, T, sink, recent)
@@ -159,12 +161,12 @@ def importance_sink_recent(span, stats, plan, sink=N_SINK, recent=N_RECENT):
     return kv_importance(mass, T)
 
 
-def importance_saliency(span, stats, plan, source="attention"):
+def importance_saliency(span: TokenSpan, stats, plan, source="attention"):
     """Measured attention mass (or key norms) from the sender's probe queries."""
     return kv_importance(_attention_mass(stats, source, span), span.n_tokens)
 
 
-def importance_topology(span, stats, plan, source="attention"):
+def importance_topology(span: TokenSpan, stats, plan, source="attention"):
     """Saliency tempered by the handoff plan.
 
     The probe queries predict what the *next* agent attends to; agents further
@@ -188,8 +190,8 @@ CONTROLLERS = {
     "uniform": None,
     "sink-recent": importance_sink_recent,
     "saliency": importance_saliency,
-    "saliency-keynorm": lambda p, s, pl: importance_saliency(p, s, pl, "keynorm"),
-    "saliency-both": lambda p, s, pl: importance_saliency(p, s, pl, "both"),
+    "saliency-keynorm": lambda sp, st, pl: importance_saliency(sp, st, pl, "keynorm"),
+    "saliency-both": lambda sp, st, pl: importance_saliency(sp, st, pl, "both"),
     "topology": importance_topology,
 }
 
