@@ -50,18 +50,12 @@ DEFAULT = [
 ]
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def position_row(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Per-position KL(ref || got) and top-1 match of (N, V) logits, as
+    JSON lists."""
+    from qkvshare_mlx.divergence import per_position
 
-
-def per_position(ref: np.ndarray, got: np.ndarray) -> dict:
-    """Per-position KL(ref || got) and top-1 match of (N, V) logits."""
-    from qkvshare_mlx.divergence import log_softmax
-
-    lp = log_softmax(ref.astype(np.float64))
-    lq = log_softmax(got.astype(np.float64))
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    match = ref.argmax(-1) == got.argmax(-1)
+    kl, match = per_position(ref, got)
     return {"kl": kl.tolist(), "match": match.astype(int).tolist()}
 
 
@@ -94,12 +88,12 @@ def run(model, tokenizer, state, n_problems, cands, *, sensitivity=None):
                 model, c, h.keys, h.values, h.stats, h.feed, h.first,
                 sensitivity=sensitivity,
             )  # fmt: skip
-            row = per_position(ref, np.asarray(got))
+            row = position_row(ref, np.asarray(got))
             state.add(
                 {"set": "near_ties", "item": h.problem, "name": c.name,
                  "effective_bits": round(float(bits), 4), **row}
             )  # fmt: skip
-        log(f"problem {h.problem}: {len(wanted)} rows")
+        fs.log(f"problem {h.problem}: {len(wanted)} rows")
 
 
 def buckets(state, names) -> list[dict]:

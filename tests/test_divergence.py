@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from qkvshare_mlx.divergence import kl_top1, log_softmax
+from qkvshare_mlx.divergence import kl_top1, log_softmax, per_position
 
 
 def test_kl_of_two_known_distributions():
@@ -26,3 +26,14 @@ def test_log_softmax_is_stable_for_large_logits():
     x = np.array([[1e4, 1e4 - 1.0, -1e4]])
     out = np.exp(log_softmax(x))
     assert np.isfinite(out).all() and math.isclose(out.sum(), 1.0)
+
+
+def test_per_position_scores_each_row_and_kl_top1_is_their_mean():
+    rng = np.random.default_rng(0)
+    ref, got = rng.standard_normal((5, 7)), rng.standard_normal((5, 7))
+    kl, match = per_position(ref, got)
+    assert kl.shape == (5,) and match.dtype == bool
+    for i in range(5):
+        assert math.isclose(kl[i], kl_top1(ref[i : i + 1], got[i : i + 1])[0])
+        assert match[i] == (ref[i].argmax() == got[i].argmax())
+    assert kl_top1(ref, got) == (float(kl.mean()), float(match.mean()))
