@@ -23,8 +23,6 @@ from __future__ import annotations  # noqa: I001  (qkvshare_mlx before mlx, belo
 
 import argparse
 import contextlib
-import json
-import platform
 import random
 import statistics
 import sys
@@ -38,6 +36,7 @@ qkvshare_mlx.enable_openblas()  # before mlx is imported
 import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from report import environment, write_reports  # noqa: E402  (bench/report.py)
 from transcript import transcript_tokens  # noqa: E402  (bench/transcript.py)
 
 from qkvshare_mlx.blas import numpy_blas_threads_now  # noqa: E402
@@ -168,15 +167,11 @@ def main(argv=None) -> int:
         "context": args.context,
         "reps": args.reps,
         "numpy_blas_threads": numpy_blas_threads_now(),
-        "machine": platform.platform(),
-        "mlx": mx.__version__,
-        "device": str(mx.default_device()),
+        **environment(),
         "elapsed_s": round(time.perf_counter() - tic, 1),
         "rows": rows,
     }
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    args.json.with_suffix(".md").write_text(f"Command: `{command}`\n\n" + table)
-    print(f"wrote {args.json}")
+    write_reports(args.json, result, f"Command: `{command}`\n\n" + table)
     return 0
 
 

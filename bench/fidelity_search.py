@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import shlex
 import sys
 import time
@@ -47,6 +46,7 @@ qkvshare_mlx.enable_openblas()  # before mlx is imported
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from report import environment, write_reports  # noqa: E402  (bench/report.py)
 
 from qkvshare_mlx.quant.controllers import TokenStats  # noqa: E402
 
@@ -659,19 +659,13 @@ def main(argv=None) -> int:
         "follow_tokens": args.follow,
         "note": "hop 1, teacher-forced against the exact cache; mlx-lm rows count "
         "their scales in the cache dtype (float32 here)",
-        "machine": platform.platform(),
-        "mlx": mx.__version__,
-        "device": str(mx.default_device()),
+        **environment(),
         "elapsed_s": round(time.perf_counter() - tic, 1),
         "rows": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     runs = "\n".join(f"- `{c}`" for c in result["commands"])
-    args.out.with_suffix(".md").write_text(
-        f"runs behind this table:\n\n{runs}\n\n" + table
-    )
+    write_reports(args.out, result, f"runs behind this table:\n\n{runs}\n\n" + table)
     plot(rows, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
     return 0
 
 

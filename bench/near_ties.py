@@ -19,7 +19,6 @@ from __future__ import annotations  # noqa: I001  (qkvshare_mlx before mlx, belo
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fidelity_search as fs  # noqa: E402
+from report import environment, write_reports  # noqa: E402  (bench/report.py)
 
 RESULTS = Path(__file__).parent / "results"
 EDGES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # bucket edges of p1 - p2
@@ -241,18 +241,14 @@ def main(argv=None) -> int:
         "edges": list(EDGES),
         "decisive_margin": DECISIVE,
         "note": "hop 1, teacher-forced against the exact cache (float32 here)",
-        "machine": platform.platform(),
-        "mlx": mx.__version__,
+        **environment(),
         "numpy": np.__version__,
-        "device": str(mx.default_device()),
         "elapsed_s": old.get("elapsed_s")
         if args.report
         else round(time.perf_counter() - tic, 1),
         "rows": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(f"Command: `{command}`\n\n" + table)
-    print(f"wrote {args.out}")
+    write_reports(args.out, result, f"Command: `{command}`\n\n" + table)
     return 0
 
 
