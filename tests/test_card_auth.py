@@ -30,6 +30,12 @@ def test_signing_keeps_the_checksum_and_the_content():
     assert card.to_bytes(key=KEY) == SIGNED  # deterministic: re-signs identically
 
 
+def test_a_saved_signed_card_is_its_signed_bytes(tmp_path):
+    path = CARD.save(tmp_path / "a.qkv", key=KEY)
+    assert path.read_bytes() == SIGNED
+    assert CacheCard.load(path, key=KEY).key_id == KEY.key_id
+
+
 def test_unsigned_card_refused_by_a_keyed_receiver():
     with pytest.raises(CardAuthError, match=f"unsigned.*{KEY.key_id}"):
         CacheCard.from_bytes(CARD.to_bytes(), key=KEY)

@@ -234,7 +234,7 @@ class CacheCard:
 
     # ---- serialisation -----------------------------------------------------
 
-    def _tensors(self) -> dict[str, np.ndarray]:
+    def _tensors(self) -> dict[str, np.ndarray | container.Pieces]:
         """Every tensor of the file by name (docs/cachecard-format.md, section 3).
 
         Besides ``tokens``, five tensors per layer ``l``, always all written
@@ -281,20 +281,19 @@ class CacheCard:
                         packed[part].append(arr.reshape(-1))
             for part, dtype in schema.PACKED.items():
                 dt = SAFETENSORS[float_dtype if dtype is None else dtype]
-                arrs = packed[part]
-                tensors[f"l{li}.{part}"] = (
-                    np.concatenate(arrs) if arrs else np.zeros(0, dt)
-                )
+                # written piece by piece: no copy of the card in memory
+                tensors[f"l{li}.{part}"] = container.Pieces(tuple(packed[part]), dt)
         return tensors
 
     def _metadata(self) -> dict:
+        cache, quant = self.cache, self.quant  # each summed over segments once
         return {
             "format": schema.FORMAT_NAME,
-            "version": self.version,
+            "version": schema.version_for(quant, cache),
             "producer": self.producer,
             "model": self.model,
-            "cache": self.cache,
-            "quant": self.quant,
+            "cache": cache,
+            "quant": quant,
             "layers": schema.layer_table(self.layers),
             "user": self.user,
         }
@@ -304,12 +303,35 @@ class CacheCard:
         """The format version this card is written as (see schema.READ_VERSIONS)."""
         return schema.version_for(self.quant, self.cache)
 
+    def _serial(self) -> tuple[str, bytes, dict[str, np.ndarray], int]:
+        """(checksum domain, canonical card JSON, tensors, version)."""
+        meta = self._metadata()
+        version = meta["version"]
+        return (
+            schema.checksum_domain(version),
+            container.canonical_json(meta),
+            self._tensors(),
+            version,
+        )
+
     def checksum(self) -> str:
         """The card's SHA-256 (hex), as written in its header."""
-        meta = container.canonical_json(self._metadata())
-        return container.digest(
-            schema.checksum_domain(self.version), meta, self._tensors()
-        )
+        domain, meta, tensors, _ = self._serial()
+        return container.digest(domain, meta, tensors)
+
+    @staticmethod
+    def _header(meta: bytes, version: int, checksum: str, key) -> dict[str, str]:
+        """The safetensors ``__metadata__`` of a card (signed with ``key``)."""
+        header = {
+            "format": schema.FORMAT_NAME,
+            "version": str(version),
+            "card": meta.decode(),
+            "sha256": checksum,
+        }
+        if key is not None:
+            header["signature"] = key.sign(checksum)
+            header["key_id"] = key.key_id
+        return header
 
     def to_bytes(self, *, key=None) -> bytes:
         """Serialise to safetensors bytes (see docs/cachecard-format.md).
@@ -318,34 +340,33 @@ class CacheCard:
             key: sign the card with this key (a :class:`~.auth.CardKey`, raw
                 bytes or hex text; section 11 of the spec).
         """
-        meta = container.canonical_json(self._metadata())
-        tensors = self._tensors()
-        header = {
-            "format": schema.FORMAT_NAME,
-            "version": str(self.version),
-            "card": meta.decode(),
-            "sha256": container.digest(
-                schema.checksum_domain(self.version), meta, tensors
-            ),
-        }
         key = auth.load_key(key, env={})
-        if key is not None:
-            header["signature"] = key.sign(header["sha256"])
-            header["key_id"] = key.key_id
-        return container.write(tensors, header)
+        domain, meta, tensors, version = self._serial()
+        checksum = container.digest(domain, meta, tensors)
+        return container.write(tensors, self._header(meta, version, checksum, key))
 
     def save(self, path, *, key=None) -> Path:
         """Write atomically: temp file in the same folder, fsync, rename.
 
-        The file gets the permissions ``open()`` would give it (0o666 less the
-        umask), so an agent running as another user can read a card meant
-        for it where the umask allows.
+        The file holds exactly :meth:`to_bytes`, written straight from the
+        card's arrays while its checksum is computed on another thread (no
+        copy of the whole card in memory). It gets the permissions
+        ``open()`` would give it (0o666 less the umask), so an agent running
+        as another user can read a card meant for it where the umask allows.
 
         Args:
             path: the card file.
             key: sign the card with this key (see :meth:`to_bytes`).
         """
-        return container.write_file(path, self.to_bytes(key=key))
+        key = auth.load_key(key, env={})
+        domain, meta, tensors, version = self._serial()
+        return container.write_tensors_file(
+            path,
+            tensors,
+            lambda checksum: self._header(meta, version, checksum, key),
+            domain=domain,
+            meta=meta,
+        )
 
     @classmethod
     def from_bytes(

@@ -12,7 +12,9 @@ bytes), with every check a reader of untrusted files needs:
   numbers, deep nesting and dense container soup;
 - :func:`tensor_views` returns zero-copy numpy views of a checked header;
 - :func:`write` is the inverse; :func:`digest` the checksum over metadata
-  and tensors (a card's ``sha256``).
+  and tensors (a card's ``sha256``); :func:`write_tensors_file` writes a
+  file with such a checksum in its header straight from the tensors,
+  hashing while it writes.
 
 It knows nothing about what the tensors mean (see :mod:`.schema`), so it
 also serves third-party tools and :mod:`qkvshare_mlx.testing`.
@@ -59,6 +61,66 @@ class Header:
     tensors: dict[str, dict]
     base: int
     data_len: int
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """A 1-D tensor written as consecutive pieces, never joined in memory.
+
+    Its bytes are those of ``parts`` (arrays of ``dtype``, each read in C
+    order) one after the other: what ``np.concatenate`` of the flattened
+    parts would hold. :func:`write`, :func:`write_tensors_file` and
+    :func:`digest` take it wherever they take an array.
+    """
+
+    parts: tuple[np.ndarray, ...]
+    dtype: np.dtype
+
+    def __post_init__(self):
+        for p in self.parts:
+            if p.dtype != self.dtype:
+                raise ValueError(f"Pieces of {self.dtype}: got a part of {p.dtype}")
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (sum(int(p.size) for p in self.parts),)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.parts)
+
+
+# Below this size, consecutive parts are joined into blocks of about
+# _BLOCK bytes before they are hashed or written: a hash update or a file
+# write per small part, on two threads at once, spends its time passing
+# the GIL instead of releasing it.
+_SMALL = 1 << 16
+_BLOCK = 1 << 20
+
+
+def _chunks(tensor, *, blocks: bool = False) -> list:
+    """The bytes of an array or :class:`Pieces`, in order; with ``blocks``,
+    small consecutive parts joined (see ``_SMALL``)."""
+    parts = tensor.parts if isinstance(tensor, Pieces) else (tensor,)
+    raw = [_raw(p) for p in parts]
+    if not blocks or len(raw) < 2:
+        return raw
+    out, group, size = [], [], 0
+    for chunk in raw:
+        if chunk.nbytes >= _SMALL:
+            if group:
+                out.append(b"".join(group))
+                group, size = [], 0
+            out.append(chunk)
+            continue
+        group.append(chunk)
+        size += chunk.nbytes
+        if size >= _BLOCK:
+            out.append(b"".join(group))
+            group, size = [], 0
+    if group:
+        out.append(b"".join(group))
+    return out
 
 
 def check_tiling(header: Header) -> None:
@@ -270,11 +332,15 @@ def tensor_views(buf, header: Header) -> dict[str, np.ndarray]:
     return out
 
 
-def digest(domain: str, meta: bytes, tensors: dict[str, np.ndarray]) -> str:
-    """SHA-256 (hex) over a domain tag, metadata bytes and tensors by name.
+def digest(domain: str, meta: bytes, tensors: dict, *, chunks=None) -> str:
+    """SHA-256 (hex) over a domain tag, metadata bytes and tensors by name
+    (arrays or :class:`Pieces`).
 
     Each tensor contributes ``name|dtype|[shape]`` and its C-order bytes, all
     length-prefixed (little-endian uint64), in sorted name order.
+
+    ``chunks``: name -> the tensor's bytes as a list of buffers, where the
+    caller already has them (see :func:`write_tensors_file`).
     """
     h = hashlib.sha256()
     h.update(f"{domain}\n".encode())
@@ -286,7 +352,8 @@ def digest(domain: str, meta: bytes, tensors: dict[str, np.ndarray]) -> str:
         h.update(struct.pack("<Q", len(desc)))
         h.update(desc)
         h.update(struct.pack("<Q", arr.nbytes))
-        h.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
+        for chunk in _chunks(arr) if chunks is None else chunks[name]:
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -308,9 +375,9 @@ def digest_during(domain: str, meta: bytes, tensors: dict[str, np.ndarray], work
         return hashing.result(), result, error
 
 
-def write(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    """Safetensors bytes: tensors in sorted name order, no gaps, header padded
-    with spaces to a multiple of 8 bytes."""
+def _layout(tensors: dict, metadata: dict[str, str]):
+    """The file's first bytes (header length and JSON header, padded with
+    spaces to a multiple of 8) and the tensor names in data order (sorted)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     names = sorted(tensors)
@@ -327,11 +394,22 @@ def write(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
-    parts = [struct.pack("<Q", len(blob)), blob]
-    parts += [
-        np.ascontiguousarray(tensors[n]).view(np.uint8).reshape(-1).data for n in names
-    ]
-    return b"".join(parts)
+    return struct.pack("<Q", len(blob)) + blob, names
+
+
+def _raw(arr: np.ndarray) -> memoryview:
+    return np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data
+
+
+def write(tensors: dict, metadata: dict[str, str]) -> bytes:
+    """Safetensors bytes: tensors (arrays or :class:`Pieces`) in sorted name
+    order, no gaps, header padded with spaces to a multiple of 8 bytes."""
+    prefix, names = _layout(tensors, metadata)
+    return b"".join([prefix] + [c for n in names for c in _chunks(tensors[n])])
+
+
+# the hex digits of a SHA-256 (what a header's checksum fields hold)
+_HEX_DIGEST = "0" * (2 * hashlib.sha256().digest_size)
 
 
 def write_file(path, data: bytes) -> Path:
@@ -341,12 +419,63 @@ def write_file(path, data: bytes) -> Path:
     umask), so an agent running as another user can read a card meant for
     it where the umask allows. A failure leaves no partial file behind.
     """
+    return _atomic(path, lambda f: f.write(data))
+
+
+def write_tensors_file(path, tensors: dict, metadata, *, domain: str, meta: bytes):
+    """Write a safetensors file whose header holds the :func:`digest` of its
+    tensors, atomically (as :func:`write_file`), never assembled in memory.
+
+    The tensor bytes go straight to the file while the digest is computed on
+    a worker thread (hashlib and file writes release the GIL); the header is
+    written last, in the room left for it. The file equals
+    ``write(tensors, metadata(digest(domain, meta, tensors)))`` byte for byte.
+
+    Args:
+        path: the file.
+        tensors: name -> array or :class:`Pieces`.
+        metadata: ``metadata(checksum)``: the header's ``__metadata__`` for a
+            digest of 64 hex digits; its length must not depend on the
+            digest's value (fields derived from it are fixed-length hex).
+        domain, meta: the digest's domain tag and metadata bytes.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    room, names = _layout(tensors, metadata(_HEX_DIGEST))
+    # the bytes as blocks, made once here: each thread then only passes
+    # large buffers to C code that releases the GIL
+    chunks = {name: _chunks(tensors[name], blocks=True) for name in names}
+
+    def body(f):
+        f.seek(len(room))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashing = pool.submit(digest, domain, meta, tensors, chunks=chunks)
+            for name in names:
+                for chunk in chunks[name]:
+                    f.write(chunk)
+            checksum = hashing.result()
+        prefix, _ = _layout(tensors, metadata(checksum))
+        if len(prefix) != len(room):  # a caller's bug, never the data's
+            raise ValueError(
+                f"header of {len(prefix)} bytes does not fit the {len(room)} "
+                "left for it: metadata() must not change length with the digest"
+            )
+        f.seek(0)
+        f.write(prefix)
+
+    return _atomic(path, body)
+
+
+def _atomic(path, body) -> Path:
+    """Run ``body(f)`` on a temp file beside ``path`` (0o666 less the umask),
+    fsync, rename onto ``path``; on any failure remove the temp file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0o600
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            body(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
