@@ -29,7 +29,6 @@ from __future__ import annotations  # noqa: I001  (qkvshare_mlx before mlx, belo
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ import qkvshare_mlx
 qkvshare_mlx.enable_openblas()  # before mlx is imported
 
 sys.path.insert(0, str(Path(__file__).parent))
-from report import environment, write_reports  # noqa: E402  (bench/report.py)
+from report import command_line, finish, ms_cell, timing  # noqa: E402  (bench/report.py)
 from sender import CACHE_DIR, sender_cache  # noqa: E402  (bench/sender.py)
 
 from qkvshare_mlx.card import CacheCard, container  # noqa: E402
@@ -146,21 +145,16 @@ def main(argv=None) -> int:
         log(f"rep {rep} done")
     peaks = {j: peak_mb(cards[j[0]], j[1], path) for j in jobs}
     path.unlink(missing_ok=True)
-    rows = []
-    for card, way in jobs:
-        ts = times[(card, way)]
-        rows.append(
-            {
-                "card": card,
-                "way": way,
-                "card_mb": sizes[card] / 1e6,
-                "median_ms": statistics.median(ts),
-                "min_ms": min(ts),
-                "max_ms": max(ts),
-                "peak_traced_mb": peaks[(card, way)],
-                "runs_ms": ts,
-            }
-        )
+    rows = [
+        {
+            "card": card,
+            "way": way,
+            "card_mb": sizes[card] / 1e6,
+            "peak_traced_mb": peaks[(card, way)],
+            **timing(times[(card, way)]),
+        }
+        for card, way in jobs
+    ]
     med = {(r["card"], r["way"]): r["median_ms"] for r in rows}
     lines = [
         f"Context {args.context} tokens, {args.reps} shuffled repetitions; files "
@@ -172,24 +166,18 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = r["median_ms"] / med[(r["card"], "bytes, then file")]
         lines.append(
-            f"| {r['card']} | {r['card_mb']:.1f} | {r['way']} | "
-            f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f}) | "
+            f"| {r['card']} | {r['card_mb']:.1f} | {r['way']} | {ms_cell(r)} | "
             f"{ratio:.2f} | {r['peak_traced_mb']:.1f} |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    command = " ".join(["python", "bench/card_save.py", *(argv or sys.argv[1:])])
     result = {
         "bench": "card_save",
-        "command": command,
         "context": args.context,
         "reps": args.reps,
         "folder": str(folder),
-        **environment(),
         "elapsed_s": round(time.perf_counter() - tic, 1),
         "rows": rows,
     }
-    write_reports(args.json, result, f"Command: `{command}`\n\n" + table)
+    finish(args.json, lines, command_line("bench/card_save.py", argv), result)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations  # noqa: I001  (qkvshare_mlx before mlx, belo
 import argparse
 import contextlib
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ qkvshare_mlx.enable_openblas()  # before mlx is imported
 import mlx.core as mx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from report import environment, write_reports  # noqa: E402  (bench/report.py)
+from report import command_line, finish, ms_cell, timing  # noqa: E402  (bench/report.py)
 from transcript import transcript_tokens  # noqa: E402  (bench/transcript.py)
 
 from qkvshare_mlx.blas import numpy_blas_threads_now  # noqa: E402
@@ -126,20 +125,10 @@ def main(argv=None) -> int:
             if rep:
                 times.setdefault((card, mode, blas), []).append(t)
         log(f"rep {rep} done")
-    rows = []
-    for card, mode, blas in jobs:
-        ts = times[(card, mode, blas)]
-        rows.append(
-            {
-                "card": card,
-                "mode": mode,
-                "numpy_blas": blas,
-                "median_ms": statistics.median(ts),
-                "min_ms": min(ts),
-                "max_ms": max(ts),
-                "runs_ms": ts,
-            }
-        )
+    rows = [
+        {"card": c, "mode": m, "numpy_blas": b, **timing(times[(c, m, b)])}
+        for c, m, b in jobs
+    ]
     lines = [
         f"Context {args.context} tokens, {args.reps} shuffled repetitions "
         f"(numpy BLAS threads outside the limit: {numpy_blas_threads_now()}).",
@@ -154,24 +143,18 @@ def main(argv=None) -> int:
             / med[(r["card"], r["mode"], "threaded")]
         )
         lines.append(
-            f"| {r['card']} | {r['mode']} | {r['numpy_blas']} | "
-            f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f}) | "
+            f"| {r['card']} | {r['mode']} | {r['numpy_blas']} | {ms_cell(r)} | "
             f"{ratio:.2f} |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    command = " ".join(["python", "bench/decode_threads.py", *(argv or sys.argv[1:])])
     result = {
         "bench": "decode_threads",
-        "command": command,
         "context": args.context,
         "reps": args.reps,
         "numpy_blas_threads": numpy_blas_threads_now(),
-        **environment(),
         "elapsed_s": round(time.perf_counter() - tic, 1),
         "rows": rows,
     }
-    write_reports(args.json, result, f"Command: `{command}`\n\n" + table)
+    finish(args.json, lines, command_line("bench/decode_threads.py", argv), result)
     return 0
 
 
