@@ -113,6 +113,14 @@ def _hex(value, n: int) -> bool:
     return isinstance(value, str) and len(value) == n and set(value) <= _HEX
 
 
+def signed(meta: dict[str, str], key: CardKey | None) -> dict[str, str]:
+    """``meta`` (a card file's ``__metadata__``) with ``key``'s ``signature``
+    of its ``sha256`` and the ``key_id``; unchanged for None."""
+    if key is None:
+        return meta
+    return {**meta, "signature": key.sign(meta["sha256"]), "key_id": key.key_id}
+
+
 def check_fields(meta: dict) -> None:
     """``signature`` and ``key_id`` come together and are well-formed hex."""
     sig, kid = meta.get("signature"), meta.get("key_id")

@@ -319,20 +319,6 @@ class CacheCard:
         domain, meta, tensors, _ = self._serial()
         return container.digest(domain, meta, tensors)
 
-    @staticmethod
-    def _header(meta: bytes, version: int, checksum: str, key) -> dict[str, str]:
-        """The safetensors ``__metadata__`` of a card (signed with ``key``)."""
-        header = {
-            "format": schema.FORMAT_NAME,
-            "version": str(version),
-            "card": meta.decode(),
-            "sha256": checksum,
-        }
-        if key is not None:
-            header["signature"] = key.sign(checksum)
-            header["key_id"] = key.key_id
-        return header
-
     def to_bytes(self, *, key=None) -> bytes:
         """Serialise to safetensors bytes (see docs/cachecard-format.md).
 
@@ -343,7 +329,8 @@ class CacheCard:
         key = auth.load_key(key, env={})
         domain, meta, tensors, version = self._serial()
         checksum = container.digest(domain, meta, tensors)
-        return container.write(tensors, self._header(meta, version, checksum, key))
+        header = schema.file_metadata(meta, version, checksum)
+        return container.write(tensors, auth.signed(header, key))
 
     def save(self, path, *, key=None) -> Path:
         """Write atomically: temp file in the same folder, fsync, rename.
@@ -363,7 +350,9 @@ class CacheCard:
         return container.write_tensors_file(
             path,
             tensors,
-            lambda checksum: self._header(meta, version, checksum, key),
+            lambda checksum: auth.signed(
+                schema.file_metadata(meta, version, checksum), key
+            ),
             domain=domain,
             meta=meta,
         )
@@ -446,33 +435,11 @@ class CacheCard:
 # Reading
 
 
-METADATA_KEYS = ("format", "version", "card", "sha256")
-SIGNATURE_KEYS = ("signature", "key_id")  # optional (docs/cachecard-format.md, 11)
-
-
 def _read(buf: memoryview, max_bytes: int, max_tokens, key) -> CacheCard:
     header = container.read_header(buf, max_bytes)
     meta = header.metadata
-    # 1. format and version
-    if meta.get("format") != schema.FORMAT_NAME:
-        raise CardFormatError(
-            f"format: expected {schema.FORMAT_NAME!r}, got {meta.get('format')!r:.60}"
-        )
-    version = meta.get("version")
-    if version not in [str(v) for v in schema.READ_VERSIONS]:
-        raise CardFormatError(
-            f"version: this reader knows versions {list(schema.READ_VERSIONS)}, "
-            f"card has {version!r:.60}"
-        )
-    for name in ("card", "sha256"):
-        if name not in meta:
-            raise CardFormatError(f"__metadata__: missing {name!r}")
-    extra = sorted(set(meta) - {*METADATA_KEYS, *SIGNATURE_KEYS})
-    if extra:
-        raise CardFormatError(
-            f"__metadata__: expected keys {list(METADATA_KEYS)} and optionally "
-            f"{list(SIGNATURE_KEYS)}, got extra {[k[:40] for k in extra[:5]]}"
-        )
+    # 1. format, version and keys
+    version = schema.check_file_metadata(meta)
     # 1b. authentication: refuse an unsigned or forged card before parsing
     auth.check_fields(meta)
     if key is not None:
@@ -483,7 +450,7 @@ def _read(buf: memoryview, max_bytes: int, max_tokens, key) -> CacheCard:
         raise CardFormatError("card metadata: contains a lone surrogate") from None
     card_meta = container.parse_json(meta["card"], "card metadata")
     # 2. schema and tensor table, before touching tensor bytes
-    expected = schema.expected_tensors(card_meta, int(version))
+    expected = schema.expected_tensors(card_meta, version)
     n_tokens = card_meta["cache"]["n_tokens"]
     if max_tokens is not None and n_tokens > max_tokens:
         raise CardTooLargeError(
@@ -510,7 +477,7 @@ def _read(buf: memoryview, max_bytes: int, max_tokens, key) -> CacheCard:
     # is reported whatever the content checks found (the spec's order)
     want = meta["sha256"]
     got, card, problem = container.digest_during(
-        schema.checksum_domain(int(version)),
+        schema.checksum_domain(version),
         card_raw,
         tensors,
         lambda: _assemble(card_meta, tensors),
@@ -612,9 +579,10 @@ def _assemble(m: dict, t: dict[str, np.ndarray]) -> CacheCard:
     )
     # the summaries are derived from the segments: a card whose JSON says
     # otherwise contradicts itself (and would not re-serialise to its bytes)
+    held = card.quant  # summed over the segments once
     for key in ("effective_bits", "nominal_bits"):
-        if type(q[key]) is not float or card.quant[key] != q[key]:
+        if type(q[key]) is not float or held[key] != q[key]:
             raise CardFormatError(
-                f"quant.{key}: card says {q[key]}, its segments hold {card.quant[key]}"
+                f"quant.{key}: card says {q[key]}, its segments hold {held[key]}"
             )
     return card

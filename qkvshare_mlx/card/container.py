@@ -357,9 +357,12 @@ def digest(domain: str, meta: bytes, tensors: dict, *, chunks=None) -> str:
     return h.hexdigest()
 
 
-def digest_during(domain: str, meta: bytes, tensors: dict[str, np.ndarray], work):
+def digest_during(
+    domain: str, meta: bytes, tensors: dict, work, *, chunks=None
+) -> tuple[str, Any, Exception | None]:
     """:func:`digest` on a worker thread (hashlib releases the GIL) while
-    ``work()`` runs here on the same read-only tensors.
+    ``work()`` runs here on the same read-only tensors (``chunks``: see
+    :func:`digest`).
 
     Returns:
         ``(digest, result, error)``: ``work``'s result, or the exception it
@@ -367,7 +370,7 @@ def digest_during(domain: str, meta: bytes, tensors: dict[str, np.ndarray], work
         mismatch first).
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
-        hashing = pool.submit(digest, domain, meta, tensors)
+        hashing = pool.submit(digest, domain, meta, tensors, chunks=chunks)
         try:
             result, error = work(), None
         except Exception as e:  # the caller decides what to report first
@@ -448,13 +451,17 @@ def write_tensors_file(path, tensors: dict, metadata, *, domain: str, meta: byte
     chunks = {name: _chunks(tensors[name], blocks=True) for name in names}
 
     def body(f):
-        f.seek(len(room))
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            hashing = pool.submit(digest, domain, meta, tensors, chunks=chunks)
+        def write_data():
+            f.seek(len(room))
             for name in names:
                 for chunk in chunks[name]:
                     f.write(chunk)
-            checksum = hashing.result()
+
+        checksum, _, error = digest_during(
+            domain, meta, tensors, write_data, chunks=chunks
+        )
+        if error is not None:
+            raise error
         prefix, _ = _layout(tensors, metadata(checksum))
         if len(prefix) != len(room):  # a caller's bug, never the data's
             raise ValueError(

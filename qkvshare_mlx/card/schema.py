@@ -7,8 +7,10 @@ and consistency on the way; :func:`encoded_shapes` gives the shapes of one
 segment's keys or values. Every failure is a CardFormatError naming the
 field, what was expected and what arrived.
 
-The module knows the JSON and the tensor table; it knows nothing about files
-(:mod:`.container`) or about the CacheCard object (:mod:`.card`).
+The module knows the JSON (the card's, and the file's ``__metadata__``
+that carries it: :func:`file_metadata`, :func:`check_file_metadata`) and the
+tensor table; it knows nothing about file bytes (:mod:`.container`) or about
+the CacheCard object (:mod:`.card`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,46 @@ _HEX = frozenset("0123456789abcdef")
 def checksum_domain(version: int) -> str:
     """The domain tag hashed before a card's metadata (see container.digest)."""
     return f"{FORMAT_NAME}/{version}"
+
+
+# The safetensors ``__metadata__`` of a card file (docs/cachecard-format.md).
+METADATA_KEYS = ("format", "version", "card", "sha256")
+SIGNATURE_KEYS = ("signature", "key_id")  # optional (docs/cachecard-format.md, 11)
+
+
+def file_metadata(card_json: bytes, version: int, checksum: str) -> dict[str, str]:
+    """The ``__metadata__`` of an unsigned card file (:data:`METADATA_KEYS`)."""
+    return {
+        "format": FORMAT_NAME,
+        "version": str(version),
+        "card": card_json.decode(),
+        "sha256": checksum,
+    }
+
+
+def check_file_metadata(meta: dict) -> int:
+    """Refuse a ``__metadata__`` of another format, an unread version, or
+    missing or unknown keys; returns the version."""
+    if meta.get("format") != FORMAT_NAME:
+        raise CardFormatError(
+            f"format: expected {FORMAT_NAME!r}, got {meta.get('format')!r:.60}"
+        )
+    version = meta.get("version")
+    if version not in [str(v) for v in READ_VERSIONS]:
+        raise CardFormatError(
+            f"version: this reader knows versions {list(READ_VERSIONS)}, "
+            f"card has {version!r:.60}"
+        )
+    for name in ("card", "sha256"):
+        if name not in meta:
+            raise CardFormatError(f"__metadata__: missing {name!r}")
+    extra = sorted(set(meta) - {*METADATA_KEYS, *SIGNATURE_KEYS})
+    if extra:
+        raise CardFormatError(
+            f"__metadata__: expected keys {list(METADATA_KEYS)} and optionally "
+            f"{list(SIGNATURE_KEYS)}, got extra {[k[:40] for k in extra[:5]]}"
+        )
+    return int(version)
 
 
 def index_dtype(n_tokens: int) -> str:
